@@ -1,0 +1,84 @@
+r"""UCF101 split 1, the LRCN recipe: ResNet-18 frames -> LSTM(512) -> 101-way head.
+
+16 frames at stride 2, 112x112 crops from the 256x256 TFDS records (`ucf101/ucf101_1_256`), decoded at
+half scale by the JPEG decoder (128x128) and randomly cropped. Trained from scratch.
+
+Command (build the records first, see README "UCF101"):
+
+  python main.py --config=configs/default.py --workdir=workdirs/ucf101_r18 \
+      --config.dataset.data_dir=$HOME/tensorflow_datasets
+
+Expected result: not yet measured on UCF101 by this project. CNN+LSTM models trained from scratch on
+UCF101 reach about 45-55% top-1 in the literature; an ImageNet-initialised encoder is what gives the
+published LRCN figures (see configs/ucf101_resnet50_imagenet.py). Runtime on a CPU is impractical
+(about 4-14 s per step of 8 clips); use a GPU or TPU.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the UCF101 split-1 LRCN config."""
+  config = ml_collections.ConfigDict()
+
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.name = 'ucf101/ucf101_1_256'
+  config.dataset.data_dir = ''  # '' -> TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR).
+  config.dataset.train_split = 'train'
+  config.dataset.eval_split = 'test'
+  # Fraction of train held out for periodic evaluation ('' or 0 -> periodic eval uses eval_split).
+  config.dataset.val_split = 0.0
+  # Frames are decoded (JPEG downscaling where possible) and resized so the short side is this many
+  # pixels, then cropped to image_size. 0 -> keep the stored size.
+  config.dataset.resize_size = 128
+  config.dataset.short_video = 'loop'  # 'loop' | 'pad': clips longer than the video.
+  config.dataset.cache = False  # Cache the encoded records in memory (small datasets only).
+  config.dataset.shuffle_buffer = 512
+  config.dataset.num_parallel_calls = -1  # -1 -> tf.data.AUTOTUNE.
+  config.dataset.threadpool_size = 0  # 0 -> number of host CPUs.
+
+  config.num_frames = 16
+  config.frame_stride = 2
+  config.image_size = 112
+
+  # Augmentations that keep the label true for this dataset.
+  config.augment = ml_collections.ConfigDict()
+  config.augment.flip = True  # UCF101 classes are mirror-symmetric.
+  config.augment.min_area = 0.35  # Random-resized-crop area range (1.0 -> plain random crop).
+  config.augment.max_aspect_ratio = 4 / 3
+
+  config.model = ml_collections.ConfigDict()
+  config.model.encoder = 'resnet18'
+  config.model.lstm_size = 512
+  config.model.num_lstm_layers = 1
+  config.model.dropout_rate = 0.5
+  config.model.temporal_pooling = 'mean'
+  config.model.remat = False
+  config.model.preprocessing = 'imagenet'
+
+  config.dtype = 'float32'
+
+  config.optimizer = 'sgd'  # 'sgd' (with momentum) | 'adamw'
+  config.learning_rate = 0.02  # Peak learning rate for batch_size; scale linearly with the batch.
+  config.momentum = 0.9
+  config.weight_decay = 1e-4
+  config.warmup_steps = 500
+  config.grad_clip_norm = 1.0  # 0 -> no clipping.
+  config.label_smoothing = 0.1
+
+  config.batch_size = 32  # Global batch, across all devices and hosts.
+  config.num_train_steps = 30_000
+  config.seed = 0
+  config.deterministic_data = False
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 16  # Videos per eval batch (global); each video has clips x crops views.
+  config.eval.num_clips = 5
+  config.eval.num_crops = 3
+  config.eval.num_periodic_videos = 0  # Videos per periodic eval during training; 0 -> all.
+
+  config.log_every_steps = 50
+  config.eval_every_steps = 2_000
+  config.checkpoint_every_steps = 1_000
+  config.keep_checkpoints = 3
+  return config

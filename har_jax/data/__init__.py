@@ -1,0 +1,1 @@
+"""Input pipeline: TFDS video datasets -> sampled, decoded, augmented uint8 clip batches."""

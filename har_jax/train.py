@@ -1,0 +1,289 @@
+"""Training: TrainState, pmapped train/eval steps, and the train_and_evaluate loop."""
+
+import functools
+import time
+from typing import Any, Callable
+
+from absl import logging
+from clu import metric_writers
+from clu import metrics
+from clu import periodic_actions
+import flax
+from flax import jax_utils
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from har_jax import checkpoints
+from har_jax import eval_lib
+from har_jax import models
+from har_jax import optim
+from har_jax.data import datasets
+from har_jax.data import pipeline
+
+
+class TrainState(train_state.TrainState):
+  """Everything that must survive a restart (the step doubles as the data position)."""
+  batch_stats: Any
+  rng: jax.Array
+
+
+@flax.struct.dataclass
+class TrainMetrics(metrics.Collection):
+  loss: metrics.Average.from_output('loss')
+  top1: metrics.Average.from_output('top1')
+  top5: metrics.Average.from_output('top5')
+  grad_norm: metrics.LastValue.from_output('grad_norm')
+  param_norm: metrics.LastValue.from_output('param_norm')
+  update_norm: metrics.LastValue.from_output('update_norm')
+  learning_rate: metrics.LastValue.from_output('learning_rate')
+
+
+def global_batch_check(batch_size: int, num_devices: int, what: str = 'config.batch_size'):
+  """Raises a clear error when a global batch cannot be split evenly over the devices."""
+  if batch_size <= 0 or batch_size % num_devices:
+    raise ValueError(
+        f'{what}={batch_size} must be a positive multiple of the global device count '
+        f'({num_devices} = {jax.process_count()} processes x {jax.local_device_count()} local '
+        f'devices). Try {max(num_devices, batch_size - batch_size % num_devices)}.')
+
+
+def build_model(config, num_classes: int, *, bn_axis_name=None):
+  return models.create_model(config.model, num_classes, dtype=config.dtype,
+                             bn_axis_name=bn_axis_name)
+
+
+def create_train_state(rng: jax.Array, config, num_classes: int,
+                       learning_rate_fn: Callable) -> TrainState:
+  """Initialises params and BatchNorm statistics on the host (unreplicated)."""
+  init_rng, state_rng = jax.random.split(rng)
+  model = build_model(config, num_classes)
+  dummy = jnp.zeros((1, config.num_frames, config.image_size, config.image_size, 3), jnp.uint8)
+  variables = jax.jit(functools.partial(model.init, train=False))({'params': init_rng}, dummy)
+  return TrainState.create(
+      apply_fn=model.apply, params=variables['params'],
+      batch_stats=variables.get('batch_stats', {}),
+      tx=optim.create_optimizer(config, learning_rate_fn), rng=state_rng)
+
+
+def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
+  """Per-example softmax cross-entropy with optional label smoothing, `[batch]` float32."""
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def topk_correct(logits, labels, k: int):
+  """1.0 where the label is among the k highest logits, `[batch]` float32."""
+  topk = jax.lax.top_k(logits, min(k, logits.shape[-1]))[1]
+  return jnp.any(topk == labels[..., None], axis=-1).astype(jnp.float32)
+
+
+def train_step(state: TrainState, batch, *, model, learning_rate_fn, config):
+  """One synchronous data-parallel step; runs under pmap(axis_name='batch').
+
+  Args:
+    state: replicated TrainState.
+    batch: {'video': [per_device_batch, T, H, W, 3] uint8, 'label': [per_device_batch] int32}.
+
+  Returns:
+    (new_state, metrics) where metrics holds the gathered TrainMetrics and a 'finite' flag.
+  """
+  step_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
+                                jax.lax.axis_index('batch'))
+  num_classes = model.num_classes
+
+  def loss_fn(params):
+    logits, updates = model.apply(
+        {'params': params, 'batch_stats': state.batch_stats}, batch['video'], train=True,
+        mutable=['batch_stats'], rngs={'dropout': step_rng})
+    loss = cross_entropy(logits, batch['label'], num_classes, config.label_smoothing).mean()
+    return loss, (logits, updates.get('batch_stats', {}))
+
+  (loss, (logits, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  grads = jax.lax.pmean(grads, 'batch')
+  loss = jax.lax.pmean(loss, 'batch')
+  # BatchNorm statistics are already synchronised by the BN axis_name; pmean guards against drift.
+  new_batch_stats = jax.lax.pmean(new_batch_stats, 'batch')
+  new_state = state.apply_gradients(grads=grads, batch_stats=new_batch_stats)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  if config.get('skip_nonfinite_updates', False):
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
+                             state.replace(step=state.step + 1))
+  step_metrics = TrainMetrics.gather_from_model_output(
+      loss=loss, top1=topk_correct(logits, batch['label'], 1).mean(),
+      top5=topk_correct(logits, batch['label'], 5).mean(), grad_norm=grad_norm,
+      param_norm=optax.global_norm(new_state.params),
+      update_norm=optax.global_norm(jax.tree.map(jnp.subtract, new_state.params, state.params)),
+      learning_rate=learning_rate_fn(state.step))
+  return new_state, {'metrics': step_metrics, 'finite': finite}
+
+
+def eval_step(state: TrainState, batch, *, model, shuffle_time: bool = False):
+  """Video-level logits for a batch of multi-view videos; runs under pmap(axis_name='batch').
+
+  Args:
+    batch: {'video': [per_device_batch, views, T, H, W, 3] uint8, 'label', 'mask'}.
+    shuffle_time: permute the frames of every clip in time (the temporal-order diagnostic).
+
+  Returns:
+    {'logits': [per_device_batch, num_classes] float32 mean over views,
+     'view_top1': [per_device_batch] fraction of single views whose top-1 is right}.
+  """
+  video = batch['video']
+  b, v = video.shape[:2]
+  clips = video.reshape((b * v,) + video.shape[2:])
+  if shuffle_time:
+    rng = jax.random.fold_in(jax.random.PRNGKey(0), jax.lax.axis_index('batch'))
+    keys = jax.random.split(rng, b * v)
+    perms = jax.vmap(lambda k: jax.random.permutation(k, clips.shape[1]))(keys)
+    clips = jax.vmap(lambda clip, perm: clip[perm])(clips, perms)
+  logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, clips,
+                       train=False)
+  logits = logits.astype(jnp.float32).reshape(b, v, -1)
+  view_top1 = (jnp.argmax(logits, -1) == batch['label'][:, None]).astype(jnp.float32).mean(-1)
+  return {'logits': logits.mean(axis=1), 'view_top1': view_top1}
+
+
+def _write_train_metrics(writer, step: int, metric_list, timing: dict):
+  merged = metric_list[0]
+  for m in metric_list[1:]:
+    merged = merged.merge(m)
+  scalars = {f'train/{k}': v for k, v in merged.compute().items()}
+  scalars.update(timing)
+  writer.write_scalars(step, scalars)
+
+
+class _Throughput:
+  """Steps/s, clips/s and the fraction of wall time spent waiting for input."""
+
+  def __init__(self, clips_per_step: int):
+    self.clips_per_step = clips_per_step
+    self.reset()
+
+  def reset(self):
+    self.start, self.wait, self.steps = time.perf_counter(), 0.0, 0
+
+  def summary(self) -> dict:
+    elapsed = max(time.perf_counter() - self.start, 1e-9)
+    out = {'perf/steps_per_sec': self.steps / elapsed,
+           'perf/clips_per_sec': self.steps * self.clips_per_step / elapsed,
+           'perf/input_wait_fraction': self.wait / elapsed}
+    self.reset()
+    return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from `workdir` if it holds checkpoints), evaluating periodically and at the end.
+
+  Returns:
+    The final evaluation metrics (on config.dataset.eval_split).
+  """
+  builder = datasets.get_builder(config.dataset)
+  info = datasets.get_info(builder)
+  global_batch_check(config.batch_size, jax.device_count())
+  global_batch_check(config.eval.batch_size, jax.device_count(), 'config.eval.batch_size')
+  local_batch = config.batch_size // jax.process_count()
+  logging.info('Dataset %s: %d classes, splits %s', info.name, info.num_classes, info.split_sizes)
+
+  learning_rate_fn = optim.create_learning_rate_fn(config)
+  state = create_train_state(jax.random.PRNGKey(config.seed), config, info.num_classes,
+                             learning_rate_fn)
+  manager = checkpoints.CheckpointManager(workdir, config, info)
+  state = manager.restore_latest(state)
+  initial_step = int(state.step)
+  if initial_step >= config.num_train_steps:
+    logging.info('Checkpoint is at step %d >= num_train_steps; only evaluating.', initial_step)
+  state = jax_utils.replicate(state)
+
+  model = build_model(config, info.num_classes, bn_axis_name='batch')
+  p_train_step = jax.pmap(
+      functools.partial(train_step, model=model, learning_rate_fn=learning_rate_fn,
+                        config=config), axis_name='batch', donate_argnums=(0,))
+  p_eval_step = jax.pmap(functools.partial(eval_step, model=model), axis_name='batch')
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if initial_step == 0:
+    writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()})
+  report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
+                                                    writer=writer)
+  train_ds = pipeline.create_train_dataset(
+      builder, config, local_batch=local_batch, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  if config.deterministic_data and initial_step:
+    train_ds = train_ds.skip(initial_step)
+  train_iter = pipeline.device_iterator(train_ds)
+  val_split = datasets.resolve_split(config.dataset, 'val')
+
+  throughput = _Throughput(config.batch_size)
+  pending, metric_list = None, []
+  logging.info('Training from step %d to %d.', initial_step, config.num_train_steps)
+  for step in range(initial_step + 1, config.num_train_steps + 1):
+    with jax.profiler.StepTraceAnnotation('train', step_num=step):
+      t0 = time.perf_counter()
+      batch, _ = next(train_iter)
+      throughput.wait += time.perf_counter() - t0
+      state, out = p_train_step(state, batch)
+      throughput.steps += 1
+    if pending is not None:
+      _check_finite(*pending)
+    pending = (step, out['finite'])
+    metric_list.append(out['metrics'])
+    report_progress(step)
+    is_last = step == config.num_train_steps
+    if step % config.log_every_steps == 0 or is_last:
+      _write_train_metrics(writer, step, jax_utils.unreplicate(metric_list),
+                           throughput.summary())
+      metric_list = []
+    eval_metrics = None
+    if step % config.eval_every_steps == 0 or is_last:
+      _check_finite(*pending)
+      with report_progress.timed('eval'):
+        eval_metrics = run_periodic_eval(p_eval_step, state, builder, config, val_split, info)
+      writer.write_scalars(step, {f'val/{k}': v for k, v in eval_metrics.items()})
+    if step % config.checkpoint_every_steps == 0 or eval_metrics is not None:
+      _check_finite(*pending)
+      with report_progress.timed('checkpoint'):
+        manager.save(step, jax_utils.unreplicate(state), eval_metrics)
+  manager.wait_until_finished()
+
+  with report_progress.timed('final_eval'):
+    final = run_periodic_eval(p_eval_step, state, builder, config, config.dataset.eval_split, info,
+                              max_examples=0)
+  writer.write_scalars(int(jax_utils.unreplicate(state.step)),
+                       {f'test/{k}': v for k, v in final.items()})
+  writer.flush()
+  logging.info('Final %s metrics at step %d: %s', config.dataset.eval_split,
+               int(jax_utils.unreplicate(state.step)), final)
+  return final
+
+
+def _check_finite(step: int, finite):
+  if not bool(np.all(jax.device_get(finite))):
+    raise FloatingPointError(
+        f'Non-finite loss or gradient at step {step}. No checkpoint of this state was written. '
+        'Lower config.learning_rate, enable config.grad_clip_norm, or check the input data.')
+
+
+def run_periodic_eval(p_eval_step, state, builder, config, split: str, info,
+                      max_examples: int = -1) -> dict:
+  """Evaluates `split` (every example once, across processes) and returns scalar metrics."""
+  if max_examples < 0:
+    max_examples = config.eval.num_periodic_videos
+  outputs = eval_lib.run_eval(p_eval_step, state, builder, config, split,
+                              max_examples=max_examples)
+  return eval_lib.scalar_metrics(outputs, info.num_classes)
+
+
+def _flat(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out

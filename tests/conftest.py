@@ -1,0 +1,3 @@
+import os
+
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
