@@ -1,3 +1,49 @@
+"""Shared fixtures. Four fake CPU devices, so pmap code runs as it would on a 4-chip host."""
+
 import os
 
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def make_tiny_config(data_dir: str, **overrides):
+  """A seconds-sized synthetic config: 4 frames of 28x28, a small CNN, a few steps."""
+  from configs import synthetic  # pylint: disable=g-import-not-at-top
+  config = synthetic.get_config()
+  config.dataset.name = 'synthetic_actions/tiny'
+  config.dataset.data_dir = str(data_dir)
+  config.num_frames = 4
+  config.frame_stride = 1
+  config.image_size = 28
+  config.model.lstm_size = 16
+  config.model.dropout_rate = 0.0
+  config.batch_size = 8
+  config.eval.batch_size = 8
+  config.num_train_steps = 4
+  config.warmup_steps = 1
+  config.log_every_steps = 2
+  config.eval_every_steps = 4
+  config.checkpoint_every_steps = 2
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return config
+
+
+@pytest.fixture(scope='session')
+def synthetic_data_dir(tmp_path_factory):
+  """A data_dir holding the prepared tiny synthetic dataset (built once per test session)."""
+  from har_jax.data import synthetic_actions  # pylint: disable=g-import-not-at-top
+  data_dir = tmp_path_factory.mktemp('tfds')
+  synthetic_actions.prepare(str(data_dir), 'tiny')
+  return data_dir
+
+
+@pytest.fixture
+def tiny_config(synthetic_data_dir):
+  return lambda **overrides: make_tiny_config(synthetic_data_dir, **overrides)

@@ -53,7 +53,7 @@ def get_builder(dataset_config) -> tfds.core.DatasetBuilder:
         f'dataset. ({e})') from None
   except ValueError as e:  # Unknown builder config, e.g. 'ucf101/ucf101_9'.
     raise DatasetError(f'Bad config.dataset.name {name!r}: {e}') from None
-  if not builder.is_prepared():
+  if not builder.info.splits or not builder.info.splits.total_num_examples:
     hint = ''
     if base == 'ucf101':
       hint = (' Build the records from your UCF101 copy with: python scripts/prepare_ucf101.py '

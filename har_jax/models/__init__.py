@@ -1,0 +1,60 @@
+"""Frame encoders and the LRCN video classifier."""
+
+from typing import Any, Optional
+
+import jax.numpy as jnp
+import ml_collections
+
+from har_jax.models.encoders import ENCODERS
+from har_jax.models.encoders import encoder_feature_dim
+from har_jax.models.encoders import get_encoder_cls
+from har_jax.models.lrcn import IMAGENET_MEAN
+from har_jax.models.lrcn import IMAGENET_STD
+from har_jax.models.lrcn import LRCN
+
+# Input normalisation presets; see LRCN for the formula and units.
+PREPROCESSING: dict[str, dict[str, Any]] = {
+    'imagenet': dict(input_mean=IMAGENET_MEAN, input_std=IMAGENET_STD,
+                     channel_order='rgb', input_scale=1 / 255),
+    # Keras applications' 'caffe' mode: BGR, mean subtracted in 0..255 units.
+    'caffe': dict(input_mean=(103.939, 116.779, 123.68),
+                  input_std=(1.0, 1.0, 1.0), channel_order='bgr',
+                  input_scale=1.0),
+}
+
+
+def create_model(model_config: ml_collections.ConfigDict, num_classes: int,
+                 *, dtype: Any = 'float32',
+                 bn_axis_name: Optional[str] = None) -> LRCN:
+  """Builds the LRCN that `model_config` describes.
+
+  Args:
+    model_config: fields encoder, lstm_size, dropout_rate, temporal_pooling;
+      optional num_lstm_layers (1), remat (False), preprocessing ('imagenet'
+      or 'caffe'; default 'imagenet').
+    num_classes: width of the logits.
+    dtype: computation dtype of the encoder, e.g. 'float32' or 'bfloat16'.
+    bn_axis_name: the pmap axis name for synchronous BatchNorm, or None.
+  """
+  get_encoder_cls(model_config.encoder)  # ValueError naming valid encoders.
+  preprocessing = model_config.get('preprocessing', 'imagenet')
+  if preprocessing not in PREPROCESSING:
+    raise ValueError(f'Unknown preprocessing {preprocessing!r}; valid: '
+                     f'{sorted(PREPROCESSING)}')
+  return LRCN(
+      encoder=model_config.encoder,
+      num_classes=num_classes,
+      lstm_size=model_config.lstm_size,
+      num_lstm_layers=model_config.get('num_lstm_layers', 1),
+      dropout_rate=model_config.dropout_rate,
+      temporal_pooling=model_config.temporal_pooling,
+      remat=model_config.get('remat', False),
+      dtype=jnp.dtype(dtype),
+      bn_axis_name=bn_axis_name,
+      **PREPROCESSING[preprocessing])
+
+
+__all__ = [
+    'ENCODERS', 'LRCN', 'PREPROCESSING', 'create_model',
+    'encoder_feature_dim', 'get_encoder_cls',
+]

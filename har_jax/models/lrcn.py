@@ -1,0 +1,97 @@
+"""LRCN (Donahue et al. 2015): a 2D CNN per frame, an LSTM over time."""
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from har_jax.models import encoders
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, in [0, 1] units.
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+TEMPORAL_POOLINGS = ('last', 'mean')
+CHANNEL_ORDERS = ('rgb', 'bgr')
+
+
+class LRCN(nn.Module):
+  """Video classifier: `[batch, time, height, width, 3] uint8 RGB -> logits`.
+
+  Input normalisation, on device, in float32, then cast to `dtype`:
+    x = (reorder(video * input_scale, channel_order) - input_mean) / input_std
+  where `reorder` keeps RGB for 'rgb' and reverses the channels for 'bgr', so
+  input_mean and input_std are given in channel_order order and in the units
+  of `video * input_scale`. ImageNet (torchvision): scale 1/255, 'rgb', mean
+  and std in [0, 1] units (the defaults). Keras 'caffe': scale 1, 'bgr',
+  mean (103.939, 116.779, 123.68), std (1, 1, 1).
+
+  Attributes:
+    encoder: a key of `encoders.ENCODERS`.
+    num_classes: width of the logits.
+    lstm_size: LSTM hidden units.
+    num_lstm_layers: stacked LSTM layers.
+    dropout_rate: dropout on the LSTM outputs (rng collection 'dropout').
+    temporal_pooling: 'last' classifies the last step's output; 'mean'
+      averages the per-step logits over time, as the LRCN paper averages its
+      per-step predictions.
+    dtype: computation dtype of the encoder. The LSTM and the head always
+      compute in float32; all parameters are float32.
+    bn_axis_name: pmap axis over which BatchNorm averages batch statistics.
+    remat: rematerialise the encoder's activations in the backward pass.
+  """
+  encoder: str
+  num_classes: int
+  lstm_size: int = 512
+  num_lstm_layers: int = 1
+  dropout_rate: float = 0.5
+  temporal_pooling: str = 'mean'
+  dtype: Any = jnp.float32
+  bn_axis_name: Optional[str] = None
+  remat: bool = False
+  input_mean: Sequence[float] = IMAGENET_MEAN
+  input_std: Sequence[float] = IMAGENET_STD
+  channel_order: str = 'rgb'
+  input_scale: float = 1 / 255
+
+  def normalise(self, video: jnp.ndarray) -> jnp.ndarray:
+    """`[..., 3]` uint8 RGB -> `[..., 3]` float in `dtype`, as documented."""
+    if self.channel_order not in CHANNEL_ORDERS:
+      raise ValueError(f'channel_order {self.channel_order!r} not in '
+                       f'{CHANNEL_ORDERS}')
+    x = video.astype(jnp.float32) * self.input_scale
+    if self.channel_order == 'bgr':
+      x = x[..., ::-1]
+    mean = jnp.asarray(self.input_mean, jnp.float32)
+    std = jnp.asarray(self.input_std, jnp.float32)
+    return ((x - mean) / std).astype(self.dtype)
+
+  @nn.compact
+  def __call__(self, video: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    """`[batch, time, height, width, 3]` uint8 -> `[batch, num_classes]`
+    float32 logits."""
+    if self.temporal_pooling not in TEMPORAL_POOLINGS:
+      raise ValueError(f'temporal_pooling {self.temporal_pooling!r} not in '
+                       f'{TEMPORAL_POOLINGS}')
+    batch, time = video.shape[:2]
+    frames = self.normalise(video).reshape((batch * time,) + video.shape[2:])
+
+    encoder = encoders.get_encoder_cls(self.encoder)(
+        dtype=self.dtype, bn_axis_name=self.bn_axis_name, name='encoder')
+    if self.remat:
+      features = nn.remat(lambda mdl, x: mdl(x, train=train))(encoder, frames)
+    else:
+      features = encoder(frames, train=train)
+    y = features.reshape(batch, time, -1).astype(jnp.float32)
+
+    for i in range(self.num_lstm_layers):
+      # parent=None lets nn.RNN adopt the cell: params are lstm_i/cell/...
+      cell = nn.OptimizedLSTMCell(self.lstm_size, dtype=jnp.float32,
+                                  param_dtype=jnp.float32, parent=None)
+      y = nn.RNN(cell, name=f'lstm_{i}')(y)  # [batch, time, lstm_size]
+
+    y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+    head = nn.Dense(self.num_classes, dtype=jnp.float32,
+                    param_dtype=jnp.float32, name='head')
+    if self.temporal_pooling == 'last':
+      return head(y[:, -1])
+    return jnp.mean(head(y), axis=1)

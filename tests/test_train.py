@@ -1,0 +1,134 @@
+"""Train/eval step semantics: params move, devices agree, eval counts every video exactly once."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from har_jax import eval_lib
+from har_jax import optim
+from har_jax import parallel
+from har_jax import train
+from har_jax.data import datasets
+
+
+def _state_and_model(config, num_classes=10):
+  lr_fn = optim.create_learning_rate_fn(config)
+  state = train.create_train_state(jax.random.PRNGKey(0), config, num_classes, lr_fn)
+  model = train.build_model(config, num_classes, bn_axis_name='batch')
+  return state, model, lr_fn
+
+
+def _random_batch(config, n, seed=0):
+  rng = np.random.RandomState(seed)
+  return {
+      'video': rng.randint(0, 256, (n, config.num_frames, config.image_size, config.image_size,
+                                    3)).astype(np.uint8),
+      'label': rng.randint(0, 10, (n,)).astype(np.int32)}
+
+
+def _pmapped_step(config, model, lr_fn, devices):
+  return jax.pmap(functools.partial(train.train_step, model=model, learning_rate_fn=lr_fn,
+                                    config=config), axis_name='batch', devices=devices)
+
+
+def test_every_param_changes_after_one_step(tiny_config):
+  config = tiny_config(warmup_steps=0, learning_rate=1e-2)
+  state, model, lr_fn = _state_and_model(config)
+  p_step = _pmapped_step(config, model, lr_fn, jax.devices()[:1])
+  batch = jax.tree.map(lambda x: x[None], _random_batch(config, 8))
+  new_state, out = p_step(parallel.replicate(state, jax.devices()[:1]), batch)
+  assert bool(out['finite'][0])
+  before = jax.tree_util.tree_leaves_with_path(state.params)
+  after = jax.tree.leaves(parallel.unreplicate(new_state).params)
+  unchanged = [jax.tree_util.keystr(p) for (p, a), b in zip(before, after)
+               if np.allclose(np.asarray(a), np.asarray(b))]
+  assert not unchanged, f'params that did not change: {unchanged}'
+  assert int(parallel.unreplicate(new_state).step) == 1
+
+
+def test_four_devices_match_one_device(tiny_config):
+  assert jax.device_count() == 4
+  # SGD: the update is linear in the gradient (Adam's first step amplifies rounding noise).
+  config = tiny_config(learning_rate=1e-2, warmup_steps=0, optimizer='sgd')
+  state, model, lr_fn = _state_and_model(config)
+  batch = _random_batch(config, 8, seed=3)
+
+  one = _pmapped_step(config, model, lr_fn, jax.devices()[:1])
+  s1, _ = one(parallel.replicate(state, jax.devices()[:1]), jax.tree.map(lambda x: x[None], batch))
+  four = _pmapped_step(config, model, lr_fn, jax.devices())
+  s4, _ = four(parallel.replicate(state, jax.devices()),
+               jax.tree.map(lambda x: x.reshape((4, 2) + x.shape[1:]), batch))
+
+  for a, b in zip(jax.tree.leaves(parallel.unreplicate(s1).params),
+                  jax.tree.leaves(parallel.unreplicate(s4).params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(parallel.unreplicate(s1).batch_stats),
+                  jax.tree.leaves(parallel.unreplicate(s4).batch_stats)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  for leaf in jax.tree.leaves(s4.batch_stats):  # Identical on every replica.
+    leaf = np.asarray(leaf)
+    for r in range(1, 4):
+      np.testing.assert_array_equal(leaf[r], leaf[0])
+
+
+def test_non_divisible_batch_is_rejected():
+  with pytest.raises(ValueError, match='multiple of the global device count'):
+    train.global_batch_check(6, 4)
+
+
+class _FakeModel:
+  """Logits = one-hot(first pixel of the first frame) * 3: known, label-controlled outputs."""
+  num_classes = 10
+
+  def apply(self, variables, video, train=False):
+    del variables, train
+    return jax.nn.one_hot(video[:, 0, 0, 0, 0].astype(jnp.int32) % 10, 10) * 3.0
+
+
+def test_scalar_metrics_exact_from_known_logits():
+  logits = np.array([[5, 1, 0, 0, 0, 0], [0, 5, 4, 0, 0, 0], [1, 2, 3, 4, 5, 6],
+                     [6, 5, 4, 3, 2, 1], [0, 0, 0, 0, 0, 9]], np.float32)
+  labels = np.array([0, 2, 0, 1, 5])
+  # top-1 right for videos 0 and 4; top-5 wrong only for video 2 (label 0 ranks 6th).
+  out = eval_lib.EvalOutputs(logits=logits, labels=labels, view_top1=np.array([1, 0, 0, .5, 1.]),
+                             tfds_ids=np.array(['a', 'b', 'c', 'd', 'e']))
+  m = eval_lib.scalar_metrics(out, num_classes=6)
+  assert m['top1'] == pytest.approx(2 / 5)
+  assert m['top5'] == pytest.approx(4 / 5)
+  # Per class: 0 -> 1/2 (videos 0, 2), 1 -> 0, 2 -> 0, 5 -> 1; classes 3, 4 absent.
+  assert m['mean_class_accuracy'] == pytest.approx((0.5 + 0 + 0 + 1) / 4)
+  assert m['clip_top1'] == pytest.approx(2.5 / 5)
+  expected_loss = np.mean([-jax.nn.log_softmax(l)[y] for l, y in zip(logits, labels)])
+  assert m['loss'] == pytest.approx(float(expected_loss), rel=1e-5)
+
+
+@pytest.mark.parametrize('num_devices', [1, 2, 4])
+def test_eval_counts_every_video_once(tiny_config, num_devices):
+  """13 videos (odd), batches of 8 over 1/2/4 devices: every video once, views averaged."""
+  config = tiny_config(**{'dataset.eval_split': 'test[:13]', 'eval.num_clips': 2,
+                          'eval.num_crops': 3})
+  builder = datasets.get_builder(config.dataset)
+  devices = jax.devices()[:num_devices]
+  p_eval = jax.pmap(functools.partial(train.eval_step, model=_FakeModel()), axis_name='batch',
+                    devices=devices)
+  state = parallel.replicate(train.TrainState(step=0, apply_fn=None, params={}, tx=None,
+                                               opt_state=None, batch_stats={}, rng=None),
+                              devices)
+  from unittest import mock  # pylint: disable=g-import-not-at-top
+  with mock.patch.object(jax, 'local_devices', lambda: devices):
+    outputs = eval_lib.run_eval(p_eval, state, builder, config, 'test[:13]')
+  assert len(outputs.labels) == 13
+  assert len(set(outputs.tfds_ids)) == 13
+  reference = {}
+  for ex in builder.as_dataset(split='test[:13]', read_config=__import__(
+      'tensorflow_datasets').ReadConfig(add_tfds_id=True)).as_numpy_iterator():
+    reference[ex['tfds_id'].decode()] = int(ex['label'])
+  assert sorted(outputs.tfds_ids) == sorted(reference)
+  for tid, label in zip(outputs.tfds_ids, outputs.labels):
+    assert reference[tid] == label
+  # Six views per video, each with logits 3 * one_hot(first pixel % 10): the average has the
+  # same total mass.
+  np.testing.assert_allclose(outputs.logits.sum(axis=1), 3.0, rtol=1e-6)
