@@ -222,7 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   val_split = datasets.resolve_split(config.dataset, 'val')
 
   throughput = _Throughput(config.batch_size)
-  pending, metric_list = None, []
+  pending, metric_list, eval_metrics = None, [], None
   logging.info('Training from step %d to %d.', initial_step, config.num_train_steps)
   for step in range(initial_step + 1, config.num_train_steps + 1):
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
@@ -253,9 +253,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         manager.save(step, parallel.unreplicate(state), eval_metrics)
   manager.wait_until_finished()
 
-  with report_progress.timed('final_eval'):
-    final = run_periodic_eval(p_eval_step, state, builder, config, config.dataset.eval_split, info,
-                              max_examples=0)
+  if (val_split == config.dataset.eval_split and not config.eval.num_periodic_videos
+      and eval_metrics is not None):
+    final = eval_metrics  # The last periodic eval already covered the whole eval split.
+  else:
+    with report_progress.timed('final_eval'):
+      final = run_periodic_eval(p_eval_step, state, builder, config, config.dataset.eval_split,
+                                info, max_examples=0)
   writer.write_scalars(int(parallel.unreplicate(state.step)),
                        {f'test/{k}': v for k, v in final.items()})
   writer.flush()

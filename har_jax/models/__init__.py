@@ -51,6 +51,7 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int,
       remat=model_config.get('remat', False),
       dtype=jnp.dtype(dtype),
       bn_axis_name=bn_axis_name,
+      encoder_kwargs=tuple(sorted(dict(model_config.get('encoder_kwargs', None) or {}).items())),
       **PREPROCESSING[preprocessing])
 
 

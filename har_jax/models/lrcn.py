@@ -38,6 +38,8 @@ class LRCN(nn.Module):
       compute in float32; all parameters are float32.
     bn_axis_name: pmap axis over which BatchNorm averages batch statistics.
     remat: rematerialise the encoder's activations in the backward pass.
+    encoder_kwargs: extra encoder attributes as (name, value) pairs, e.g.
+      (('stride_on_1x1', True),) for Keras-style ResNet-50 blocks.
   """
   encoder: str
   num_classes: int
@@ -52,6 +54,7 @@ class LRCN(nn.Module):
   input_std: Sequence[float] = IMAGENET_STD
   channel_order: str = 'rgb'
   input_scale: float = 1 / 255
+  encoder_kwargs: tuple = ()
 
   def normalise(self, video: jnp.ndarray) -> jnp.ndarray:
     """`[..., 3]` uint8 RGB -> `[..., 3]` float in `dtype`, as documented."""
@@ -76,7 +79,8 @@ class LRCN(nn.Module):
     frames = self.normalise(video).reshape((batch * time,) + video.shape[2:])
 
     encoder = encoders.get_encoder_cls(self.encoder)(
-        dtype=self.dtype, bn_axis_name=self.bn_axis_name, name='encoder')
+        dtype=self.dtype, bn_axis_name=self.bn_axis_name, name='encoder',
+        **dict(self.encoder_kwargs))
     if self.remat:
       features = nn.remat(lambda mdl, x: mdl(x, train=train))(encoder, frames)
     else:
