@@ -54,7 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dropout_rate = 0.5
   config.model.temporal_pooling = 'mean'
   config.model.remat = False
-  config.model.preprocessing = 'imagenet'
+  config.model.preprocessing = 'imagenet'  # 'imagenet' (RGB, mean/std) | 'caffe' (Keras ResNet50).
+  config.model.encoder_kwargs = {}  # Extra encoder attributes, e.g. {'stride_on_1x1': True}.
+  config.model.encoder_init = ''  # Encoder checkpoint (scripts/convert_keras_encoder.py) for a fresh run.
+  config.model.freeze_encoder_steps = 0  # Train only the LSTM and head for this many steps.
 
   config.dtype = 'float32'
 

@@ -1,0 +1,62 @@
+r"""UCF101 split 1, the recommended recipe: ImageNet ResNet-50 (Keras) frames -> LSTM(512) -> head.
+
+The frame encoder starts from Keras Applications' ImageNet ResNet-50 (ResNet v1: the stride sits
+on the first 1x1 conv of a block; Keras 'caffe' input: BGR, mean-subtracted 0..255 pixels). For the
+first 1,000 steps only the LSTM and the head train (the encoder's params and BatchNorm statistics
+stay as converted); then everything is fine-tuned, the encoder with its own linear warmup.
+16 frames at stride 2, 224x224 crops from the 256x256 TFDS records (`ucf101/ucf101_1_256`).
+
+Commands (convert the weights once, online or from a downloaded .h5 file, see the script):
+
+  python scripts/convert_keras_encoder.py --arch=resnet50 --out=pretrained/resnet50_keras_imagenet
+  python main.py --config=configs/ucf101_resnet50_imagenet.py --workdir=workdirs/ucf101_r50_in \
+      --config.dataset.data_dir=$HOME/tensorflow_datasets
+
+If the accelerator memory is short, add --config.model.remat=True or --config.dtype=bfloat16, or
+lower --config.batch_size together with --config.learning_rate.
+
+Expected result: NOT YET MEASURED on UCF101 by this project. The published figures for this family
+of models: LRCN (Donahue et al. 2015, CaffeNet-based encoder, ImageNet-initialised) reports 68.2%
+RGB top-1 averaged over the three splits; the I3D paper (Carreira & Zisserman 2017, Table 2) reports
+81.0% on split 1 for ConvNet+LSTM with an ImageNet-pretrained Inception-v1. A ResNet-50 encoder
+should land in that range, but treat it as a target, not a result. Runtime: not measured; a CPU is
+impractical (use a GPU or TPU).
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the ImageNet-initialised ResNet-50 LRCN config for UCF101 split 1."""
+  config = default.get_config()
+  config.dataset.resize_size = 256
+  config.image_size = 224
+  config.num_frames = 16
+  config.frame_stride = 2
+
+  config.model.encoder = 'resnet50'
+  config.model.encoder_kwargs = {'stride_on_1x1': True}  # Keras ResNet50 is ResNet v1.
+  config.model.preprocessing = 'caffe'  # What the Keras ImageNet weights expect.
+  # Made by scripts/convert_keras_encoder.py; loaded at the start of a fresh run, not on resume.
+  config.model.encoder_init = 'pretrained/resnet50_keras_imagenet'
+  config.model.freeze_encoder_steps = 1_000
+  config.model.lstm_size = 512
+  config.model.dropout_rate = 0.5
+  config.model.temporal_pooling = 'mean'
+
+  # Fine-tuning a pretrained encoder: a lower peak rate than training from scratch.
+  config.optimizer = 'sgd'
+  config.learning_rate = 0.005  # For batch_size 32; scale linearly with the batch.
+  config.momentum = 0.9
+  config.weight_decay = 1e-4
+  config.warmup_steps = 500
+  config.grad_clip_norm = 1.0
+  config.label_smoothing = 0.1
+
+  config.batch_size = 32
+  config.num_train_steps = 15_000  # About 50 epochs of the 9,537 split-1 training videos.
+  config.eval_every_steps = 1_000
+  config.checkpoint_every_steps = 1_000
+  return config
