@@ -22,13 +22,14 @@ def get_config() -> ml_collections.ConfigDict:
   config = default.get_config()
   config.dataset.name = 'synthetic_actions'
   config.dataset.data_dir = 'data'
-  config.dataset.resize_size = 0
+  # Stored 64x64; the JPEG decoder downscales by 2 (to 32x32), then a random 28x28 crop.
+  config.dataset.resize_size = 32
   config.dataset.shuffle_buffer = 1024
   config.dataset.cache = True
 
   config.num_frames = 8
   config.frame_stride = 2
-  config.image_size = 56
+  config.image_size = 28
 
   config.augment.flip = False
   config.augment.min_area = 1.0

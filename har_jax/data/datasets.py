@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 from typing import Optional
 
 from absl import logging
@@ -10,6 +11,10 @@ import tensorflow_datasets as tfds
 from har_jax.data import synthetic_actions  # Defines (and so registers) the TFDS builder.
 
 SYNTHETIC_NAME = 'synthetic_actions'
+# Datasets whose records carry a 'group' feature and metadata.json 'group_counts' (see ucf101.py).
+GROUPED_DATASETS = ('ucf101_meta',)
+UCF101_CONFIGS = ('ucf101_1_256', 'ucf101_1', 'ucf101_2', 'ucf101_3')
+_GROUP_SPLIT_RE = re.compile(r'(?P<base>[^|]+)\|(?P<part>train|val)_groups=(?P<fraction>[0-9.]+)')
 
 
 class DatasetError(ValueError):
@@ -44,6 +49,12 @@ def get_builder(dataset_config) -> tfds.core.DatasetBuilder:
   base, config_name = _split_name_and_config(name)
   if base == SYNTHETIC_NAME:
     return synthetic_actions.prepare(data_dir or _default_data_dir(), config_name or 'default')
+  if base in ('ucf101',) + GROUPED_DATASETS and config_name not in UCF101_CONFIGS:
+    raise DatasetError(
+        f'Unknown UCF101 config {config_name!r} in config.dataset.name={name!r}; use '
+        f"'{base}/<config>' with <config> one of {UCF101_CONFIGS}.")
+  if base in GROUPED_DATASETS:
+    return _prepared_grouped_builder(dataset_config, base, config_name)
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
@@ -54,15 +65,42 @@ def get_builder(dataset_config) -> tfds.core.DatasetBuilder:
   except ValueError as e:  # Unknown builder config, e.g. 'ucf101/ucf101_9'.
     raise DatasetError(f'Bad config.dataset.name {name!r}: {e}') from None
   if not builder.info.splits or not builder.info.splits.total_num_examples:
-    hint = ''
-    if base == 'ucf101':
-      hint = (' Build the records from your UCF101 copy with: python scripts/prepare_ucf101.py '
-              f'--source <UCF101 folder or zips> --data_dir {data_dir or "<data_dir>"} '
-              f'--config {config_name or "ucf101_1_256"}.')
+    hint = _prepare_hint(data_dir, config_name, base) if base == 'ucf101' else ''
     raise DatasetError(
         f'Dataset {name!r} is not prepared in {builder.data_dir_root!r} '
         f'(config.dataset.data_dir={dataset_config.data_dir!r}).{hint}')
   return builder
+
+
+def _prepare_hint(data_dir: Optional[str], config_name: str, variant: str) -> str:
+  return (' Build the records from your UCF101 copy with: python scripts/prepare_ucf101.py '
+          f'--source <UCF101 folder or zips> --data_dir {data_dir or "<data_dir>"} '
+          f'--config {config_name} --variant {variant}.')
+
+
+def _prepared_grouped_builder(dataset_config, base: str, config_name: str):
+  """Reads records of our own builder variants (not registered in TFDS) from their files."""
+  data_dir = dataset_config.data_dir or _default_data_dir()
+  try:
+    return tfds.builder_from_directory(_latest_version_dir(os.path.join(data_dir, base,
+                                                                        config_name)))
+  except FileNotFoundError:
+    raise DatasetError(
+        f'Dataset {dataset_config.name!r} is not prepared in {data_dir!r} '
+        f'(config.dataset.data_dir={dataset_config.data_dir!r}).'
+        + _prepare_hint(data_dir, config_name, base)) from None
+
+
+def _latest_version_dir(config_dir: str) -> str:
+  """The newest complete version dir (one holding dataset_info.json) under a config dir."""
+  versions = []
+  if os.path.isdir(config_dir):
+    for v in os.listdir(config_dir):
+      if os.path.isfile(os.path.join(config_dir, v, 'dataset_info.json')):
+        versions.append(tuple(int(x) for x in v.split('.')) if re.fullmatch(r'[\d.]+', v) else ())
+  if not versions:
+    raise FileNotFoundError(config_dir)
+  return os.path.join(config_dir, '.'.join(str(x) for x in max(versions)))
 
 
 def _default_data_dir() -> str:
@@ -83,29 +121,91 @@ def get_info(builder: tfds.core.DatasetBuilder) -> DatasetInfo:
 
 
 def resolve_split(dataset_config, purpose: str) -> str:
-  """The TFDS split string for 'train', 'val' (periodic evaluation) or a named split.
+  """The split string for 'train', 'val' (periodic evaluation) or a named split.
 
-  With `dataset_config.val_split` = f in (0, 1), the last f of the train split is held out: 'train'
-  reads `train[:N%]`, 'val' reads `train[N%:]` where N = 100 * (1 - f). Otherwise 'val' is the eval
-  split.
+  With `dataset_config.val_split` = f in (0, 1), part of the train split is held out for 'val':
+  - datasets with UCF101 groups (GROUPED_DATASETS): the last round(f * G) of the G train groups
+    (people), as 'train|train_groups=f' / 'train|val_groups=f' (understood by this module and the
+    pipeline, not by TFDS);
+  - other datasets: the last f of the examples, 'train[:N%]' / 'train[N%:]' with N = 100 (1 - f),
+    with a logged warning (the same person can then appear in both sets).
+  Without val_split, 'val' is the eval split.
   """
   train, fraction = dataset_config.train_split, float(dataset_config.val_split or 0.0)
-  if purpose == 'train':
-    if fraction > 0:
-      return f'{train}[:{round(100 * (1 - fraction))}%]'
-    return train
-  if purpose == 'val':
-    if fraction > 0:
-      return f'{train}[{round(100 * (1 - fraction))}%:]'
-    return dataset_config.eval_split
-  return purpose
+  if purpose not in ('train', 'val'):
+    return purpose
+  if fraction <= 0:
+    return train if purpose == 'train' else dataset_config.eval_split
+  if not 0 < fraction < 1:
+    raise DatasetError(f'config.dataset.val_split={fraction} must be a fraction in (0, 1).')
+  base, _ = _split_name_and_config(dataset_config.name)
+  if base in GROUPED_DATASETS:
+    return f'{train}|{purpose}_groups={fraction:g}'
+  logging.warning(
+      'config.dataset.val_split=%g: %r has no UCF101 group information, so validation is a plain '
+      '%d%% split of %r and the same person may appear in train and val. Use '
+      "'ucf101_meta/<config>' (prepare_ucf101.py --variant ucf101_meta) for a split by group.",
+      fraction, dataset_config.name, round(100 * fraction), train)
+  cut = round(100 * (1 - fraction))
+  return f'{train}[:{cut}%]' if purpose == 'train' else f'{train}[{cut}%:]'
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSplit:
+  """A split by UCF101 group: the 'train' or 'val' part of `base` for a held-out fraction."""
+  base: str
+  part: str  # 'train' | 'val'
+  fraction: float
+
+
+def parse_group_split(split) -> Optional[GroupSplit]:
+  """The GroupSplit a split string names, or None (also for TFDS split objects)."""
+  match = _GROUP_SPLIT_RE.fullmatch(split) if isinstance(split, str) else None
+  if not match:
+    return None
+  return GroupSplit(match['base'], match['part'], float(match['fraction']))
+
+
+def _group_counts(builder, base: str) -> dict[int, int]:
+  metadata = builder.info.metadata or {}
+  counts = metadata.get('group_counts', {}).get(base)
+  if not counts:
+    raise DatasetError(
+        f'{builder.info.full_name!r} has no group counts for split {base!r} in its metadata.json; '
+        'rebuild it with scripts/prepare_ucf101.py --variant ucf101_meta.')
+  return {int(g): int(n) for g, n in counts.items()}
+
+
+def split_groups(builder, group_split: GroupSplit) -> list[int]:
+  """The sorted UCF101 group numbers in a GroupSplit (val: the last round(f * G) train groups)."""
+  groups = sorted(_group_counts(builder, group_split.base))
+  num_val = max(1, round(group_split.fraction * len(groups)))
+  if num_val >= len(groups):
+    raise DatasetError(
+        f'config.dataset.val_split={group_split.fraction:g} holds out {num_val} of the '
+        f'{len(groups)} groups of {group_split.base!r}, leaving none to train on; use a smaller '
+        'fraction.')
+  return groups[-num_val:] if group_split.part == 'val' else groups[:-num_val]
 
 
 def num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
-  """Number of examples in a split string such as 'train[:90%]'."""
+  """Number of examples in a split string such as 'train[:90%]' or 'train|val_groups=0.1'."""
+  group_split = parse_group_split(split)
+  if group_split:
+    counts = _group_counts(builder, group_split.base)
+    return sum(counts[g] for g in split_groups(builder, group_split))
   try:
     return builder.info.splits[split].num_examples
   except KeyError:
     raise DatasetError(
         f'Split {split!r} does not exist in {builder.info.full_name!r}; it has '
         f'{sorted(builder.info.splits.keys())}.') from None
+
+
+def process_shard_sizes(builder, split: str, process_count: int) -> list[int]:
+  """Examples each process reads of `split` (they are disjoint and cover the split)."""
+  if parse_group_split(split):  # Read whole, filtered, then ds.shard(process_count, index).
+    total = num_examples(builder, split)
+    return [len(range(i, total, process_count)) for i in range(process_count)]
+  return [num_examples(builder, tfds.split_for_jax_process(
+      split, process_index=i, process_count=process_count)) for i in range(process_count)]

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 SHORT_VIDEO_MODES = ('loop', 'pad')
 JPEG_RATIOS = (1, 2, 4, 8)
+ANTIALIAS_ABOVE = 2.0  # Downscale factor above which resizes are antialiased.
 
 
 def _wrap_indices(indices: tf.Tensor, num_available: tf.Tensor, short_video: str) -> tf.Tensor:
@@ -64,7 +65,7 @@ def sample_eval_indices(num_available: tf.Tensor, num_frames: int, stride: int, 
 
 
 def jpeg_ratio_index(stored_short_side: tf.Tensor, target_short_side: int) -> tf.Tensor:
-  """Index into JPEG_RATIOS of the largest DCT downscaling ratio keeping the short side >= target."""
+  """Index into JPEG_RATIOS of the largest DCT downscaling ratio keeping short side >= target."""
   index = tf.constant(0, tf.int32)
   if target_short_side <= 0:
     return index
@@ -107,10 +108,27 @@ def resize_short_side(frames: tf.Tensor, size: int) -> tf.Tensor:
     scale = tf.cast(size, tf.float32) / tf.cast(short, tf.float32)
     new_h = tf.maximum(size, tf.cast(tf.round(tf.cast(h, tf.float32) * scale), tf.int32))
     new_w = tf.maximum(size, tf.cast(tf.round(tf.cast(w, tf.float32) * scale), tf.int32))
-    resized = tf.image.resize(frames, [new_h, new_w], method='bilinear', antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+    return resize_bilinear(frames, tf.stack([new_h, new_w]))
 
   return tf.cond(tf.equal(short, size), lambda: frames, resize)
+
+
+def resize_bilinear(frames: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
+  """Bilinear resize of `[t, h, w, 3] uint8` to `size` = [new_h, new_w], rounded to uint8.
+
+  Plain bilinear interpolation when shrinking by at most ANTIALIAS_ABOVE (every input pixel still
+  contributes, and it costs a third of the antialiased kernel); antialiased beyond that, so strong
+  downscaling does not alias.
+  """
+  shape = tf.shape(frames)
+  shrink = tf.maximum(tf.cast(shape[1], tf.float32) / tf.cast(size[0], tf.float32),
+                      tf.cast(shape[2], tf.float32) / tf.cast(size[1], tf.float32))
+
+  def with_antialias(antialias):
+    return lambda: tf.image.resize(frames, size, method='bilinear', antialias=antialias)
+
+  resized = tf.cond(shrink > ANTIALIAS_ABOVE, with_antialias(True), with_antialias(False))
+  return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 
 
 def random_crop_window(frame_shape: tf.Tensor, crop_size: int, min_area: float,
@@ -144,8 +162,7 @@ def crop_and_resize(frames: tf.Tensor, window: tf.Tensor, crop_size: int) -> tf.
   crop = frames[:, window[0]:window[0] + window[2], window[1]:window[1] + window[3], :]
 
   def resize():
-    resized = tf.image.resize(crop, [crop_size, crop_size], method='bilinear', antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+    return resize_bilinear(crop, tf.constant([crop_size, crop_size]))
 
   same = tf.logical_and(tf.equal(window[2], crop_size), tf.equal(window[3], crop_size))
   out = tf.cond(same, lambda: crop, resize)

@@ -1,0 +1,302 @@
+"""UCF101 TFDS records built offline from a local UCF101 copy (no downloads).
+
+Two builders, both with the stock TFDS `ucf101` configs (ucf101_1_256, ucf101_1/2/3):
+
+- `LocalUcf101` (name `ucf101`): byte-for-byte the stock TFDS features, so records it writes are
+  read by the stock reader (`tfds.builder('ucf101/ucf101_1_256', data_dir=...)`).
+- `Ucf101Meta` (name `ucf101_meta`): the stock features plus per-video metadata:
+  'name' (e.g. 'v_ApplyEyeMakeup_g08_c01'), 'group' (8), 'clip' (1), 'num_frames', 'fps'.
+  Its metadata.json holds the number of videos per (split, group), so the trainer can hold out
+  whole groups (people) for validation without reading the records. Read it with
+  `config.dataset.name = 'ucf101_meta/ucf101_1_256'`.
+
+The source is what users have: the extracted official `UCF-101/<Class>/*.avi` (from UCF101.rar)
+or the flat `UCF101/*.avi` (from the TFDS zip), plus `ucfTrainTestlist/`; or the zip files
+themselves (`UCF101_videos.zip`, `UCF101TrainTestSplits-RecognitionTask.zip`), read in place.
+"""
+
+import dataclasses
+import io
+import os
+import re
+import shutil
+import zipfile
+from typing import Optional, Union
+
+from absl import logging
+import numpy as np
+import tensorflow_datasets as tfds
+from tensorflow_datasets.video import ucf101 as tfds_ucf101
+
+CONFIG_NAMES = tuple(c.name for c in tfds_ucf101.Ucf101.BUILDER_CONFIGS)
+LIST_DIR = 'ucfTrainTestlist'
+VIDEO_DIRS = ('UCF-101', 'UCF101')
+GROUP_COUNTS_KEY = 'group_counts'
+_NAME_RE = re.compile(r'v_(?P<cls>\w+?)_g(?P<group>\d+)_c(?P<clip>\d+)')
+_QUIRK = ('HandStandPushups', 'HandstandPushups')
+
+
+class SourceError(ValueError):
+  """The UCF101 source copy is missing, incomplete or in an unknown layout."""
+
+
+class FfmpegMissingError(RuntimeError):
+  """ffmpeg, which TFDS uses to extract frames, is not installed."""
+
+
+def check_ffmpeg() -> str:
+  """Returns the path of ffmpeg, or raises FfmpegMissingError with install advice."""
+  path = shutil.which('ffmpeg')
+  if not path:
+    raise FfmpegMissingError(
+        'ffmpeg was not found on PATH; TFDS needs it to extract the video frames. Install it: '
+        "'sudo apt-get install -y ffmpeg' (Debian/Ubuntu), 'brew install ffmpeg' (macOS) or "
+        "'conda install -c conda-forge ffmpeg', then rerun.")
+  return path
+
+
+def parse_video_name(name: str) -> dict:
+  """'v_ApplyEyeMakeup_g08_c01[.avi]' -> {'name', 'group': 8, 'clip': 1}."""
+  stem = os.path.splitext(os.path.basename(name))[0]
+  match = _NAME_RE.fullmatch(stem)
+  if not match:
+    raise SourceError(f'Video name {name!r} does not follow the UCF101 v_<Class>_gNN_cNN pattern.')
+  return {'name': stem, 'group': int(match['group']), 'clip': int(match['clip'])}
+
+
+def _video_key(file_name: str) -> str:
+  """Matching key of a video file name: both HandstandPushups spellings map to one key."""
+  return os.path.basename(file_name).replace(*_QUIRK)
+
+
+class UcfSource:
+  """A local UCF101 copy: split lists and videos, from folders or zip files.
+
+  Args:
+    paths: folders and/or zip files. A folder may hold `ucfTrainTestlist/` and `UCF-101/` (or
+      `UCF101/`), or the two zip files, or be one of those folders itself.
+  """
+
+  def __init__(self, paths: Union[str, list[str]]):
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    self._lists: dict[str, str] = {}  # list file name -> text
+    self._videos: dict[str, tuple[Optional[zipfile.ZipFile], str]] = {}  # key -> (zip, path)
+    for path in paths:
+      self._add(os.path.expanduser(path))
+    self.description = ', '.join(paths)
+    if not self._lists:
+      raise SourceError(
+          f'No UCF101 split lists ({LIST_DIR}/trainlist01.txt ...) found in {self.description}. '
+          'Pass the folder holding the extracted UCF101 and ucfTrainTestlist folders, or the zip '
+          'files UCF101_videos.zip and UCF101TrainTestSplits-RecognitionTask.zip.')
+    if not self._videos:
+      raise SourceError(
+          f'No UCF101 .avi videos found in {self.description}. Expected UCF-101/<Class>/*.avi '
+          '(extracted from UCF101.rar, e.g. `unrar x UCF101.rar`), UCF101/*.avi or '
+          'UCF101_videos.zip.')
+
+  def _add(self, path: str):
+    if not os.path.exists(path):
+      raise SourceError(f'UCF101 source {path!r} does not exist.')
+    if os.path.isfile(path):
+      if path.lower().endswith('.rar'):
+        raise SourceError(f'{path!r} is a rar archive; extract it first (`unrar x {path}`) and '
+                          'pass the extracted folder.')
+      if not zipfile.is_zipfile(path):
+        raise SourceError(f'{path!r} is neither a folder nor a zip file.')
+      self._add_zip(zipfile.ZipFile(path))
+      return
+    for root, _, files in os.walk(path, followlinks=True):
+      for f in files:
+        full = os.path.join(root, f)
+        if os.path.basename(root) == LIST_DIR and f.endswith('.txt'):
+          with open(full, encoding='utf-8') as fh:
+            self._lists[f] = fh.read()
+        elif f.lower().endswith('.avi'):
+          self._videos[_video_key(f)] = (None, full)
+        elif f.lower().endswith('.zip') and zipfile.is_zipfile(full):
+          self._add_zip(zipfile.ZipFile(full))
+
+  def _add_zip(self, archive: zipfile.ZipFile):
+    for info in archive.infolist():
+      name = info.filename
+      if name.endswith('.txt') and os.path.basename(os.path.dirname(name)) == LIST_DIR:
+        self._lists[os.path.basename(name)] = archive.read(name).decode('utf-8')
+      elif name.lower().endswith('.avi'):
+        self._videos[_video_key(name)] = (archive, name)
+
+  def class_names(self) -> list[str]:
+    """Class names in classInd.txt order."""
+    text = self._lists.get('classInd.txt', '')
+    return [line.split()[1] for line in text.splitlines() if line.strip()]
+
+  def entries(self, list_name: str) -> list[tuple[str, str]]:
+    """(class name, video file name) of every line of a split list, e.g. 'trainlist01.txt'."""
+    if list_name not in self._lists:
+      raise SourceError(f'Split list {LIST_DIR}/{list_name} missing from {self.description}; '
+                        f'found {sorted(self._lists)}.')
+    out = []
+    for line in self._lists[list_name].splitlines():
+      if line.strip():
+        class_dir, file_name = os.path.split(line.split()[0])
+        out.append((class_dir, file_name))
+    return out
+
+  def has_video(self, file_name: str) -> bool:
+    return _video_key(file_name) in self._videos
+
+  def video(self, file_name: str) -> Union[str, bytes]:
+    """A path of the video, or its bytes when it lives in a zip."""
+    archive, path = self._videos[_video_key(file_name)]
+    return path if archive is None else archive.read(path)
+
+
+def _list_names(split_number: int) -> dict[str, str]:
+  return {'train': f'trainlist{split_number:02d}.txt', 'test': f'testlist{split_number:02d}.txt'}
+
+
+class LocalUcf101(tfds_ucf101.Ucf101, skip_registration=True):
+  """Stock TFDS `ucf101` (same name, configs, features), generated from a `UcfSource`."""
+
+  name = 'ucf101'
+
+  def __init__(self, *, source: Optional[UcfSource] = None, allow_missing: bool = False,
+               **kwargs):
+    self._source = source
+    self._allow_missing = allow_missing
+    super().__init__(**kwargs)
+
+  def _available_entries(self, split: str) -> list[tuple[str, str]]:
+    list_name = _list_names(self.builder_config.split_number)[split]
+    entries = self._source.entries(list_name)
+    missing = [f for _, f in entries if not self._source.has_video(f)]
+    if missing:
+      message = (f'{len(missing)} of {len(entries)} videos listed in {LIST_DIR}/{list_name} are '
+                 f'missing from {self._source.description}, e.g. {missing[:3]}.')
+      if not self._allow_missing:
+        raise SourceError(message + ' Fix the copy, or pass --allow_missing to build without them.')
+      logging.warning('%s Building without them (--allow_missing).', message)
+    return [(c, f) for c, f in entries if self._source.has_video(f)]
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Never downloads: everything comes from the local source.
+    if self._source is None:
+      raise SourceError('LocalUcf101 needs source=UcfSource(...) to generate records.')
+    return {split: self._generate_examples(entries=self._available_entries(split))
+            for split in ('train', 'test')}
+
+  def _example(self, class_name: str, file_name: str) -> dict:
+    return {'video': self._source.video(file_name), 'label': class_name}
+
+  def _generate_examples(self, entries):  # pytype: disable=signature-mismatch
+    for class_name, file_name in sorted(entries):
+      # The stock key: the file name with the zip's HandstandPushups spelling.
+      yield _video_key(file_name), self._example(class_name, file_name)
+
+
+def _probe(video: Union[str, bytes]) -> tuple[int, float]:
+  """(number of frames, frames per second) of a video file, decoded with PyAV."""
+  import av  # pylint: disable=g-import-not-at-top
+  with av.open(io.BytesIO(video) if isinstance(video, bytes) else video) as container:
+    stream = container.streams.video[0]
+    fps = float(stream.average_rate or stream.guessed_rate or 0)
+    num_frames = sum(1 for _ in container.decode(stream))
+  return num_frames, fps
+
+
+class Ucf101Meta(LocalUcf101, skip_registration=True):
+  """`ucf101` plus 'name', 'group', 'clip', 'num_frames' (source video) and 'fps' features."""
+
+  name = 'ucf101_meta'
+
+  def _info(self):
+    stock = super()._info()
+    features = dict(stock.features)
+    features.update({
+        'name': tfds.features.Text(),
+        'group': tfds.features.Scalar(np.int32),
+        'clip': tfds.features.Scalar(np.int32),
+        'num_frames': tfds.features.Scalar(np.int32),
+        'fps': tfds.features.Scalar(np.float32),
+    })
+    return tfds.core.DatasetInfo(
+        builder=self, description=stock.description + ' With video name, group, clip, frame '
+        'count and fps.', features=tfds.features.FeaturesDict(features),
+        homepage=stock.homepage, citation=stock.citation, metadata=tfds.core.MetadataDict())
+
+  def _split_generators(self, dl_manager):
+    generators = super()._split_generators(dl_manager)
+    counts = {}
+    for split in generators:
+      per_group = {}
+      for _, f in self._available_entries(split):
+        group = parse_video_name(f)['group']
+        per_group[str(group)] = per_group.get(str(group), 0) + 1
+      counts[split] = dict(sorted(per_group.items(), key=lambda kv: int(kv[0])))
+    self.info.metadata[GROUP_COUNTS_KEY] = counts
+    return generators
+
+  def _example(self, class_name: str, file_name: str) -> dict:
+    example = super()._example(class_name, file_name)
+    num_frames, fps = _probe(example['video'])
+    example.update(parse_video_name(file_name))
+    example.update({'num_frames': num_frames, 'fps': fps})
+    return example
+
+
+BUILDERS = {'ucf101': LocalUcf101, 'ucf101_meta': Ucf101Meta}
+
+
+def remove_stale_incomplete_dirs(builder) -> list[str]:
+  """Deletes `incomplete.*` dirs that an interrupted earlier run left next to the version dir."""
+  parent = os.path.dirname(os.fspath(builder.data_path).rstrip('/'))
+  if not os.path.isdir(parent):
+    return []
+  stale = [os.path.join(parent, d) for d in os.listdir(parent)
+           if d.startswith('incomplete.') and d.endswith('_' + str(builder.version))]
+  for d in stale:
+    logging.warning('Removing %s, left by an interrupted earlier run.', d)
+    shutil.rmtree(d, ignore_errors=True)
+  return stale
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareResult:
+  name: str  # e.g. 'ucf101/ucf101_1_256'
+  data_dir: str  # The version dir holding the records.
+  split_sizes: dict
+  reused: bool  # True when the records were already complete.
+
+
+def prepare(source: Union[str, list[str]], data_dir: str, config: str = 'ucf101_1_256', *,
+            variant: str = 'ucf101', allow_missing: bool = False) -> PrepareResult:
+  """Builds TFDS UCF101 records from a local copy into `data_dir` (idempotent, interrupt-safe).
+
+  TFDS writes into a sibling `incomplete.*` dir and renames it only once every split is written,
+  so an interrupted run never leaves a readable partial dataset; rerunning starts that config over.
+  """
+  if config not in CONFIG_NAMES:
+    raise SourceError(f'Unknown UCF101 config {config!r}; use one of {CONFIG_NAMES}.')
+  if variant not in BUILDERS:
+    raise SourceError(f'Unknown variant {variant!r}; use one of {sorted(BUILDERS)}.')
+  data_dir = os.path.expanduser(data_dir)
+  probe = BUILDERS[variant](config=config, data_dir=data_dir)
+  if probe.is_prepared():
+    logging.info('%s is already prepared in %s; nothing to do.', probe.info.full_name,
+                 probe.data_dir)
+    return PrepareResult(f'{variant}/{config}', probe.data_dir, _sizes(probe), reused=True)
+  check_ffmpeg()
+  ucf_source = UcfSource(source)
+  builder = BUILDERS[variant](config=config, data_dir=data_dir, source=ucf_source,
+                              allow_missing=allow_missing)
+  remove_stale_incomplete_dirs(builder)
+  logging.info('Building %s from %s into %s (ffmpeg extracts every frame; the full UCF101 takes '
+               'hours on one machine).', builder.info.full_name, ucf_source.description,
+               builder.data_dir)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  return PrepareResult(f'{variant}/{config}', builder.data_dir, _sizes(builder), reused=False)
+
+
+def _sizes(builder) -> dict:
+  return {k: v.num_examples for k, v in builder.info.splits.items()}

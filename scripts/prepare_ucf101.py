@@ -1,0 +1,58 @@
+r"""Builds TFDS UCF101 records from a UCF101 copy you already have. Downloads nothing.
+
+  python scripts/prepare_ucf101.py --source ~/data/ucf101 --data_dir ~/tensorflow_datasets \
+      --config ucf101_1_256
+
+--source: a folder holding the extracted `UCF-101/` (from UCF101.rar; or `UCF101/` from the TFDS
+zip) and `ucfTrainTestlist/` (from UCF101TrainTestSplits-RecognitionTask.zip), or a folder holding
+those zip files, or the zip files themselves (comma separated). Zips are read in place.
+
+--config: ucf101_1_256 (frames scaled to 256x256, as har_jax's configs expect), ucf101_1, ucf101_2
+or ucf101_3 (full size), exactly as the stock TFDS configs.
+
+--variant ucf101 writes records the stock TFDS reader reads (`ucf101/<config>`); --variant
+ucf101_meta adds per-video 'name', 'group', 'clip', 'num_frames', 'fps' features and group counts,
+which lets config.dataset.val_split hold out whole UCF101 groups (`ucf101_meta/<config>`).
+
+Needs ffmpeg. TFDS shows progress bars per split. An interrupted run leaves no readable partial
+dataset (TFDS writes into an `incomplete.*` folder and renames it at the end); rerun the same
+command to start that config over. A finished dataset is detected and left alone.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from har_jax.data import ucf101
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list('source', None, 'UCF101 folder(s) and/or zip file(s).')
+flags.DEFINE_string('data_dir', None, 'TFDS data_dir to write into.')
+flags.DEFINE_list('config', ['ucf101_1_256'], f'One or more of {ucf101.CONFIG_NAMES}.')
+flags.DEFINE_enum('variant', 'ucf101', sorted(ucf101.BUILDERS), 'Which builder to write.')
+flags.DEFINE_bool('allow_missing', False,
+                  'Build without videos that the split lists name but the copy lacks.')
+flags.mark_flags_as_required(['source', 'data_dir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.INFO)
+  try:
+    for config in FLAGS.config:
+      result = ucf101.prepare(FLAGS.source, FLAGS.data_dir, config, variant=FLAGS.variant,
+                              allow_missing=FLAGS.allow_missing)
+      verb = 'Already prepared' if result.reused else 'Prepared'
+      print(f'{verb} {result.name}: {result.split_sizes} in {result.data_dir}\n'
+            f'  train with --config.dataset.name={result.name} '
+            f'--config.dataset.data_dir={FLAGS.data_dir}', flush=True)
+  except (ucf101.SourceError, ucf101.FfmpegMissingError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)
