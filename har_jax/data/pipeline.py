@@ -186,20 +186,42 @@ def _count_and_drop_invalid(ds: tf.data.Dataset) -> tf.data.Dataset:
 
 
 def create_train_dataset(builder, config, *, local_batch: int, process_index: int = 0,
-                         process_count: int = 1) -> tf.data.Dataset:
-  """An infinite dataset of training batches for this process (bad examples skipped, counted)."""
+                         process_count: int = 1, start_step: int = 0) -> tf.data.Dataset:
+  """An infinite dataset of training batches for this process (bad examples skipped, counted).
+
+  With config.deterministic_data, every process reads the whole split in one seeded order and keeps
+  its slice of each global batch (decoding only that slice), and per-example augmentation seeds come
+  from the global example index. The global batch of step s is then a function of (seed, s) alone:
+  the same on 1 host x 4 devices as on 2 hosts x 2 devices, and after a resume on any topology.
+  `start_step` skips the records of earlier steps without decoding them.
+
+  Otherwise (the fast default) each process reads its own disjoint shard in a non-deterministic
+  order, and a resumed run (start_step > 0) gets a fresh shuffle.
+  """
   split = datasets.resolve_split(config.dataset, 'train')
   deterministic = bool(config.deterministic_data)
-  ds = read_examples(builder, split, config, process_index=process_index,
-                     process_count=process_count, shuffle=True, deterministic=deterministic)
+  global_batch = local_batch * process_count
+  if deterministic:
+    ds = read_examples(builder, split, config, process_index=0, process_count=1, shuffle=True,
+                       deterministic=True)
+    shuffle_seed = config.seed
+  else:
+    ds = read_examples(builder, split, config, process_index=process_index,
+                       process_count=process_count, shuffle=True, deterministic=False)
+    shuffle_seed = hash((config.seed, process_index, start_step)) % (2**31)
   ds = ds.map(lambda ex: {'video': ex['video'], 'label': ex['label'], 'tfds_id': ex['tfds_id']})
   if config.dataset.cache:
     ds = ds.cache()
   ds = ds.repeat()
-  ds = ds.shuffle(config.dataset.shuffle_buffer, seed=config.seed + process_index)
-  base_seed = tf.constant([config.seed, process_index], tf.int64)
-  ds = ds.enumerate().map(
-      lambda i, ex: (ex, tf.random.experimental.stateless_fold_in(base_seed, i)))
+  ds = ds.shuffle(config.dataset.shuffle_buffer, seed=shuffle_seed)
+  ds = ds.enumerate()
+  if deterministic:
+    ds = ds.skip(start_step * global_batch)
+    ds = ds.filter(lambda i, _: (i % global_batch) // local_batch == process_index)
+    base_seed = tf.constant([config.seed, 0], tf.int64)
+  else:
+    base_seed = tf.constant([shuffle_seed, process_index], tf.int64)
+  ds = ds.map(lambda i, ex: (ex, tf.random.experimental.stateless_fold_in(base_seed, i)))
   ds = guarded(ds, lambda ex, seed: preprocess_train(ex, seed, config), 'mark',
                num_parallel_calls=_num_parallel_calls(config.dataset),
                deterministic=deterministic)
