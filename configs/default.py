@@ -26,7 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.data_dir = ''  # '' -> TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR).
   config.dataset.train_split = 'train'
   config.dataset.eval_split = 'test'
-  # Fraction of train held out for periodic evaluation ('' or 0 -> periodic eval uses eval_split).
+  # Fraction of train held out for periodic evaluation (0 -> periodic eval uses eval_split). On
+  # 'ucf101_meta/...' records whole UCF101 groups (people) are held out; elsewhere a plain percentage.
   config.dataset.val_split = 0.0
   # Frames are decoded (JPEG downscaling where possible) and resized so the short side is this many
   # pixels, then cropped to image_size. 0 -> keep the stored size.
@@ -72,7 +73,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 32  # Global batch, across all devices and hosts.
   config.num_train_steps = 30_000
   config.seed = 0
+  # True: the data of every step is a function of (seed, step) alone, whatever the number of hosts
+  # and devices, so a resumed run is bitwise identical to an uninterrupted one (slower input).
   config.deterministic_data = False
+  config.skip_nonfinite_updates = False  # True: skip NaN/inf steps instead of stopping.
+  config.max_consecutive_nonfinite = 10  # With skipping: stop after this many bad steps in a row.
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 16  # Videos per eval batch (global); each video has clips x crops views.

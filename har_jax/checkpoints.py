@@ -2,19 +2,32 @@
 
 Each checkpoint holds two items:
   'state': the unreplicated TrainState as a state dict (params, opt_state, batch_stats, step, rng).
-  'meta':  JSON with the config, the class names and the dataset, so evaluation and prediction
-           need nothing but the checkpoint.
+  'meta':  JSON with the config, the class names, the dataset and a CRC-32 of every byte of the
+           state, so evaluation and prediction need nothing but the checkpoint, and a checkpoint
+           whose bytes changed on disk is detected (orbax itself restores garbled data silently).
 `<workdir>/config.json` and `<workdir>/class_names.json` are written beside it for people.
+
+Safety: orbax writes each checkpoint into a temporary folder and commits it by renaming, so a save
+cut short is never listed; old checkpoints are deleted only after a newer one is committed, and at
+least the two newest are kept. A committed checkpoint that cannot be read (or fails its CRC) is
+skipped by restore_latest, with the reason logged, and moved to `<workdir>/checkpoints_corrupt/`
+once an older one restores, so that training can write that step again.
 """
 
 import json
 import os
+import signal
+import threading
+import time
 from typing import Any, Optional
+import zlib
 
 from absl import logging
 import flax
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -22,12 +35,96 @@ BEST_METRIC = 'top1'
 # Config fields that change the parameter tree or the meaning of the outputs: a resume with any of
 # these changed is refused. Everything else (steps, eval cadence, learning rate...) may change.
 STRUCTURAL_FIELDS = ('model.encoder', 'model.lstm_size', 'model.num_lstm_layers',
-                     'model.temporal_pooling', 'model.preprocessing', 'num_classes',
-                     'dataset.name', 'optimizer')
+                     'model.temporal_pooling', 'model.preprocessing', 'model.encoder_kwargs',
+                     'num_classes', 'dataset.name', 'optimizer')
+CORRUPT_DIR = 'checkpoints_corrupt'
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be used, with the reason."""
+
+
+class ConfigMismatchError(CheckpointError):
+  """The checkpoint was written with a different model/dataset config (true of every checkpoint)."""
+
+
+class CorruptCheckpointError(CheckpointError):
+  """The checkpoint's bytes differ from those that were saved."""
+
+
+def _canonical(leaf) -> np.ndarray:
+  if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    leaf = jax.random.key_data(leaf)
+  array = np.asarray(jax.device_get(leaf))
+  if array.ndim == 0 and np.issubdtype(array.dtype, np.integer):
+    array = array.astype(np.int64)  # A counter may come back as a Python int (an int64).
+  return array
+
+
+def state_checksum(state_dict) -> str:
+  """CRC-32 (8 hex digits) over the paths, dtypes, shapes and bytes of every leaf of a state dict."""
+  crc = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state_dict)[0]:
+    array = _canonical(leaf)
+    crc = zlib.crc32(f'{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape};'.encode(), crc)
+    crc = zlib.crc32(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data, crc)
+  return f'{crc:08x}'
+
+
+class PreemptionNotice:
+  """Turns SIGTERM into one step at which every process saves a checkpoint and stops.
+
+  One process: a SIGTERM handler records the signal; `reached(step)` is True from the next step
+  on. Several processes: JAX's preemption sync service (started by jax.distributed.initialize)
+  picks a step that every process reaches; where it is off, the local flags are OR-ed across
+  processes at every step. Use as a context manager: the previous handler is restored on exit.
+  """
+
+  def __init__(self, initial_step: int, signals=(signal.SIGTERM,)):
+    self._signum = None
+    self._announced = False
+    self._previous = {}
+    self._use_service = False
+    if jax.process_count() > 1:
+      try:
+        multihost_utils.reached_preemption_sync_point(int(initial_step))
+        self._use_service = True
+      except RuntimeError:
+        pass
+    if self._use_service:
+      return
+    if threading.current_thread() is not threading.main_thread():
+      logging.warning('Not in the main thread: SIGTERM will not trigger a checkpoint.')
+      return
+    for signum in signals:
+      self._previous[signum] = signal.signal(signum, self._handle)
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self._signum = signum  # Only a flag: the training loop acts on it between steps.
+
+  def reached(self, step: int) -> bool:
+    """True when training should save a checkpoint at `step` and stop."""
+    if self._use_service:
+      return multihost_utils.reached_preemption_sync_point(int(step))
+    flag = self._signum is not None
+    if jax.process_count() > 1:
+      flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+    if flag and not self._announced:
+      self._announced = True
+      name = signal.Signals(self._signum).name if self._signum else 'a preemption notice'
+      logging.warning('Received %s: saving a checkpoint at step %d and stopping.', name, step)
+    return flag
+
+  def close(self):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
 
 
 def _get(tree: dict, dotted: str):
@@ -57,6 +154,7 @@ class CheckpointManager:
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, dataset_info,
                *, read_only: bool = False):
     self.workdir = os.path.abspath(workdir)
+    self.read_only = read_only
     self.directory = os.path.join(self.workdir, 'checkpoints')
     self.config = config
     self.class_names = list(dataset_info.class_names)
@@ -66,7 +164,8 @@ class CheckpointManager:
         'dataset': dataset_info.name,
         'num_classes': len(self.class_names),
     }
-    keep = max(1, int(config.get('keep_checkpoints', 3)))
+    # At least 2: the previous checkpoint must survive a newer save that fails to complete.
+    keep = max(2, int(config.get('keep_checkpoints', 3)))
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=keep),
         checkpoint_managers.BestN(get_metric_fn=_best_metric, n=1,
@@ -98,13 +197,19 @@ class CheckpointManager:
 
   def save(self, step: int, state, metrics: Optional[dict] = None, *, force: bool = False):
     """Starts an asynchronous save of an unreplicated state (all processes must call this)."""
-    meta = dict(self.meta, step=int(step))
+    state_dict = flax.serialization.to_state_dict(state)
+    meta = dict(self.meta, step=int(step), state_crc32=state_checksum(state_dict))
     self._manager.save(
         int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
-            meta=ocp.args.JsonSave(meta)),
+            state=ocp.args.StandardSave(state_dict), meta=ocp.args.JsonSave(meta)),
         metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()},
         force=force)
+
+  def save_now(self, step: int, state, metrics: Optional[dict] = None):
+    """Saves synchronously: returns once checkpoint `step` is committed (e.g. on preemption)."""
+    if step not in self.all_steps():
+      self.save(step, state, metrics, force=True)
+    self.wait_until_finished()
 
   def wait_until_finished(self):
     self._manager.wait_until_finished()
@@ -119,38 +224,72 @@ class CheckpointManager:
     problems = config_mismatches(meta.get('config', {}), self.config, len(self.class_names),
                                  meta.get('num_classes'))
     if problems:
-      raise CheckpointError(
+      raise ConfigMismatchError(
           f'Checkpoint {step} in {self.directory} was written with a different model/dataset '
           'config:\n  ' + '\n  '.join(problems) +
           '\nUse a new --workdir, or restore the original values of these fields.')
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
                             flax.serialization.to_state_dict(target))
     restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    return flax.serialization.from_state_dict(target, restored['state'])
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))['state']
+    expected = meta.get('state_crc32')
+    if expected is not None and state_checksum(restored) != expected:
+      raise CorruptCheckpointError(
+          f'Checkpoint {step} in {self.directory} is corrupt: the CRC-32 of its state is '
+          f'{state_checksum(restored)}, but {expected} was saved.')
+    return flax.serialization.from_state_dict(target, restored)
 
   def restore_latest(self, target):
     """Restores the newest checkpoint that can be read; returns `target` if there is none.
 
-    An unreadable or incomplete checkpoint is skipped with a logged reason, never deleted.
-    A config mismatch is an error (it would be an error for every checkpoint).
+    An unreadable, incomplete or corrupt checkpoint is skipped with a logged reason. Once an
+    older one restores, the skipped ones are moved to `<workdir>/checkpoints_corrupt/` (never
+    deleted), so that their steps can be saved again. A config mismatch is an error (it would be
+    an error for every checkpoint).
     """
+    failed = []
     for step in reversed(self.all_steps()):
       try:
         state = self.restore(step, target)
-      except CheckpointError:
+      except ConfigMismatchError:
         raise
       except Exception as e:  # pylint: disable=broad-except
-        logging.warning('Checkpoint %d in %s is unreadable (%s: %s); trying an older one.',
-                        step, self.directory, type(e).__name__, e)
+        reason = f'{type(e).__name__}: {str(e)[:500]}'
+        logging.warning('Checkpoint %d in %s is unusable (%s); trying an older one.',
+                        step, self.directory, reason)
+        failed.append((step, reason))
         continue
+      if failed:
+        self._quarantine([s for s, _ in failed])
       logging.info('Resumed from checkpoint at step %d in %s.', step, self.directory)
       return state
-    if self.all_steps():
-      raise CheckpointError(f'None of the checkpoints {self.all_steps()} in {self.directory} '
-                            'could be read (see the warnings above).')
+    if failed:
+      raise CheckpointError(
+          f'None of the checkpoints in {self.directory} could be read:\n  ' +
+          '\n  '.join(f'step {s}: {r}' for s, r in failed) +
+          '\nMove them away (or use a new --workdir) to start from scratch.')
     logging.info('No checkpoint in %s; starting from scratch.', self.directory)
     return target
+
+  def _quarantine(self, steps: list[int]):
+    """Moves unusable checkpoints to <workdir>/checkpoints_corrupt/<step>-<unix time>."""
+    if self.read_only:
+      return
+    if jax.process_index() == 0:
+      target_dir = os.path.join(self.workdir, CORRUPT_DIR)
+      os.makedirs(target_dir, exist_ok=True)
+      for step in steps:
+        source = os.path.join(self.directory, str(step))
+        if not os.path.isdir(source):
+          logging.warning('Cannot move unusable checkpoint %d aside: %s is not a folder.', step,
+                          source)
+          continue
+        destination = os.path.join(target_dir, f'{step}-{int(time.time())}')
+        os.rename(source, destination)
+        logging.warning('Moved unusable checkpoint %d to %s.', step, destination)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('har_jax_checkpoint_quarantine')
+    self._manager.reload()
 
   def close(self):
     self._manager.close()

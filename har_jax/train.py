@@ -17,10 +17,12 @@ import numpy as np
 import optax
 
 from har_jax import checkpoints
+from har_jax import config_validation
 from har_jax import eval_lib
 from har_jax import models
 from har_jax import optim
 from har_jax import parallel
+from har_jax import pretrained
 from har_jax.data import datasets
 from har_jax.data import pipeline
 
@@ -91,7 +93,9 @@ def train_step(state: TrainState, batch, *, model, learning_rate_fn, config):
     batch: {'video': [per_device_batch, T, H, W, 3] uint8, 'label': [per_device_batch] int32}.
 
   Returns:
-    (new_state, metrics) where metrics holds the gathered TrainMetrics and a 'finite' flag.
+    (new_state, metrics) where metrics holds the gathered TrainMetrics and 'finite': False when
+    the loss, the gradients or the updated params/BatchNorm statistics hold a NaN or an inf. With
+    config.skip_nonfinite_updates such a step leaves the state as it was (except the step).
   """
   step_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
                                 jax.lax.axis_index('batch'))
@@ -110,10 +114,14 @@ def train_step(state: TrainState, batch, *, model, learning_rate_fn, config):
   loss = jax.lax.pmean(loss, 'batch')
   # BatchNorm statistics are already synchronised by the BN axis_name; pmean guards against drift.
   new_batch_stats = jax.lax.pmean(new_batch_stats, 'batch')
+  new_batch_stats = optim.hold_frozen_encoder_batch_stats(state.step, state.batch_stats,
+                                                          new_batch_stats, config)
   new_state = state.apply_gradients(grads=grads, batch_stats=new_batch_stats)
   grad_norm = optax.global_norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(new_state.params)
+            & _all_finite(new_state.batch_stats))
   if config.get('skip_nonfinite_updates', False):
+    # Keep the old state (but count the step), so that the data position still advances.
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
                              state.replace(step=state.step + 1))
   step_metrics = TrainMetrics.gather_from_model_output(
@@ -123,6 +131,11 @@ def train_step(state: TrainState, batch, *, model, learning_rate_fn, config):
       update_norm=optax.global_norm(jax.tree.map(jnp.subtract, new_state.params, state.params)),
       learning_rate=learning_rate_fn(state.step))
   return new_state, {'metrics': step_metrics, 'finite': finite}
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def eval_step(state: TrainState, batch, *, model, shuffle_time: bool = False):
@@ -179,16 +192,78 @@ class _Throughput:
     return out
 
 
+class NonFiniteGuard:
+  """Acts on the per-step 'finite' flags, read one step late so the host never stalls the device.
+
+  Without config.skip_nonfinite_updates a non-finite step raises FloatingPointError naming it.
+  With it, the step was skipped on the device; this counts it and raises once
+  config.max_consecutive_nonfinite steps in a row were skipped.
+  """
+
+  def __init__(self, config):
+    self.skip = bool(config.get('skip_nonfinite_updates', False))
+    self.max_consecutive = int(config.get('max_consecutive_nonfinite', 10))
+    self.consecutive = 0
+    self.skipped = 0
+    self._pending = None
+
+  def push(self, step: int, finite):
+    """Records step `step`'s flag (a device array) and checks the previous one."""
+    previous, self._pending = self._pending, (step, finite)
+    if previous is not None:
+      self._check(*previous)
+
+  def flush(self):
+    """Checks the newest flag now (before a checkpoint or an evaluation uses the state)."""
+    if self._pending is not None:
+      self._check(*self._pending)
+      self._pending = None
+
+  def _check(self, step: int, finite):
+    if bool(np.all(jax.device_get(finite))):
+      self.consecutive = 0
+      return
+    if not self.skip:
+      raise FloatingPointError(
+          f'Non-finite loss, gradient or parameter at step {step}. No checkpoint of this state '
+          'was written. Lower config.learning_rate, enable config.grad_clip_norm, check the input '
+          'data, or set config.skip_nonfinite_updates=True to skip such steps.')
+    self.consecutive += 1
+    self.skipped += 1
+    logging.warning('Skipped the update of step %d: non-finite loss, gradient or parameter '
+                    '(%d in a row, %d in this run).', step, self.consecutive, self.skipped)
+    if self.consecutive >= self.max_consecutive:
+      raise FloatingPointError(
+          f'{self.consecutive} consecutive non-finite steps up to step {step} '
+          f'(config.max_consecutive_nonfinite={self.max_consecutive}); stopping. No checkpoint '
+          'holds a non-finite state. Lower config.learning_rate or check the input data.')
+
+
+def replicate_state(state):
+  """Copies an unreplicated state to every local device with the sharding pmap outputs have.
+
+  (flax's replicate uses another mesh axis name, which makes the first train step compile twice.)
+  """
+  sharding = pipeline.local_device_sharding()
+  n = jax.local_device_count()
+  return jax.tree.map(
+      lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), sharding),
+      state)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from `workdir` if it holds checkpoints), evaluating periodically and at the end.
 
+  On SIGTERM, finishes the current step, saves a checkpoint synchronously and returns {}; the same
+  call resumes from it. With config.deterministic_data, a resumed run reads exactly the batches
+  an uninterrupted run would have (and ends with bitwise identical params on CPU).
+
   Returns:
-    The final evaluation metrics (on config.dataset.eval_split).
+    The final evaluation metrics (on config.dataset.eval_split), or {} when preempted.
   """
+  config_validation.validate(config)
   builder = datasets.get_builder(config.dataset)
   info = datasets.get_info(builder)
-  global_batch_check(config.batch_size, jax.device_count())
-  global_batch_check(config.eval.batch_size, jax.device_count(), 'config.eval.batch_size')
   local_batch = config.batch_size // jax.process_count()
   logging.info('Dataset %s: %d classes, splits %s', info.name, info.num_classes, info.split_sizes)
 
@@ -198,9 +273,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   manager = checkpoints.CheckpointManager(workdir, config, info)
   state = manager.restore_latest(state)
   initial_step = int(state.step)
+  if initial_step == 0 and config.model.get('encoder_init', ''):
+    state = pretrained.load_encoder_into_state(state, config.model.encoder_init,
+                                               model_config=config.model)
+    logging.info('Initialised the encoder from %s.', config.model.encoder_init)
   if initial_step >= config.num_train_steps:
     logging.info('Checkpoint is at step %d >= num_train_steps; only evaluating.', initial_step)
-  state = parallel.replicate(state)
+  state = replicate_state(state)
 
   model = build_model(config, info.num_classes, bn_axis_name='batch')
   p_train_step = jax.pmap(
@@ -215,42 +294,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                     writer=writer)
   train_ds = pipeline.create_train_dataset(
       builder, config, local_batch=local_batch, process_index=jax.process_index(),
-      process_count=jax.process_count())
-  if config.deterministic_data and initial_step:
-    train_ds = train_ds.skip(initial_step)
+      process_count=jax.process_count(), start_step=initial_step)
   train_iter = pipeline.device_iterator(train_ds)
   val_split = datasets.resolve_split(config.dataset, 'val')
 
   throughput = _Throughput(config.batch_size)
-  pending, metric_list, eval_metrics = None, [], None
+  guard = NonFiniteGuard(config)
+  metric_list, eval_metrics, host_batch = [], None, {}
   logging.info('Training from step %d to %d.', initial_step, config.num_train_steps)
-  for step in range(initial_step + 1, config.num_train_steps + 1):
-    with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      t0 = time.perf_counter()
-      batch, _ = next(train_iter)
-      throughput.wait += time.perf_counter() - t0
-      state, out = p_train_step(state, batch)
-      throughput.steps += 1
-    if pending is not None:
-      _check_finite(*pending)
-    pending = (step, out['finite'])
-    metric_list.append(out['metrics'])
-    report_progress(step)
-    is_last = step == config.num_train_steps
-    if step % config.log_every_steps == 0 or is_last:
-      _write_train_metrics(writer, step, parallel.unreplicate(metric_list),
-                           throughput.summary())
-      metric_list = []
-    eval_metrics = None
-    if step % config.eval_every_steps == 0 or is_last:
-      _check_finite(*pending)
-      with report_progress.timed('eval'):
-        eval_metrics = run_periodic_eval(p_eval_step, state, builder, config, val_split, info)
-      writer.write_scalars(step, {f'val/{k}': v for k, v in eval_metrics.items()})
-    if step % config.checkpoint_every_steps == 0 or eval_metrics is not None:
-      _check_finite(*pending)
-      with report_progress.timed('checkpoint'):
-        manager.save(step, parallel.unreplicate(state), eval_metrics)
+  with checkpoints.PreemptionNotice(initial_step) as preemption:
+    for step in range(initial_step + 1, config.num_train_steps + 1):
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        t0 = time.perf_counter()
+        batch, host_batch = next(train_iter)
+        throughput.wait += time.perf_counter() - t0
+        state, out = p_train_step(state, batch)
+        throughput.steps += 1
+      guard.push(step, out['finite'])
+      metric_list.append(out['metrics'])
+      report_progress(step)
+      preempted = preemption.reached(step)
+      is_last = step == config.num_train_steps
+      if step % config.log_every_steps == 0 or is_last or preempted:
+        _write_train_metrics(writer, step, parallel.unreplicate(metric_list),
+                             dict(throughput.summary(), **_health(guard, host_batch)))
+        metric_list = []
+      eval_metrics = None
+      if (step % config.eval_every_steps == 0 or is_last) and not preempted:
+        guard.flush()
+        with report_progress.timed('eval'):
+          eval_metrics = run_periodic_eval(p_eval_step, state, builder, config, val_split, info)
+        writer.write_scalars(step, {f'val/{k}': v for k, v in eval_metrics.items()})
+      if step % config.checkpoint_every_steps == 0 or eval_metrics is not None or preempted:
+        guard.flush()
+        save = manager.save_now if preempted else manager.save  # save_now: synchronous.
+        with report_progress.timed('checkpoint'):
+          save(step, parallel.unreplicate(state), eval_metrics)
+      if preempted:
+        writer.flush()
+        logging.warning('Preempted: saved checkpoint %d in %s; run the same command to resume.',
+                        step, manager.directory)
+        return {}
+  guard.flush()
   manager.wait_until_finished()
 
   if (val_split == config.dataset.eval_split and not config.eval.num_periodic_videos
@@ -268,11 +353,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return final
 
 
-def _check_finite(step: int, finite):
-  if not bool(np.all(jax.device_get(finite))):
-    raise FloatingPointError(
-        f'Non-finite loss or gradient at step {step}. No checkpoint of this state was written. '
-        'Lower config.learning_rate, enable config.grad_clip_norm, or check the input data.')
+def _health(guard: NonFiniteGuard, host_batch: dict) -> dict:
+  """Skipped non-finite steps and skipped bad examples, for the train summaries."""
+  out = {'train/skipped_nonfinite_steps': guard.skipped}
+  if 'num_skipped' in host_batch:
+    out['data/skipped_examples'] = int(np.max(host_batch['num_skipped']))
+  return out
 
 
 def run_periodic_eval(p_eval_step, state, builder, config, split: str, info,

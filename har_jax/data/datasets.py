@@ -9,6 +9,7 @@ from absl import logging
 import tensorflow_datasets as tfds
 
 from har_jax.data import synthetic_actions  # Defines (and so registers) the TFDS builder.
+from har_jax.data import video_folder
 
 SYNTHETIC_NAME = 'synthetic_actions'
 # Datasets whose records carry a 'group' feature and metadata.json 'group_counts' (see ucf101.py).
@@ -55,12 +56,18 @@ def get_builder(dataset_config) -> tfds.core.DatasetBuilder:
         f"'{base}/<config>' with <config> one of {UCF101_CONFIGS}.")
   if base in GROUPED_DATASETS:
     return _prepared_grouped_builder(dataset_config, base, config_name)
+  if base == video_folder.NAME:
+    try:
+      return video_folder.load(data_dir or _default_data_dir(), config_name)
+    except video_folder.VideoFolderError as e:
+      raise DatasetError(str(e)) from None
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DatasetError(
         f'Unknown dataset {name!r} in config.dataset.name. Use {SYNTHETIC_NAME!r}, '
-        f"'ucf101/<config>' (ucf101_1_256, ucf101_1, ucf101_2, ucf101_3) or another TFDS video "
+        f"'ucf101/<config>' (ucf101_1_256, ucf101_1, ucf101_2, ucf101_3), "
+        f"'video_folder/<name>' (scripts/prepare_video_folder.py) or another TFDS video "
         f'dataset. ({e})') from None
   except ValueError as e:  # Unknown builder config, e.g. 'ucf101/ucf101_9'.
     raise DatasetError(f'Bad config.dataset.name {name!r}: {e}') from None

@@ -1,0 +1,180 @@
+"""Config validation: every impossible value is reported at once, before any compute.
+
+  config_validation.validate(config)  # ConfigError listing each bad field and why.
+
+Checks field types and ranges, names (encoder, optimizer, pooling, dataset...), the global batch
+against the device count, and the crop size against the frames stored in the dataset.
+"""
+
+import math
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from har_jax import models
+from har_jax import optim
+from har_jax.data import datasets
+from har_jax.models import lrcn
+
+DTYPES = ('float32', 'bfloat16', 'float16')
+SHORT_VIDEO_MODES = ('loop', 'pad')
+_POSITIVE_INTS = ('num_frames', 'frame_stride', 'image_size', 'batch_size', 'num_train_steps',
+                  'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
+                  'keep_checkpoints', 'eval.batch_size', 'eval.num_clips', 'eval.num_crops',
+                  'max_consecutive_nonfinite')
+_NON_NEGATIVE_INTS = ('warmup_steps', 'dataset.resize_size', 'eval.num_periodic_videos')
+
+
+class ConfigError(ValueError):
+  """A config with impossible values; the message lists every bad field."""
+
+
+def _get(config, dotted: str, default: Any = None) -> Any:
+  node = config
+  for part in dotted.split('.'):
+    if not hasattr(node, 'get') or part not in node:
+      return default
+    node = node[part]
+  return node
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+
+
+def _range_problems(config) -> list[str]:
+  """Counts that must be positive integers, rates and fractions that must lie in a range."""
+  problems = []
+  for name in _POSITIVE_INTS:
+    value = _get(config, name)
+    if value is not None and (not _is_int(value) or value <= 0):
+      problems.append(f'{name}={value!r}: must be a positive integer.')
+  for name in _NON_NEGATIVE_INTS:
+    value = _get(config, name)
+    if value is not None and (not _is_int(value) or value < 0):
+      problems.append(f'{name}={value!r}: must be an integer >= 0.')
+  # (name, low, high, low_inclusive, high_inclusive)
+  intervals = (('learning_rate', 0.0, math.inf, False, False),
+               ('weight_decay', 0.0, math.inf, True, False),
+               ('momentum', 0.0, 1.0, True, False),
+               ('grad_clip_norm', 0.0, math.inf, True, False),
+               ('label_smoothing', 0.0, 1.0, True, False),
+               ('model.dropout_rate', 0.0, 1.0, True, False),
+               ('augment.min_area', 0.0, 1.0, False, True),
+               ('augment.max_aspect_ratio', 1.0, math.inf, True, False),
+               ('dataset.val_split', 0.0, 1.0, True, False))
+  for name, low, high, low_in, high_in in intervals:
+    value = _get(config, name)
+    if value is None or (value == '' and name == 'dataset.val_split'):
+      continue
+    ok = _is_number(value) and math.isfinite(value) and (
+        (value >= low if low_in else value > low) and (value <= high if high_in else value < high))
+    if not ok:
+      lo, hi = ('[' if low_in else '('), (']' if high_in else ')')
+      problems.append(f'{name}={value!r}: must be a finite number in {lo}{low}, {high}{hi}.')
+  return problems
+
+
+def _choice_problems(config) -> list[str]:
+  """Names that must be one of a known set."""
+  choices = (('model.encoder', tuple(sorted(models.ENCODERS))),
+             ('optimizer', optim.OPTIMIZERS),
+             ('model.temporal_pooling', lrcn.TEMPORAL_POOLINGS),
+             ('model.preprocessing', tuple(sorted(models.PREPROCESSING))),
+             ('dtype', DTYPES),
+             ('dataset.short_video', SHORT_VIDEO_MODES))
+  problems = []
+  for name, valid in choices:
+    value = _get(config, name)
+    if value is not None and value not in valid:
+      problems.append(f'{name}={value!r}: unknown; use one of {list(valid)}.')
+  return problems
+
+
+def _device_problems(config, num_devices: int, mode: str) -> list[str]:
+  problems = []
+  names = ('batch_size', 'eval.batch_size') if mode == 'train' else ('eval.batch_size',)
+  for name in names:
+    value = _get(config, name)
+    if _is_int(value) and value > 0 and value % num_devices:
+      suggestion = max(num_devices, value - value % num_devices)
+      problems.append(
+          f'{name}={value}: must be a multiple of the global device count {num_devices} '
+          f'({jax.process_count()} processes x {jax.local_device_count()} local devices); '
+          f'try {suggestion}.')
+  return problems
+
+
+def stored_frame_size(builder) -> tuple[int, int]:
+  """(height, width) in pixels of the frames stored in a TFDS video dataset.
+
+  Read from the builder's features; where they leave it open, from the first training record.
+  """
+  shape = tuple(builder.info.features['video'].shape)
+  if len(shape) == 4 and shape[1] and shape[2]:
+    return int(shape[1]), int(shape[2])
+  split = sorted(builder.info.splits.keys())[0]
+  for example in builder.as_dataset(split=split).take(1):
+    frames = example['video']
+    return int(frames.shape[1]), int(frames.shape[2])
+  raise datasets.DatasetError(f'Dataset {builder.info.full_name!r} has no records to read.')
+
+
+def _crop_problems(config, frame_size: tuple[int, int]) -> list[str]:
+  image_size, resize_size = _get(config, 'image_size'), _get(config, 'dataset.resize_size')
+  if not (_is_int(image_size) and _is_int(resize_size)) or image_size <= 0 or resize_size < 0:
+    return []  # Already reported as a range problem.
+  short_side = resize_size if resize_size > 0 else min(frame_size)
+  if image_size <= short_side:
+    return []
+  if resize_size > 0:
+    return [f'image_size={image_size}: larger than the frames after resizing '
+            f'(dataset.resize_size={resize_size}); use image_size <= {resize_size} or raise '
+            'dataset.resize_size.']
+  return [f'image_size={image_size}: larger than the stored frames '
+          f'({frame_size[0]}x{frame_size[1]} in {config.dataset.name!r}); use image_size <= '
+          f'{short_side}.']
+
+
+def _dataset_problems(config) -> tuple[list[str], Optional[Any]]:
+  try:
+    builder = datasets.get_builder(config.dataset)
+    datasets.get_info(builder)
+  except datasets.DatasetError as e:
+    return [f'dataset.name={_get(config, "dataset.name")!r}: {e}'], None
+  return [], builder
+
+
+def find_problems(config: ml_collections.ConfigDict, *, num_devices: Optional[int] = None,
+                  mode: str = 'train', check_dataset: bool = True) -> list[str]:
+  """Every problem of `config`, one line each naming the field (empty if it is fine).
+
+  Args:
+    num_devices: the global device count batches must divide (default: jax.device_count()).
+    mode: 'train' checks the train and eval batches; 'eval' only the eval batch.
+    check_dataset: resolve config.dataset (prepares the built-in synthetic set on first use) and
+      check the crop against the stored frames.
+  """
+  problems = _range_problems(config) + _choice_problems(config)
+  problems += _device_problems(config, num_devices or jax.device_count(), mode)
+  if check_dataset:
+    dataset_problems, builder = _dataset_problems(config)
+    problems += dataset_problems
+    if builder is not None:
+      problems += _crop_problems(config, stored_frame_size(builder))
+  return problems
+
+
+def validate(config: ml_collections.ConfigDict, **kwargs) -> None:
+  """Raises ConfigError listing every bad field of `config`; see find_problems for kwargs."""
+  problems = find_problems(config, **kwargs)
+  if problems:
+    raise ConfigError(f'The config has {len(problems)} invalid value(s):\n  ' +
+                      '\n  '.join(problems) +
+                      '\nFix them in the config file or with --config.<field>=<value>.')

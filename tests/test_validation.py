@@ -1,0 +1,72 @@
+"""Config validation: every impossible value is rejected, at once, naming the field."""
+
+import os
+
+import jax
+import pytest
+
+from har_jax import config_validation
+from har_jax import train
+from har_jax.data import datasets
+
+# (overrides, text the message must hold). The tiny dataset stores 32x32 frames; 4 devices.
+BAD_VALUES = [
+    ({'num_frames': 0}, 'num_frames=0'),
+    ({'num_frames': -3}, 'num_frames=-3'),
+    ({'num_train_steps': 0}, 'num_train_steps=0'),
+    ({'batch_size': -8}, 'batch_size=-8'),
+    ({'eval.batch_size': 0}, 'eval.batch_size=0'),
+    ({'frame_stride': 0}, 'frame_stride=0'),
+    ({'image_size': 40, 'dataset.resize_size': 0}, 'image_size=40: larger than the stored frames'),
+    ({'image_size': 28, 'dataset.resize_size': 24}, 'image_size=28: larger than the frames after'),
+    ({'model.encoder': 'resnet7'}, "model.encoder='resnet7': unknown"),
+    ({'optimizer': 'lion'}, "optimizer='lion': unknown"),
+    ({'dataset.name': 'no_such_dataset'}, "dataset.name='no_such_dataset'"),
+    ({'batch_size': 6}, 'batch_size=6: must be a multiple of the global device count 4'),
+    ({'eval.batch_size': 10}, 'eval.batch_size=10: must be a multiple'),
+    ({'learning_rate': 0.0}, 'learning_rate=0.0'),
+    ({'model.temporal_pooling': 'max'}, "model.temporal_pooling='max': unknown"),
+    ({'augment.min_area': 0.0}, 'augment.min_area=0.0'),
+]
+
+
+def test_tiny_config_is_valid(tiny_config):
+  assert config_validation.find_problems(tiny_config()) == []
+
+
+@pytest.mark.parametrize('overrides,expected', BAD_VALUES)
+def test_each_bad_value_is_named(tiny_config, overrides, expected):
+  with pytest.raises(config_validation.ConfigError) as error:
+    config_validation.validate(tiny_config(**overrides))
+  assert expected in str(error.value)
+  assert 'invalid value' in str(error.value)
+
+
+def test_every_bad_field_is_listed_in_one_message(tiny_config):
+  config = tiny_config(num_frames=0, num_train_steps=-1, batch_size=6, image_size=64,
+                       **{'dataset.resize_size': 0, 'model.encoder': 'vgg', 'optimizer': 'rmsprop'})
+  with pytest.raises(config_validation.ConfigError) as error:
+    config_validation.validate(config)
+  message = str(error.value)
+  for name in ('num_frames=0', 'num_train_steps=-1', 'batch_size=6', 'image_size=64',
+               "model.encoder='vgg'", "optimizer='rmsprop'"):
+    assert name in message
+  assert 'has 6 invalid value(s)' in message
+
+
+def test_eval_mode_ignores_the_train_batch(tiny_config):
+  config = tiny_config(batch_size=6)
+  assert config_validation.find_problems(config, mode='eval') == []
+  assert config_validation.find_problems(config, num_devices=2) == []
+
+
+def test_stored_frame_size_of_the_tiny_dataset(tiny_config):
+  builder = datasets.get_builder(tiny_config().dataset)
+  assert config_validation.stored_frame_size(builder) == (32, 32)
+
+
+def test_training_rejects_a_bad_config_before_any_compute(tiny_config, tmp_path):
+  assert jax.device_count() == 4
+  with pytest.raises(config_validation.ConfigError, match='num_frames=0'):
+    train.train_and_evaluate(tiny_config(num_frames=0), str(tmp_path / 'workdir'))
+  assert not os.path.exists(tmp_path / 'workdir')
