@@ -11,7 +11,8 @@ Command (build the records first, see README "UCF101"):
 Expected result: not yet measured on UCF101 by this project. CNN+LSTM models trained from scratch on
 UCF101 reach about 45-55% top-1 in the literature; an ImageNet-initialised encoder is what gives the
 published LRCN figures (see configs/ucf101_resnet50_imagenet.py). Runtime on a CPU is impractical
-(about 4-14 s per step of 8 clips); use a GPU or TPU.
+(about 20-30 s per step of 8 clips on a shared 2-core machine; see benchmarks/RESULTS.md); use a GPU
+or TPU.
 """
 
 import ml_collections
@@ -54,7 +55,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.num_lstm_layers = 1
   config.model.dropout_rate = 0.5
   config.model.temporal_pooling = 'mean'
-  config.model.remat = False
+  config.model.remat = False  # Rematerialise the encoder in the backward pass (less memory).
+  # Convolutions: 'auto' = weight gradients as per-tap matmuls on CPU (1.5x faster there), plain
+  # XLA convolutions on GPU/TPU | 'xla' | 'patches'. See benchmarks/RESULTS.md.
+  config.model.conv_impl = 'auto'
   config.model.preprocessing = 'imagenet'  # 'imagenet' (RGB, mean/std) | 'caffe' (Keras ResNet50).
   config.model.encoder_kwargs = {}  # Extra encoder attributes, e.g. {'stride_on_1x1': True}.
   config.model.encoder_init = ''  # Encoder checkpoint (scripts/convert_keras_encoder.py) for a fresh run.

@@ -5,6 +5,10 @@ from typing import Any, Optional
 import jax.numpy as jnp
 import ml_collections
 
+from har_jax.models.conv import CONV_IMPLS
+from har_jax.models.conv import PatchesConv
+from har_jax.models.conv import conv_module
+from har_jax.models.conv import resolve_conv_impl
 from har_jax.models.encoders import ENCODERS
 from har_jax.models.encoders import encoder_feature_dim
 from har_jax.models.encoders import get_encoder_cls
@@ -30,13 +34,16 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int,
 
   Args:
     model_config: fields encoder, lstm_size, dropout_rate, temporal_pooling;
-      optional num_lstm_layers (1), remat (False), preprocessing ('imagenet'
-      or 'caffe'; default 'imagenet').
+      optional num_lstm_layers (1), remat (False), conv_impl ('auto', see
+      conv.CONV_IMPLS), preprocessing ('imagenet' or 'caffe'; default
+      'imagenet').
     num_classes: width of the logits.
     dtype: computation dtype of the encoder, e.g. 'float32' or 'bfloat16'.
     bn_axis_name: the pmap axis name for synchronous BatchNorm, or None.
   """
   get_encoder_cls(model_config.encoder)  # ValueError naming valid encoders.
+  conv_impl = model_config.get('conv_impl', 'auto')
+  resolve_conv_impl(conv_impl)  # ValueError naming valid implementations.
   preprocessing = model_config.get('preprocessing', 'imagenet')
   if preprocessing not in PREPROCESSING:
     raise ValueError(f'Unknown preprocessing {preprocessing!r}; valid: '
@@ -49,6 +56,7 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int,
       dropout_rate=model_config.dropout_rate,
       temporal_pooling=model_config.temporal_pooling,
       remat=model_config.get('remat', False),
+      conv_impl=conv_impl,
       dtype=jnp.dtype(dtype),
       bn_axis_name=bn_axis_name,
       encoder_kwargs=tuple(sorted(dict(model_config.get('encoder_kwargs', None) or {}).items())),
@@ -56,6 +64,7 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int,
 
 
 __all__ = [
-    'ENCODERS', 'LRCN', 'PREPROCESSING', 'create_model',
-    'encoder_feature_dim', 'get_encoder_cls',
+    'CONV_IMPLS', 'ENCODERS', 'LRCN', 'PREPROCESSING', 'PatchesConv',
+    'conv_module', 'create_model', 'encoder_feature_dim', 'get_encoder_cls',
+    'resolve_conv_impl',
 ]

@@ -52,17 +52,20 @@ def _layers(module: nn.Module, train: bool) -> tuple[Callable, Callable]:
 class SmallCNN(nn.Module):
   """A CPU-sized encoder: per stage a 3x3/2 conv, BatchNorm and ReLU.
 
-  `[N, H, W, 3] -> [N, widths[-1]]`. On 64x64 inputs with the default widths
-  the last feature map is 4x4.
+  `[N, H, W, 3] -> [N, feature_dim]`. On 32x32 inputs with the default widths the last feature map
+  is 2x2. With `spatial_features` > 0 the last map is flattened and projected (Dense, BN, ReLU) so the
+  features keep *where* things are (global average pooling loses position, and with it "left" vs
+  "right"); with 0 it is globally average-pooled.
   """
   widths: Sequence[int] = (32, 64, 128, 128)
+  spatial_features: int = 256
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
   conv: ModuleDef = nn.Conv
 
   @property
   def feature_dim(self) -> int:
-    return self.widths[-1]
+    return self.spatial_features or self.widths[-1]
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -73,7 +76,12 @@ class SmallCNN(nn.Module):
                name=f'conv{i}')(x)
       x = norm(name=f'bn{i}')(x)
       x = nn.relu(x)
-    return jnp.mean(x, axis=(1, 2))
+    if not self.spatial_features:
+      return jnp.mean(x, axis=(1, 2))
+    x = x.reshape((x.shape[0], -1))
+    x = nn.Dense(self.spatial_features, dtype=self.dtype, param_dtype=jnp.float32,
+                 use_bias=False, name='project')(x)
+    return nn.relu(norm(name='project_bn')(x))
 
 
 class BasicBlock(nn.Module):

@@ -5,6 +5,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from har_jax.models import conv as conv_lib
 from har_jax.models import encoders
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, in [0, 1] units.
@@ -38,6 +39,9 @@ class LRCN(nn.Module):
       compute in float32; all parameters are float32.
     bn_axis_name: pmap axis over which BatchNorm averages batch statistics.
     remat: rematerialise the encoder's activations in the backward pass.
+    conv_impl: the encoder's convolutions, one of `conv.CONV_IMPLS`: 'xla'
+      (nn.Conv), 'patches' (fast weight gradient on CPU) or 'auto' ('patches'
+      on the CPU backend, 'xla' elsewhere). Same parameters for all.
     encoder_kwargs: extra encoder attributes as (name, value) pairs, e.g.
       (('stride_on_1x1', True),) for Keras-style ResNet-50 blocks.
   """
@@ -50,6 +54,7 @@ class LRCN(nn.Module):
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
   remat: bool = False
+  conv_impl: str = 'auto'
   input_mean: Sequence[float] = IMAGENET_MEAN
   input_std: Sequence[float] = IMAGENET_STD
   channel_order: str = 'rgb'
@@ -79,7 +84,8 @@ class LRCN(nn.Module):
     frames = self.normalise(video).reshape((batch * time,) + video.shape[2:])
 
     encoder = encoders.get_encoder_cls(self.encoder)(
-        dtype=self.dtype, bn_axis_name=self.bn_axis_name, name='encoder',
+        dtype=self.dtype, bn_axis_name=self.bn_axis_name,
+        conv=conv_lib.conv_module(self.conv_impl), name='encoder',
         **dict(self.encoder_kwargs))
     if self.remat:
       features = nn.remat(lambda mdl, x: mdl(x, train=train))(encoder, frames)

@@ -1,0 +1,174 @@
+r"""Times the project's pmapped train step on synthetic input, against the measured matmul peak.
+
+  python scripts/benchmark_train.py --config=configs/default.py --batch_size=8 --num_frames=16 \
+      --image_size=112 --steps=3 [--conv_impl=auto|xla|patches] [--remat] [--dtype=bfloat16]
+
+Builds the model, state and step with har_jax.train (build_model, create_train_state, train_step,
+replicate_state), compiles once (compile time reported), runs one warm-up step and then times
+`--steps` steps. FLOPs per step come from XLA's cost analysis of the step (see model_flops);
+the matmul peak is a square matmul in the same dtype on the same device, measured in the same run
+after the steps.
+Peak host memory is the process's maximum resident set (resource.getrusage); XLA's temp buffer size
+of the step is printed next to it. The last line is
+
+  clips_per_s=<x> step_s=<y> gflops_per_s=<z> fraction_of_matmul_peak=<w>
+
+where gflops_per_s counts all local devices and the peak is per device times the device count.
+"""
+
+import functools
+import os
+import resource
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from har_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from har_jax import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
+from har_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config module.', lock_config=False)
+_BATCH = flags.DEFINE_integer('batch_size', 0, 'Global batch (clips); 0 -> the config.')
+_FRAMES = flags.DEFINE_integer('num_frames', 0, 'Frames per clip; 0 -> the config.')
+_SIZE = flags.DEFINE_integer('image_size', 0, 'Frame height = width; 0 -> the config.')
+_STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps, after one warm-up step.')
+_CLASSES = flags.DEFINE_integer('num_classes', 0, '0 -> 10 for synthetic_actions, else 101.')
+_CONV = flags.DEFINE_enum('conv_impl', None, list(models.CONV_IMPLS),
+                          'Overrides config.model.conv_impl.')
+_REMAT = flags.DEFINE_bool('remat', None, 'Overrides config.model.remat.')
+_DTYPE = flags.DEFINE_string('dtype', None, 'Overrides config.dtype.')
+_MATMUL = flags.DEFINE_integer('matmul_size', 2048, 'Side of the square peak matmul.')
+
+
+def _apply_overrides(config):
+  """Applies the command-line overrides to `config` (in place)."""
+  for flag, key in ((_BATCH, 'batch_size'), (_FRAMES, 'num_frames'), (_SIZE, 'image_size')):
+    if flag.value:
+      config[key] = flag.value
+  if _DTYPE.value:
+    config.dtype = _DTYPE.value
+  if _CONV.value:
+    config.model.conv_impl = _CONV.value
+  if _REMAT.value is not None:
+    config.model.remat = _REMAT.value
+
+
+def _num_classes(config) -> int:
+  if _CLASSES.value:
+    return _CLASSES.value
+  return 10 if config.dataset.name.startswith('synthetic_actions') else 101
+
+
+def _batch(config, num_classes: int, seed: int = 0) -> dict:
+  """`{'video': [devices, per_device, T, S, S, 3] uint8, 'label': [devices, per_device]}`."""
+  n = jax.local_device_count()
+  train.global_batch_check(config.batch_size, n)
+  per_device = config.batch_size // n
+  rng = np.random.default_rng(seed)
+  shape = (n, per_device, config.num_frames, config.image_size, config.image_size, 3)
+  return {'video': rng.integers(0, 256, shape, dtype=np.uint8),
+          'label': rng.integers(0, num_classes, (n, per_device), dtype=np.int32)}
+
+
+def _flops(stage) -> float:
+  """FLOPs of one execution on one device, from XLA's cost analysis of a Lowered/Compiled."""
+  cost = stage.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost.get('flops', 0.0))
+
+
+def _pmapped_step(config, num_classes: int, learning_rate_fn):
+  model = train.build_model(config, num_classes, bn_axis_name='batch')
+  return jax.pmap(
+      functools.partial(train.train_step, model=model, learning_rate_fn=learning_rate_fn,
+                        config=config), axis_name='batch', donate_argnums=(0,))
+
+
+def model_flops(config, num_classes: int, learning_rate_fn, state, batch) -> float:
+  """FLOPs of one step on one device with XLA's own convolutions (cost analysis of the lowered,
+  uncompiled step). The same for every conv_impl; XLA counts a loop body once, so the compiled
+  'patches' step (a scan over batch chunks) would undercount."""
+  config = config.copy_and_resolve_references()
+  config.model.conv_impl = 'xla'
+  return _flops(_pmapped_step(config, num_classes, learning_rate_fn).lower(state, batch))
+
+
+def matmul_peak(dtype, size: int, reps: int = 5) -> float:
+  """Best GFLOP/s of a jitted `[size, size] x [size, size]` matmul on the default device."""
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), dtype)
+  mm = jax.jit(lambda a: a @ a)
+  mm(a).block_until_ready()
+  best = float('inf')
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    mm(a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * size**3 / best / 1e9
+
+
+def _time_steps(step_fn, state, batch, steps: int) -> tuple[object, list[float]]:
+  """Runs `steps` steps, each waited for; returns the final state and per-step seconds."""
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    state, out = step_fn(state, batch)
+    jax.block_until_ready((state, out))
+    times.append(time.perf_counter() - t0)
+  return state, times
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  _apply_overrides(config)
+  num_classes = _num_classes(config)
+  conv_impl = config.model.get('conv_impl', 'auto')
+  print(f'backend={jax.default_backend()} devices={jax.local_device_count()} '
+        f'conv_impl={conv_impl}->{models.resolve_conv_impl(conv_impl)} '
+        f'remat={config.model.get("remat", False)} dtype={config.dtype} '
+        f'batch={config.batch_size} frames={config.num_frames} size={config.image_size} '
+        f'encoder={config.model.encoder}', flush=True)
+
+  learning_rate_fn = optim.create_learning_rate_fn(config)
+  state = train.create_train_state(jax.random.PRNGKey(config.seed), config, num_classes,
+                                   learning_rate_fn)
+  state = train.replicate_state(state)
+  p_train_step = _pmapped_step(config, num_classes, learning_rate_fn)
+  batch = _batch(config, num_classes)
+  flops = model_flops(config, num_classes, learning_rate_fn, state, batch)
+  flops *= jax.local_device_count()
+
+  t0 = time.perf_counter()
+  compiled = p_train_step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  memory = compiled.memory_analysis()
+  temp_gib = getattr(memory, 'temp_size_in_bytes', 0) / 2**30 if memory is not None else 0.0
+
+  state, _ = _time_steps(compiled, state, batch, 1)  # Warm-up.
+  state, times = _time_steps(compiled, state, batch, _STEPS.value)
+  step_s = float(np.median(times))
+  peak = matmul_peak(jnp.dtype(config.dtype), _MATMUL.value) * jax.local_device_count()
+  rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux.
+
+  gflops_per_s = flops / step_s / 1e9
+  print(f'compile_s={compile_s:.1f} gflop_per_step={flops / 1e9:.1f} '
+        f'step_times_s={",".join(f"{t:.2f}" for t in times)} '
+        f'matmul_peak_gflops_per_s={peak:.1f} peak_rss_gib={rss_gib:.2f} '
+        f'xla_temp_gib={temp_gib:.2f} load_avg={os.getloadavg()[0]:.2f}')
+  print(f'clips_per_s={config.batch_size / step_s:.3f} step_s={step_s:.3f} '
+        f'gflops_per_s={gflops_per_s:.1f} fraction_of_matmul_peak={gflops_per_s / peak:.3f}',
+        flush=True)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main)

@@ -1,0 +1,140 @@
+"""Tests for har_jax.models.conv: the patches-gradient convolution and its selection.
+
+Small shapes only: every test compiles in a second or two on a CPU.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+from jax import lax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from har_jax import models
+from har_jax.models import conv
+from har_jax.models import encoders
+
+
+def _normal(seed, shape):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+@pytest.mark.parametrize('backend, expected', [
+    ('cpu', 'patches'), ('gpu', 'xla'), ('cuda', 'xla'), ('rocm', 'xla'), ('tpu', 'xla')])
+def test_auto_selects_patches_on_cpu_only(backend, expected):
+  assert conv.resolve_conv_impl('auto', backend) == expected
+  want = conv.PatchesConv if expected == 'patches' else nn.Conv
+  assert conv.conv_module('auto', backend) is want
+
+
+@pytest.mark.parametrize('impl', ['xla', 'patches'])
+@pytest.mark.parametrize('backend', ['cpu', 'gpu', 'tpu'])
+def test_explicit_impl_ignores_the_backend(impl, backend):
+  assert conv.resolve_conv_impl(impl, backend) == impl
+
+
+def test_auto_uses_the_default_backend():
+  assert jax.default_backend() == 'cpu'
+  assert conv.resolve_conv_impl('auto') == 'patches'
+
+
+def test_unknown_impl_is_rejected():
+  with pytest.raises(ValueError, match="'fast'.*patches"):
+    conv.resolve_conv_impl('fast')
+  config = ml_collections.ConfigDict(dict(
+      encoder='small_cnn', lstm_size=8, dropout_rate=0.0, temporal_pooling='last',
+      conv_impl='fast'))
+  with pytest.raises(ValueError, match="'fast'"):
+    models.create_model(config, 3)
+
+
+def _conv_grads(module_cls, x, *, features, kernel, strides, padding):
+  module = module_cls(features, (kernel, kernel), strides=(strides, strides), padding=padding,
+                      use_bias=False)
+  variables = module.init(jax.random.key(0), x)
+
+  def loss(variables, x):
+    return jnp.sum(jnp.sin(module.apply(variables, x)))  # A non-uniform output gradient.
+  value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(variables, x)
+  return value, grads
+
+
+# The encoders' convolutions: ResNet stem 7x7/2 pad 3, 3x3/1 and 3x3/2 pad 1, 1x1/2 projection;
+# plus XLA's 'SAME' padding (asymmetric for stride 2) and odd sizes.
+@pytest.mark.parametrize('kernel, strides, padding, size', [
+    (7, 2, ((3, 3), (3, 3)), 17),
+    (3, 1, ((1, 1), (1, 1)), 9),
+    (3, 2, ((1, 1), (1, 1)), 9),
+    (1, 2, 'VALID', 9),
+    (1, 1, 'VALID', 8),
+    (3, 2, 'SAME', 8),
+])
+@pytest.mark.parametrize('chunk_rows', [8192, 40])  # 40: a scan over batch chunks.
+def test_patches_conv_gradients_equal_nn_conv(monkeypatch, kernel, strides, padding, size,
+                                              chunk_rows):
+  monkeypatch.setattr(conv, '_CHUNK_ROWS', chunk_rows)
+  x = _normal(0, (6, size, size, 5))
+  kwargs = dict(features=7, kernel=kernel, strides=strides, padding=padding)
+  want_value, (want_vars, want_dx) = _conv_grads(nn.Conv, x, **kwargs)
+  value, (got_vars, dx) = _conv_grads(conv.PatchesConv, x, **kwargs)
+  assert jax.tree.structure(got_vars) == jax.tree.structure(want_vars)
+  np.testing.assert_allclose(value, want_value, rtol=1e-6)
+  np.testing.assert_allclose(got_vars['params']['kernel'], want_vars['params']['kernel'],
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-6)
+
+
+def test_weight_grad_chunking():
+  assert conv._batch_chunk(128, 3136) == 2  # ResNet stem at 112x112: 56x56 outputs.
+  assert conv._batch_chunk(128, 16) == 128
+  assert conv._batch_chunk(7, 10_000) == 1
+
+
+def test_unsupported_convolutions_fall_back_to_lax():
+  x, w = _normal(1, (2, 9, 9, 3)), _normal(2, (3, 3, 3, 4))
+  dn = lax.conv_dimension_numbers(x.shape, w.shape, ('NHWC', 'HWIO', 'NHWC'))
+  call = functools.partial(lax.conv_general_dilated, x, w, (1, 1), 'SAME', rhs_dilation=(2, 2),
+                           dimension_numbers=dn)
+  got = conv.patches_conv_general_dilated(x, w, (1, 1), 'SAME', rhs_dilation=(2, 2),
+                                          dimension_numbers=dn)
+  np.testing.assert_allclose(got, call(), rtol=1e-6)
+
+
+def _encoder_loss(model):
+  def loss(params, batch_stats, x):
+    out, _ = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
+                         mutable=['batch_stats'])
+    return jnp.sum(jnp.sin(out))
+  return jax.jit(jax.value_and_grad(loss))
+
+
+def test_resnet_with_patches_conv_has_the_same_params_and_gradients():
+  plain = encoders.ResNet(stage_sizes=(1, 1), block_cls=encoders.BasicBlock, num_filters=4)
+  fast = plain.clone(conv=conv.PatchesConv)
+  x = _normal(3, (4, 32, 32, 3))
+  variables = jax.jit(functools.partial(plain.init, train=False))(jax.random.key(0), x)
+  fast_shapes = jax.eval_shape(functools.partial(fast.init, train=False), jax.random.key(0), x)
+  assert jax.tree.structure(fast_shapes) == jax.tree.structure(variables)
+  assert 'proj_conv' in variables['params']['stage2_block0']
+  args = (variables['params'], variables['batch_stats'], x)
+  want_loss, want = _encoder_loss(plain)(*args)
+  got_loss, got = _encoder_loss(fast)(*args)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+  for path, g in jax.tree_util.tree_leaves_with_path(got):
+    w = functools.reduce(lambda t, k: t[k.key], path, want)
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize('impl, module', [('xla', nn.Conv), ('patches', conv.PatchesConv)])
+def test_lrcn_passes_the_conv_module_to_the_encoder(impl, module):
+  model = models.LRCN(encoder='small_cnn', num_classes=3, lstm_size=4, conv_impl=impl)
+  video = jax.ShapeDtypeStruct((1, 2, 16, 16, 3), jnp.uint8)
+  variables = jax.eval_shape(
+      functools.partial(model.init, train=False, capture_intermediates=True),
+      jax.random.key(0), video)
+  assert 'conv0' in variables['intermediates']['encoder']
+  bound = model.bind({}).clone()
+  assert conv.conv_module(bound.conv_impl) is module
