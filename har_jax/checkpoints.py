@@ -196,8 +196,12 @@ class CheckpointManager:
     return self._manager.latest_step()
 
   def save(self, step: int, state, metrics: Optional[dict] = None, *, force: bool = False):
-    """Starts an asynchronous save of an unreplicated state (all processes must call this)."""
-    state_dict = flax.serialization.to_state_dict(state)
+    """Starts an asynchronous save of an unreplicated state (all processes must call this).
+
+    The state is copied to host numpy first: every process holds the same replicated values, and
+    orbax writes host arrays once (from process 0) in a multi-host run.
+    """
+    state_dict = jax.device_get(flax.serialization.to_state_dict(state))
     meta = dict(self.meta, step=int(step), state_crc32=state_checksum(state_dict))
     self._manager.save(
         int(step), args=ocp.args.Composite(

@@ -1,4 +1,4 @@
-"""Exact video-level evaluation: run the model over a split, gather per-video logits, compute metrics.
+"""Exact video-level evaluation: run the model over a split, gather per-video logits, metrics.
 
 Every video of the split is seen exactly once across all processes: eval datasets are padded to the
 same number of batches everywhere and padded rows carry mask 0. Metrics are computed on the host in
@@ -6,6 +6,7 @@ numpy from the gathered per-video logits, so they can be recomputed independentl
 """
 
 import dataclasses
+from typing import Optional, Sequence
 
 import jax
 from jax.experimental import multihost_utils
@@ -24,14 +25,18 @@ class EvalOutputs:
 
 
 def run_eval(p_eval_step, state, builder, config, split: str, *, max_examples: int = 0,
-             **step_kwargs) -> EvalOutputs:
-  """Runs a pmapped eval step over `split` and gathers the per-video outputs of all processes."""
+             devices: Optional[list] = None, **step_kwargs) -> EvalOutputs:
+  """Runs a pmapped eval step over `split` and gathers the per-video outputs of all processes.
+
+  Args:
+    devices: the local devices `p_eval_step` was pmapped over (default: all local devices).
+  """
   local_batch = config.eval.batch_size // jax.process_count()
   data = pipeline.create_eval_dataset(
       builder, config, split, local_batch=local_batch, process_index=jax.process_index(),
       process_count=jax.process_count(), max_examples=max_examples)
   logits, labels, masks, view_top1, ids = [], [], [], [], []
-  for batch, host in pipeline.device_iterator(data.dataset):
+  for batch, host in pipeline.device_iterator(data.dataset, devices=devices):
     out = p_eval_step(state, batch, **step_kwargs)
     logits.append(out['logits'])
     view_top1.append(out['view_top1'])
@@ -80,8 +85,7 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
 def scalar_metrics(outputs: EvalOutputs, num_classes: int) -> dict:
   """Video-level top-1/top-5/loss/mean-class accuracy and clip-level (single view) top-1."""
   logits, labels = outputs.logits, outputs.labels
-  k = min(5, num_classes)
-  topk = np.argsort(-logits, axis=-1)[:, :k]
+  topk = topk_predictions(logits, 5)
   top1 = topk[:, 0] == labels
   top5 = np.any(topk == labels[:, None], axis=-1)
   per_class = per_class_accuracy(labels, topk[:, 0], num_classes)
@@ -102,3 +106,42 @@ def per_class_accuracy(labels: np.ndarray, predictions: np.ndarray,
   totals = matrix.sum(axis=1)
   with np.errstate(invalid='ignore', divide='ignore'):
     return np.where(totals > 0, np.diag(matrix) / np.maximum(totals, 1), np.nan)
+
+
+def topk_predictions(logits: np.ndarray, k: int) -> np.ndarray:
+  """[num_videos, min(k, num_classes)] class indices, best first (ties: lower index first)."""
+  return np.argsort(-logits, axis=-1, kind='stable')[:, :min(k, logits.shape[-1])]
+
+
+def detailed_metrics(outputs: EvalOutputs, num_classes: int) -> dict:
+  """`scalar_metrics` plus per-class accuracy `[num_classes]` (NaN: class absent) and the
+  confusion matrix `[num_classes, num_classes]` (rows true, columns predicted) as numpy arrays."""
+  predictions = topk_predictions(outputs.logits, 1)[:, 0]
+  metrics = scalar_metrics(outputs, num_classes)
+  metrics['per_class_accuracy'] = per_class_accuracy(outputs.labels, predictions, num_classes)
+  metrics['confusion_matrix'] = confusion_matrix(outputs.labels, predictions, num_classes)
+  return metrics
+
+
+def pair_accuracy(logits: np.ndarray, labels: np.ndarray,
+                  pairs: Sequence[tuple[int, int]]) -> dict:
+  """Accuracy of telling the two classes of each pair apart (chance 0.5).
+
+  A video whose label is in a pair (a, b) counts as right when the logit of its own class is
+  higher than the logit of the other class of the pair; all other classes are ignored.
+
+  Returns:
+    {'accuracy': over all videos of all pairs, 'per_pair': [accuracy of each pair] (NaN when a
+     pair has no videos), 'num_videos': videos counted}.
+  """
+  right, per_pair = [], []
+  for a, b in pairs:
+    in_pair = (labels == a) | (labels == b)
+    own = logits[in_pair, labels[in_pair]]
+    partner = logits[in_pair, np.where(labels[in_pair] == a, b, a)]
+    correct = own > partner
+    right.append(correct)
+    per_pair.append(float(correct.mean()) if correct.size else float('nan'))
+  right = np.concatenate(right) if right else np.zeros([0], bool)
+  return {'accuracy': float(right.mean()) if right.size else float('nan'),
+          'per_pair': per_pair, 'num_videos': int(right.size)}

@@ -1,0 +1,222 @@
+"""Prediction on video files: PyAV decoding, eval-identical views, the right class, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import av
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from har_jax import checkpoints
+from har_jax import evaluate
+from har_jax import optim
+from har_jax import predict
+from har_jax import train
+from har_jax.data import datasets
+from har_jax.data import pipeline
+from har_jax.data import stages
+from har_jax.data import synthetic_actions
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Same run as tests/test_evaluate.py TRAINED (shared through the session's base temp dir).
+TRAINED = {'num_train_steps': 300, 'checkpoint_every_steps': 100, 'eval_every_steps': 100,
+           'log_every_steps': 50, 'learning_rate': 5e-3, 'warmup_steps': 10,
+           'keep_checkpoints': 3, 'deterministic_data': True}
+
+
+def trained_workdir(tmp_path_factory, config) -> str:
+  """Trains the shared tiny run once per test session (cached in the session's base temp dir)."""
+  workdir = tmp_path_factory.getbasetemp() / 'trained_tiny_300'
+  if not (workdir / 'DONE').exists():
+    train.train_and_evaluate(config, str(workdir))
+    (workdir / 'DONE').write_text('ok')
+  return str(workdir)
+
+
+def write_video(path, frames: np.ndarray, *, lossless: bool = True, fps: int = 10) -> str:
+  """Writes [T, H, W, 3] uint8 frames: lossless FFV1 (any size) or H.264 (even sizes)."""
+  codec, pix_fmt = ('ffv1', 'bgr0') if lossless else ('libx264', 'yuv420p')
+  with av.open(str(path), 'w') as container:
+    stream = container.add_stream(codec, rate=fps, options={} if lossless else {'crf': '12'})
+    stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+    for frame in frames:
+      container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format='rgb24')))
+    container.mux(stream.encode())
+  return str(path)
+
+
+def _views_config(tiny_config, **overrides):
+  return tiny_config(**dict({'eval.num_clips': 2, 'eval.num_crops': 3, 'num_frames': 3,
+                             'frame_stride': 2, 'image_size': 16}, **overrides))
+
+
+@pytest.mark.parametrize('shape,resize', [((9, 33, 45), 0), ((9, 45, 33), 0), ((5, 40, 54), 24),
+                                          ((2, 20, 12), 0)],
+                         ids=['odd_landscape', 'odd_portrait', 'resized', 'short_and_small'])
+def test_views_equal_the_eval_pipeline(tiny_config, shape, resize):
+  """Same frames in, same views out as pipeline.preprocess_eval (JPEG decoded by the same
+  decoder on both sides, so the comparison is exact)."""
+  config = _views_config(tiny_config, **{'dataset.resize_size': resize})
+  rng = np.random.default_rng(0)
+  frames = rng.integers(0, 256, shape + (3,), dtype=np.uint8)
+  jpegs = tf.stack([tf.io.encode_jpeg(f, quality=95) for f in frames])
+  reference = pipeline.preprocess_eval(
+      {'video': jpegs, 'label': 0, 'tfds_id': 'x'}, config)['video'].numpy()
+  decoded = tf.map_fn(lambda j: tf.io.decode_jpeg(j, channels=3), jpegs,
+                      fn_output_signature=tf.uint8).numpy()
+  indices = stages.sample_eval_indices(shape[0], 3, 2, 2, 'loop').numpy().reshape(-1)
+  views = predict.eval_views(decoded[indices], config)
+  assert views.shape == (6, 3, 16, 16, 3) and views.dtype == np.uint8
+  np.testing.assert_array_equal(views, reference)
+
+
+def test_read_clip_frames_avi_mp4_portrait_short(tiny_config, tmp_path):
+  config = _views_config(tiny_config)  # 2 clips x 3 frames at stride 2: span 5 frames.
+  rng = np.random.default_rng(1)
+  frames = rng.integers(0, 256, (11, 33, 45, 3), dtype=np.uint8)
+  got, n = predict.read_clip_frames(write_video(tmp_path / 'odd.avi', frames), config)
+  indices = stages.sample_eval_indices(11, 3, 2, 2, 'loop').numpy().reshape(-1)
+  assert n == 11
+  np.testing.assert_array_equal(got, frames[indices])  # Lossless: exactly the sampled frames.
+
+  portrait = np.repeat(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None, None],
+                       4, axis=0) * np.ones((1, 1, 40, 3), np.uint8)
+  got, n = predict.read_clip_frames(write_video(tmp_path / 'tall.mp4', portrait,
+                                                lossless=False), config)
+  assert n == 4 and got.shape == (6, 64, 40, 3)  # Short video: indices loop.
+  assert abs(int(got[0, 60, 20, 0]) - int(portrait[0, 60, 20, 0])) < 12
+  views = predict.eval_views(got, config)
+  assert views.shape == (6, 3, 16, 16, 3)
+
+
+@pytest.mark.parametrize('content', [b'', b'not a video at all' * 100, 'missing', 'truncated'])
+def test_unreadable_files_raise_video_error_naming_the_file(tiny_config, tmp_path, content):
+  config = _views_config(tiny_config)
+  path = tmp_path / 'bad.mp4'
+  if content == 'truncated':
+    good = write_video(tmp_path / 'good.mp4', np.zeros((8, 32, 32, 3), np.uint8), lossless=False)
+    path.write_bytes(open(good, 'rb').read()[:300])
+  elif content != 'missing':
+    path.write_bytes(content)
+  with pytest.raises(predict.VideoError, match='bad.mp4'):
+    predict.read_clip_frames(str(path), config)
+
+
+def test_checkpoint_not_matching_its_metadata_is_refused(tiny_config, tmp_path):
+  """Saved with 10-class weights but 5 class names: a clear PredictError, not a shape crash."""
+  config = tiny_config()
+  state = train.create_train_state(jax.random.PRNGKey(0), config, 10,
+                                   optim.create_learning_rate_fn(config))
+  info = datasets.DatasetInfo(name='five', class_names=tuple('abcde'), split_sizes={})
+  manager = checkpoints.CheckpointManager(str(tmp_path), config, info)
+  manager.save(3, state, force=True)
+  manager.wait_until_finished()
+  manager.close()
+  with pytest.raises(predict.PredictError, match='Checkpoint 3 .* does not match its saved '
+                                                 'config \\(5 classes'):
+    predict.load_predictor(str(tmp_path), 'latest')
+  with pytest.raises(predict.PredictError, match=r'No checkpoint at step 8 .* \[3\]'):
+    predict.load_predictor(str(tmp_path), '8')
+  with pytest.raises(predict.PredictError, match='is not a directory'):
+    predict.load_predictor(str(tmp_path / 'nope'))
+  with pytest.raises(predict.PredictError, match='No checkpoints directory'):
+    predict.load_predictor(str(tmp_path / 'checkpoints' / '3'))
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, synthetic_data_dir):
+  from conftest import make_tiny_config  # pylint: disable=g-import-not-at-top
+  config = make_tiny_config(synthetic_data_dir, **TRAINED)
+  return config, trained_workdir(tmp_path_factory, config)
+
+
+def _training_videos(config, count):
+  """[(tfds_id, frames [T, H, W, 3] uint8, label)] of the first `count` training videos."""
+  builder = datasets.get_builder(config.dataset)
+  ds = builder.as_dataset(split=f'train[:{count}]', read_config=tfds.ReadConfig(add_tfds_id=True))
+  return [(ex['tfds_id'].decode(), ex['video'], int(ex['label'])) for ex in tfds.as_numpy(ds)]
+
+
+@pytest.mark.slow
+def test_predict_names_the_right_class(trained, tmp_path):
+  """AVI and MP4 files of videos the model learned: mostly right, and the same answer as the
+  eval pipeline gives for those videos; a corrupt file in the list is skipped by name."""
+  config, workdir = trained
+  predictor = predict.load_predictor(workdir, 'latest')
+  assert predictor.class_names == list(synthetic_actions.CLASS_NAMES)
+  assert predictor.step == 300
+  videos = _training_videos(config, 20)
+  paths, labels = [], []
+  for i, (_, frames, label) in enumerate(videos):
+    ext, lossless = ('avi', True) if i % 2 == 0 else ('mp4', False)
+    paths.append(write_video(tmp_path / f'video_{i}.{ext}', frames, lossless=lossless))
+    labels.append(label)
+  corrupt = tmp_path / 'corrupt.avi'
+  corrupt.write_bytes(b'\x00garbage' * 50)
+  results = predict.predict_files(paths[:10] + [str(corrupt)] + paths[10:], top_k=3,
+                                  predictor=predictor)
+  assert not results[10]['ok'] and 'corrupt.avi' in results[10]['error']
+  results = results[:10] + results[11:]
+  assert all(r['ok'] for r in results)
+  predicted = [r['top_k'][0]['index'] for r in results]
+  for r in results:
+    assert len(r['top_k']) == 3 and r['views'] == 1 and r['num_frames'] == 8
+    probs = [e['probability'] for e in r['top_k']]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    assert r['top_k'][0]['class'] == synthetic_actions.CLASS_NAMES[r['top_k'][0]['index']]
+
+  # What evaluation says about the same (JPEG-stored) training videos, with the same weights.
+  builder = datasets.get_builder(config.dataset)
+  devices = jax.devices()[:1]
+  state = train.TrainState(step=0, apply_fn=None, params=predictor.variables['params'],
+                           batch_stats=predictor.variables['batch_stats'], tx=None,
+                           opt_state=None, rng=None)
+  model = train.build_model(config, 10, bn_axis_name='batch')
+  outputs, _ = evaluate.evaluate_state(state, evaluate.eval_steps(model, devices), builder,
+                                       config, 'train[:20]', devices=devices)
+  by_id = {t: int(np.argmax(l)) for t, l in zip(outputs.tfds_ids, outputs.logits)}
+  eval_pred = [by_id[tfds_id] for tfds_id, _, _ in videos]
+  eval_right = np.mean(np.array(eval_pred) == labels)
+  right = np.mean(np.array(predicted) == labels)
+  agree = np.mean(np.array(predicted) == eval_pred)
+  assert eval_right >= 0.5, f'the tiny model learned too little ({eval_right:.2f}) to test with'
+  assert right > 0.5, f'predict right on {right:.2f} of 20 learned videos: {predicted} vs {labels}'
+  assert agree >= 0.8, f'predict and eval agree on only {agree:.2f}: {predicted} vs {eval_pred}'
+
+
+def _run_script(args, timeout=600):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  return subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'predict.py')] + args,
+                        env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                        check=False)
+
+
+@pytest.mark.slow
+def test_predict_script_json_and_exit_codes(trained, tmp_path):
+  config, workdir = trained
+  (_, frames, _), = _training_videos(config, 1)
+  good = write_video(tmp_path / 'walk.avi', frames)
+  bad = tmp_path / 'broken.mp4'
+  bad.write_bytes(b'garbage')
+  out = _run_script([f'--workdir={workdir}', '--checkpoint=best', '--json', '--top_k=2', good,
+                     str(bad)])
+  assert out.returncode == 0, out.stderr[-3000:]
+  answer = json.loads(out.stdout)
+  assert [r['ok'] for r in answer] == [True, False]
+  assert answer[0]['path'] == good and len(answer[0]['top_k']) == 2
+  assert answer[0]['top_k'][0]['class'] in synthetic_actions.CLASS_NAMES
+  assert 'broken.mp4' in answer[1]['error'] and 'broken.mp4' in out.stderr
+
+  text = _run_script([f'--workdir={workdir}', good])
+  assert text.returncode == 0 and 'walk.avi' in text.stdout and '1. ' in text.stdout
+  all_bad = _run_script([f'--workdir={workdir}', str(bad)])
+  assert all_bad.returncode == 1 and 'none of the 1 file(s)' in all_bad.stderr
+  no_step = _run_script([f'--workdir={workdir}', '--checkpoint=12345', good])
+  assert no_step.returncode == 2 and 'No checkpoint at step 12345' in no_step.stderr
+  no_dir = _run_script([f'--workdir={tmp_path / "nope"}', good])
+  assert no_dir.returncode == 2 and 'is not a directory' in no_dir.stderr
