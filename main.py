@@ -6,6 +6,8 @@
 Config fields can be overridden on the command line, e.g. --config.batch_size=16.
 """
 
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -13,8 +15,15 @@ import jax
 from ml_collections import config_flags
 import tensorflow as tf
 
+from har_jax import checkpoints
+from har_jax import config_validation
+from har_jax import evaluate
 from har_jax import platform
 from har_jax import train
+from har_jax.data import datasets
+
+USER_ERRORS = (checkpoints.CheckpointError, config_validation.ConfigError, datasets.DatasetError,
+               evaluate.EvaluationError, platform.DistributedSetupError, FloatingPointError)
 
 FLAGS = flags.FLAGS
 
@@ -22,6 +31,13 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard eve
 flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'Train (and evaluate), or only evaluate.')
 flags.DEFINE_string('checkpoint', 'latest', "--mode=eval: 'latest', 'best', 'all' or a step.")
 flags.DEFINE_string('split', None, '--mode=eval: the split to evaluate (default: eval_split).')
+flags.DEFINE_string('coordinator_address', None,
+                    'Several processes: host:port of process 0 (else auto-detected on TPU pods, '
+                    'SLURM and Open MPI, or read from $HAR_JAX_COORDINATOR).')
+flags.DEFINE_integer('num_processes', None, 'Several processes: how many in total.')
+flags.DEFINE_integer('process_id', None, 'Several processes: this one, 0..num_processes-1.')
+flags.DEFINE_integer('distributed_timeout', 300,
+                     'Seconds to wait for all processes to join before failing.')
 config_flags.DEFINE_config_file('config', None, 'Config file (a get_config() module).',
                                 lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -31,14 +47,21 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   tf.config.set_visible_devices([], 'GPU')  # TF only reads data; keep the accelerators for JAX.
-  platform.initialize()
-  logging.info('JAX process %d of %d; local devices: %s; global device count %d.',
-               jax.process_index(), jax.process_count(), jax.local_devices(), jax.device_count())
-  if FLAGS.mode == 'train':
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  else:
-    from har_jax import evaluate  # pylint: disable=g-import-not-at-top
-    evaluate.evaluate(FLAGS.config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, split=FLAGS.split)
+  platform.initialize(platform.DistributedSpec.from_env(
+      coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id, timeout_s=FLAGS.distributed_timeout))
+  logging.info('JAX devices: %s', jax.devices())
+  try:
+    if FLAGS.mode == 'train':
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    else:
+      evaluate.evaluate(FLAGS.config, FLAGS.workdir, checkpoint=FLAGS.checkpoint,
+                        split=FLAGS.split,
+                        config_name=config_flags.get_config_filename(FLAGS['config']))
+  except USER_ERRORS as e:  # Bad input: a clear message, no traceback, a non-zero exit.
+    logging.error('%s: %s', type(e).__name__, e)
+    print(f'error: {type(e).__name__}: {e}', file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == '__main__':

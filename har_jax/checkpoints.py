@@ -141,7 +141,7 @@ def config_mismatches(saved_config: dict, config: ml_collections.ConfigDict,
   current = json.loads(config.to_json_best_effort())
   current['num_classes'], saved = num_classes, dict(saved_config, num_classes=saved_num_classes)
   return [f'{f}: checkpoint has {_get(saved, f)!r}, config has {_get(current, f)!r}'
-          for f in STRUCTURAL_FIELDS if _get(saved, f) != _get(current, f)]
+          for f in STRUCTURAL_FIELDS if (_get(saved, f) or None) != (_get(current, f) or None)]
 
 
 def _best_metric(metrics: Optional[dict]) -> float:

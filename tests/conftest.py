@@ -47,3 +47,19 @@ def synthetic_data_dir(tmp_path_factory):
 @pytest.fixture
 def tiny_config(synthetic_data_dir):
   return lambda **overrides: make_tiny_config(synthetic_data_dir, **overrides)
+
+
+# The trained tiny run shared by tests/test_evaluate.py, test_predict.py and test_tensorboard.py.
+TRAINED_TINY = {'num_train_steps': 300, 'checkpoint_every_steps': 100, 'eval_every_steps': 100,
+                'log_every_steps': 50, 'learning_rate': 5e-3, 'warmup_steps': 10,
+                'keep_checkpoints': 3, 'deterministic_data': True}
+
+
+@pytest.fixture(scope='session')
+def trained(tmp_path_factory, synthetic_data_dir):
+  """(config, workdir) of a tiny synthetic run trained for 300 steps, once per test session."""
+  from har_jax import train  # pylint: disable=g-import-not-at-top
+  config = make_tiny_config(synthetic_data_dir, **TRAINED_TINY)
+  workdir = str(tmp_path_factory.mktemp('trained_tiny_300'))
+  train.train_and_evaluate(config, workdir)
+  return config, workdir

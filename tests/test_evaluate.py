@@ -20,28 +20,6 @@ from har_jax.data import datasets
 from har_jax.data import synthetic_actions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The trained tiny run shared by test_evaluate/test_predict/test_tensorboard (same keys in each).
-TRAINED = {'num_train_steps': 300, 'checkpoint_every_steps': 100, 'eval_every_steps': 100,
-           'log_every_steps': 50, 'learning_rate': 5e-3, 'warmup_steps': 10,
-           'keep_checkpoints': 3, 'deterministic_data': True}
-
-
-def trained_workdir(tmp_path_factory, config) -> str:
-  """Trains the shared tiny run once per test session (cached in the session's base temp dir)."""
-  workdir = tmp_path_factory.getbasetemp() / 'trained_tiny_300'
-  if not (workdir / 'DONE').exists():
-    train.train_and_evaluate(config, str(workdir))
-    (workdir / 'DONE').write_text('ok')
-  return str(workdir)
-
-
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory, synthetic_data_dir):
-  from conftest import make_tiny_config  # pylint: disable=g-import-not-at-top
-  config = make_tiny_config(synthetic_data_dir, **TRAINED)
-  return config, trained_workdir(tmp_path_factory, config)
-
-
 def _outputs(logits, labels, view_top1=None):
   logits = np.asarray(logits, np.float32)
   view_top1 = np.ones(len(labels), np.float32) if view_top1 is None else np.asarray(view_top1)

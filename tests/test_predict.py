@@ -23,19 +23,6 @@ from har_jax.data import stages
 from har_jax.data import synthetic_actions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Same run as tests/test_evaluate.py TRAINED (shared through the session's base temp dir).
-TRAINED = {'num_train_steps': 300, 'checkpoint_every_steps': 100, 'eval_every_steps': 100,
-           'log_every_steps': 50, 'learning_rate': 5e-3, 'warmup_steps': 10,
-           'keep_checkpoints': 3, 'deterministic_data': True}
-
-
-def trained_workdir(tmp_path_factory, config) -> str:
-  """Trains the shared tiny run once per test session (cached in the session's base temp dir)."""
-  workdir = tmp_path_factory.getbasetemp() / 'trained_tiny_300'
-  if not (workdir / 'DONE').exists():
-    train.train_and_evaluate(config, str(workdir))
-    (workdir / 'DONE').write_text('ok')
-  return str(workdir)
 
 
 def write_video(path, frames: np.ndarray, *, lossless: bool = True, fps: int = 10) -> str:
@@ -126,13 +113,6 @@ def test_checkpoint_not_matching_its_metadata_is_refused(tiny_config, tmp_path):
     predict.load_predictor(str(tmp_path / 'nope'))
   with pytest.raises(predict.PredictError, match='No checkpoints directory'):
     predict.load_predictor(str(tmp_path / 'checkpoints' / '3'))
-
-
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory, synthetic_data_dir):
-  from conftest import make_tiny_config  # pylint: disable=g-import-not-at-top
-  config = make_tiny_config(synthetic_data_dir, **TRAINED)
-  return config, trained_workdir(tmp_path_factory, config)
 
 
 def _training_videos(config, count):

@@ -14,22 +14,8 @@ import jax
 import pytest
 
 from har_jax import evaluate
-from har_jax import train
 
-# Same run as tests/test_evaluate.py TRAINED (shared through the session's base temp dir).
-TRAINED = {'num_train_steps': 300, 'checkpoint_every_steps': 100, 'eval_every_steps': 100,
-           'log_every_steps': 50, 'learning_rate': 5e-3, 'warmup_steps': 10,
-           'keep_checkpoints': 3, 'deterministic_data': True}
 STARTUP_TIMEOUT_S = 180
-
-
-def trained_workdir(tmp_path_factory, config) -> str:
-  """Trains the shared tiny run once per test session (cached in the session's base temp dir)."""
-  workdir = tmp_path_factory.getbasetemp() / 'trained_tiny_300'
-  if not (workdir / 'DONE').exists():
-    train.train_and_evaluate(config, str(workdir))
-    (workdir / 'DONE').write_text('ok')
-  return str(workdir)
 
 
 def _free_port() -> int:
@@ -65,10 +51,8 @@ def _wait_for(port: int, server, ready) -> dict:
 
 
 @pytest.mark.slow
-def test_tensorboard_server_shows_train_and_eval(tmp_path_factory, synthetic_data_dir):
-  from conftest import make_tiny_config  # pylint: disable=g-import-not-at-top
-  config = make_tiny_config(synthetic_data_dir, **TRAINED)
-  workdir = trained_workdir(tmp_path_factory, config)
+def test_tensorboard_server_shows_train_and_eval(trained):
+  config, workdir = trained
   if not os.path.isfile(os.path.join(workdir, 'eval', 'test_step_300.json')):
     evaluate.evaluate(config, workdir, checkpoint='latest', devices=jax.devices()[:1])
   report = json.load(open(os.path.join(workdir, 'eval', 'test_step_300.json')))

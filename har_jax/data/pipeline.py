@@ -212,8 +212,9 @@ def create_train_dataset(builder, config, *, local_batch: int, process_index: in
   ds = ds.map(lambda ex: {'video': ex['video'], 'label': ex['label'], 'tfds_id': ex['tfds_id']})
   if config.dataset.cache:
     ds = ds.cache()
+  # Shuffle, then repeat: a new order every epoch, and every example once per epoch.
+  ds = ds.shuffle(config.dataset.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
   ds = ds.repeat()
-  ds = ds.shuffle(config.dataset.shuffle_buffer, seed=shuffle_seed)
   ds = ds.enumerate()
   if deterministic:
     ds = ds.skip(start_step * global_batch)
