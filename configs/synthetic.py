@@ -26,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.resize_size = 32
   config.dataset.shuffle_buffer = 1024
   config.dataset.cache = True
+  config.dataset.val_split = 0.1  # Periodic eval on 10% of train; the test split is for the end.
 
   config.num_frames = 8
   config.frame_stride = 2
@@ -46,11 +47,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.label_smoothing = 0.0
 
   config.batch_size = 32
-  config.num_train_steps = 1500
+  config.num_train_steps = 900
   config.eval.batch_size = 32
   config.eval.num_clips = 1
   config.eval.num_crops = 1
   config.log_every_steps = 50
-  config.eval_every_steps = 500
-  config.checkpoint_every_steps = 250
+  config.eval_every_steps = 300
+  config.checkpoint_every_steps = 150
   return config

@@ -1,12 +1,118 @@
-"""Process-level setup: CPU collectives and quieter library logs."""
+"""Process-level setup: JAX's multi-controller runtime, CPU collectives, quieter library logs.
 
+One process per host: TPU VM pod slices, SLURM and Open MPI jobs are detected by JAX itself; an
+explicit coordinator address / process count / process id (flags or environment) works anywhere,
+including several CPU processes on one machine over 127.0.0.1.
+"""
+
+import dataclasses
 import logging as py_logging
+import os
+from typing import Optional
 
 from absl import logging
 import jax
 
 # Libraries whose INFO lines drown the training log (orbax logs every file it writes).
 _CHATTY_PATHS = ('/orbax/', '/tensorflow_datasets/core/')
+# Environment variables that mean "this process is one of several" to JAX's cluster detection.
+_CLUSTER_ENV = {
+    'SLURM_NTASKS': 'SLURM',
+    'OMPI_COMM_WORLD_SIZE': 'Open MPI',
+    'TPU_WORKER_HOSTNAMES': 'TPU pod',
+}
+
+
+class DistributedSetupError(RuntimeError):
+  """A launch that cannot work (bad process id, unreachable coordinator...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSpec:
+  """How to join the runtime. All None -> auto-detect (or run as a single process)."""
+  coordinator_address: Optional[str] = None
+  num_processes: Optional[int] = None
+  process_id: Optional[int] = None
+  timeout_s: int = 300
+
+  @classmethod
+  def from_env(cls, **overrides) -> 'DistributedSpec':
+    """Fills unset fields from HAR_JAX_COORDINATOR / HAR_JAX_NUM_PROCESSES / HAR_JAX_PROCESS_ID."""
+    env = os.environ
+    values = {
+        'coordinator_address': env.get('HAR_JAX_COORDINATOR') or None,
+        'num_processes': int(env['HAR_JAX_NUM_PROCESSES']) if env.get(
+            'HAR_JAX_NUM_PROCESSES') else None,
+        'process_id': int(env['HAR_JAX_PROCESS_ID']) if env.get('HAR_JAX_PROCESS_ID') else None,
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**values)
+
+  @property
+  def explicit(self) -> bool:
+    return any(v is not None for v in (self.coordinator_address, self.num_processes,
+                                       self.process_id))
+
+  def validate(self):
+    if not self.explicit:
+      return
+    missing = [name for name in ('coordinator_address', 'num_processes', 'process_id')
+               if getattr(self, name) is None]
+    if missing:
+      raise DistributedSetupError(
+          f'Explicit multi-process launch needs --coordinator_address, --num_processes and '
+          f'--process_id together; missing: {", ".join(missing)}.')
+    if self.num_processes < 1:
+      raise DistributedSetupError(f'--num_processes={self.num_processes} must be >= 1.')
+    if not 0 <= self.process_id < self.num_processes:
+      raise DistributedSetupError(
+          f'--process_id={self.process_id} is out of range for --num_processes='
+          f'{self.num_processes}: use 0..{self.num_processes - 1}, one per process.')
+    if ':' not in self.coordinator_address:
+      raise DistributedSetupError(
+          f'--coordinator_address={self.coordinator_address!r} needs a port, e.g. '
+          '10.0.0.2:1234 (the address of process 0).')
+
+
+def detected_cluster() -> Optional[str]:
+  """The cluster JAX will auto-detect (several processes), or None."""
+  for var, name in _CLUSTER_ENV.items():
+    value = os.environ.get(var, '')
+    several = (len(value.split(',')) > 1) if var == 'TPU_WORKER_HOSTNAMES' else (
+        value.isdigit() and int(value) > 1)
+    if several:
+      return name
+  return None
+
+
+def initialize(spec: Optional[DistributedSpec] = None):
+  """Prepares JAX before any backend is created; joins the distributed runtime when needed."""
+  quiet_library_logs()
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  spec = spec or DistributedSpec.from_env()
+  spec.validate()
+  if spec.explicit:
+    if spec.num_processes > 1:
+      _initialize_distributed(spec, f'explicit, coordinator {spec.coordinator_address}')
+  elif detected_cluster():
+    _initialize_distributed(spec, f'{detected_cluster()} auto-detection')
+  logging.info('Process %d of %d: %d local devices, %d global devices (%s).',
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.devices()[0].platform)
+
+
+def _initialize_distributed(spec: DistributedSpec, how: str):
+  logging.info('Joining the JAX distributed runtime (%s).', how)
+  try:
+    jax.distributed.initialize(
+        coordinator_address=spec.coordinator_address, num_processes=spec.num_processes,
+        process_id=spec.process_id, initialization_timeout=spec.timeout_s)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DistributedSetupError(
+        f'Could not join the distributed runtime ({how}) within {spec.timeout_s} s: '
+        f'{type(e).__name__}: {e}. Check that process 0 is running and that the coordinator '
+        'address and port are reachable from this host, and that every process got the same '
+        '--num_processes.') from e
 
 
 class _QuietLibraries(py_logging.Filter):
@@ -22,12 +128,3 @@ def quiet_library_logs():
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
     handler.addFilter(_QuietLibraries())
-
-
-def initialize():
-  """Prepares JAX before any backend is created.
-
-  Selects gloo for CPU cross-process collectives (harmless on GPU/TPU, where it is unused).
-  """
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  quiet_library_logs()
