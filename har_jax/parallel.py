@@ -2,14 +2,28 @@
 
 from typing import Optional
 
-from flax import jax_utils
 import jax
 import numpy as np
 
 
+def local_device_sharding(devices: Optional[list] = None) -> jax.sharding.NamedSharding:
+  """Sharding of a `[num_local_devices, ...]` array over the local devices, one row each (pmap)."""
+  devices = devices or jax.local_devices()
+  mesh = jax.sharding.Mesh(np.array(devices), ('batch',))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('batch'))
+
+
 def replicate(tree, devices: Optional[list] = None):
-  """Copies a host pytree to every local device: leaves become `[num_devices, ...]` arrays."""
-  return jax_utils.replicate(tree, devices)
+  """Copies a host pytree to every local device: leaves become `[num_devices, ...]` arrays.
+
+  The layout is the one pmap outputs have (flax's replicate uses another mesh axis name, which
+  makes the first pmapped step compile twice).
+  """
+  devices = devices or jax.local_devices()
+  sharding = local_device_sharding(devices)
+  return jax.tree.map(
+      lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)),
+                               sharding), tree)
 
 
 def _first(x):

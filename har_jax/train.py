@@ -239,18 +239,6 @@ class NonFiniteGuard:
           'holds a non-finite state. Lower config.learning_rate or check the input data.')
 
 
-def replicate_state(state):
-  """Copies an unreplicated state to every local device with the sharding pmap outputs have.
-
-  (flax's replicate uses another mesh axis name, which makes the first train step compile twice.)
-  """
-  sharding = pipeline.local_device_sharding()
-  n = jax.local_device_count()
-  return jax.tree.map(
-      lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), sharding),
-      state)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from `workdir` if it holds checkpoints), evaluating periodically and at the end.
 
@@ -279,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info('Initialised the encoder from %s.', config.model.encoder_init)
   if initial_step >= config.num_train_steps:
     logging.info('Checkpoint is at step %d >= num_train_steps; only evaluating.', initial_step)
-  state = replicate_state(state)
+  state = parallel.replicate(state)
 
   model = build_model(config, info.num_classes, bn_axis_name='batch')
   p_train_step = jax.pmap(
@@ -289,7 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if initial_step == 0:
-    writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()})
+    writer.write_hparams(flatten_dict(config.to_dict()))
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                                     writer=writer)
   train_ds = pipeline.create_train_dataset(
@@ -371,11 +359,12 @@ def run_periodic_eval(p_eval_step, state, builder, config, split: str, info,
   return eval_lib.scalar_metrics(outputs, info.num_classes)
 
 
-def _flat(d: dict, prefix: str = '') -> dict:
+def flatten_dict(d: dict, prefix: str = '') -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1} (config dicts -> hparams / command-line override names)."""
   out = {}
   for k, v in d.items():
     if isinstance(v, dict):
-      out.update(_flat(v, f'{prefix}{k}.'))
+      out.update(flatten_dict(v, f'{prefix}{k}.'))
     else:
       out[f'{prefix}{k}'] = v
   return out

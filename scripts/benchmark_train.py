@@ -4,7 +4,7 @@ r"""Times the project's pmapped train step on synthetic input, against the measu
       --image_size=112 --steps=3 [--conv_impl=auto|xla|patches] [--remat] [--dtype=bfloat16]
 
 Builds the model, state and step with har_jax.train (build_model, create_train_state, train_step,
-replicate_state), compiles once (compile time reported), runs one warm-up step and then times
+parallel.replicate), compiles once (compile time reported), runs one warm-up step and then times
 `--steps` steps. FLOPs per step come from XLA's cost analysis of the step (see model_flops);
 the matmul peak is a square matmul in the same dtype on the same device, measured in the same run
 after the steps.
@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from har_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from har_jax import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
+from har_jax import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 from har_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config module.', lock_config=False)
@@ -141,7 +142,7 @@ def main(argv):
   learning_rate_fn = optim.create_learning_rate_fn(config)
   state = train.create_train_state(jax.random.PRNGKey(config.seed), config, num_classes,
                                    learning_rate_fn)
-  state = train.replicate_state(state)
+  state = parallel.replicate(state)
   p_train_step = _pmapped_step(config, num_classes, learning_rate_fn)
   batch = _batch(config, num_classes)
   flops = model_flops(config, num_classes, learning_rate_fn, state, batch)

@@ -164,12 +164,12 @@ def test_restore_onto_fewer_devices(tmp_path, tiny_config):
   manager.close()
 
 
-def test_replicate_state_matches_pmap_output_sharding():
+def test_replicate_matches_pmap_output_sharding():
   """Otherwise the first train step compiles twice (once per sharding)."""
   state = {'w': np.ones((3,), np.float32)}
   double = jax.pmap(lambda s: jax.tree.map(lambda x: x * 2, s), axis_name='batch')
-  out = double(train.replicate_state(state))
-  assert out['w'].sharding == train.replicate_state(state)['w'].sharding
+  out = double(parallel.replicate(state))
+  assert out['w'].sharding == parallel.replicate(state)['w'].sharding
 
 
 def test_preemption_notice_turns_sigterm_into_a_flag():

@@ -31,20 +31,10 @@ NUM_STEPS = 12
 RUN_TIMEOUT_S = 600
 
 
-def _flat(d: dict, prefix: str = '') -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
-
-
 def tiny_flags(data_dir, **overrides) -> list[str]:
   """conftest.make_tiny_config as --config.x=y flags over configs/synthetic.py."""
-  base = _flat(synthetic.get_config().to_dict())
-  tiny = _flat(conftest.make_tiny_config(data_dir, **overrides).to_dict())
+  base = train.flatten_dict(synthetic.get_config().to_dict())
+  tiny = train.flatten_dict(conftest.make_tiny_config(data_dir, **overrides).to_dict())
   return [f'--config.{k}={v}' for k, v in sorted(tiny.items()) if base.get(k) != v]
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from har_jax import parallel
 from har_jax.data import datasets
 from har_jax.data import stages
 
@@ -273,13 +274,6 @@ def shard(batch: dict, num_devices: int) -> dict:
   return {k: v.reshape((num_devices, -1) + v.shape[1:]) for k, v in batch.items()}
 
 
-def local_device_sharding(devices: Optional[list] = None) -> jax.sharding.NamedSharding:
-  """Sharding of a `[num_local_devices, ...]` array over the local devices, one row each (pmap)."""
-  devices = devices or jax.local_devices()
-  mesh = jax.sharding.Mesh(np.array(devices), ('batch',))
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('batch'))
-
-
 def device_iterator(dataset: tf.data.Dataset, *, size: int = 2,
                     devices: Optional[list] = None) -> Iterator[tuple[dict, dict]]:
   """Yields (device_batch, host_batch): device arrays sharded over the local devices.
@@ -288,7 +282,7 @@ def device_iterator(dataset: tf.data.Dataset, *, size: int = 2,
   current step runs. Host-only keys (strings) stay in host_batch.
   """
   devices = devices or jax.local_devices()
-  sharding = local_device_sharding(devices)
+  sharding = parallel.local_device_sharding(devices)
   queue = collections.deque()
 
   def put(batch):
