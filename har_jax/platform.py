@@ -8,6 +8,8 @@ including several CPU processes on one machine over 127.0.0.1.
 import dataclasses
 import logging as py_logging
 import os
+import socket
+import time
 from typing import Optional
 
 from absl import logging
@@ -101,8 +103,32 @@ def initialize(spec: Optional[DistributedSpec] = None):
                jax.device_count(), jax.devices()[0].platform)
 
 
+def wait_for_coordinator(address: str, timeout_s: float):
+  """Waits until a TCP connection to `address` (host:port) succeeds; raises after timeout_s.
+
+  JAX's client aborts the whole process (a C++ fatal error, no Python exception) when it cannot
+  register with the coordinator, so processes other than 0 check reachability first.
+  """
+  host, _, port = address.rpartition(':')
+  deadline = time.monotonic() + timeout_s
+  last_error = None
+  while time.monotonic() < deadline:
+    try:
+      with socket.create_connection((host.strip('[]'), int(port)), timeout=2.0):
+        return
+    except OSError as e:
+      last_error = e
+      time.sleep(0.5)
+  raise DistributedSetupError(
+      f'Could not join the distributed runtime: no coordinator answered at {address} within '
+      f'{timeout_s:g} s ({last_error}). Start process 0 (it hosts the coordinator) and check that '
+      'the address and port are reachable from this host.')
+
+
 def _initialize_distributed(spec: DistributedSpec, how: str):
   logging.info('Joining the JAX distributed runtime (%s).', how)
+  if spec.explicit and spec.process_id != 0:
+    wait_for_coordinator(spec.coordinator_address, spec.timeout_s)
   try:
     jax.distributed.initialize(
         coordinator_address=spec.coordinator_address, num_processes=spec.num_processes,

@@ -98,10 +98,14 @@ def build_keras_model(arch: str, weights: Optional[str] = 'imagenet'):
   return model
 
 
-def encoder_template(encoder: str, encoder_kwargs: Optional[dict] = None) -> dict:
-  """Shapes and dtypes of an encoder's {'params', 'batch_stats'}; nothing is computed."""
+def encoder_template(encoder: str, encoder_kwargs: Optional[dict] = None,
+                     image_size: int = 64) -> dict:
+  """Shapes and dtypes of an encoder's {'params', 'batch_stats'}; nothing is computed.
+
+  ResNets' shapes do not depend on image_size; small_cnn's spatial projection does.
+  """
   model = encoders.get_encoder_cls(encoder)(**(encoder_kwargs or {}))
-  x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
   return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
 

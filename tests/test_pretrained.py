@@ -163,7 +163,8 @@ def test_load_encoder_into_state_replaces_exactly_the_encoder(tiny_config, tmp_p
   config = tiny_config()
   state = train.create_train_state(jax.random.PRNGKey(0), config, 10,
                                    optim.create_learning_rate_fn(config))
-  encoder = _random_like(pretrained.encoder_template(config.model.encoder), seed=1)
+  encoder = _random_like(pretrained.encoder_template(config.model.encoder,
+                                                     image_size=config.image_size), seed=1)
   path = str(tmp_path / 'small_cnn')
   pretrained.save_encoder(path, encoder, {'encoder': 'small_cnn', 'encoder_kwargs': {},
                                           'preprocessing': 'imagenet'})
