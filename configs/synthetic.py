@@ -1,6 +1,6 @@
 r"""The built-in synthetic action set: runs anywhere, on a CPU, in minutes.
 
-Ten classes in five time-reversal pairs (move left/right, up/down, grow/shrink, rotate cw/ccw,
+Ten classes in five time-reversal pairs (move left/right, up/down, grow/shrink, orbit cw/ccw,
 brighten/darken), rendered procedurally and stored as JPEG frames like TFDS ucf101. Only temporal order
 separates the two classes of a pair, so a model that ignores order stays at 50% within each pair.
 Horizontal flips would turn "move left" into "move right", so this config does not flip.
