@@ -316,9 +316,3 @@ def _numpy_batches(dataset: tf.data.Dataset) -> Iterator[dict]:
           "rebuild the records: delete the dataset's version folder and rerun "
           'scripts/prepare_ucf101.py.') from e
     yield batch
-
-
-def as_numpy_batches(dataset: tf.data.Dataset) -> Iterator[dict]:
-  """Numpy batches, for tests and host-side tools."""
-  for batch in dataset.as_numpy_iterator():
-    yield {k: np.asarray(v) for k, v in batch.items()}
