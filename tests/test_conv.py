@@ -72,10 +72,10 @@ def _conv_grads(module_cls, x, *, features, kernel, strides, padding):
     (1, 1, 'VALID', 8),
     (3, 2, 'SAME', 8),
 ])
-@pytest.mark.parametrize('chunk_rows', [8192, 40])  # 40: a scan over batch chunks.
+@pytest.mark.parametrize('chunk_bytes', [4 << 20, 2000])  # 2000: a scan over batch chunks.
 def test_patches_conv_gradients_equal_nn_conv(monkeypatch, kernel, strides, padding, size,
-                                              chunk_rows):
-  monkeypatch.setattr(conv, '_CHUNK_ROWS', chunk_rows)
+                                              chunk_bytes):
+  monkeypatch.setattr(conv, '_CHUNK_BYTES', chunk_bytes)
   x = _normal(0, (6, size, size, 5))
   kwargs = dict(features=7, kernel=kernel, strides=strides, padding=padding)
   want_value, (want_vars, want_dx) = _conv_grads(nn.Conv, x, **kwargs)
@@ -88,9 +88,12 @@ def test_patches_conv_gradients_equal_nn_conv(monkeypatch, kernel, strides, padd
 
 
 def test_weight_grad_chunking():
-  assert conv._batch_chunk(128, 3136) == 2  # ResNet stem at 112x112: 56x56 outputs.
-  assert conv._batch_chunk(128, 16) == 128
-  assert conv._batch_chunk(7, 10_000) == 1
+  stem_patches = 56 * 56 * 7 * 7 * 3 * 4  # ResNet stem at 112x112, float32: 1.8 MiB per image.
+  assert conv.batch_chunk(128, stem_patches) == 2
+  assert conv.batch_chunk(128, 16) == 128
+  assert conv.batch_chunk(7, 10_000, budget=25_000) == 1  # 7 is prime: 1 or 7.
+  assert conv.batch_chunk(12, 10, budget=45) == 4
+  assert conv.batch_chunk(3, 10 << 20) == 1  # An image over the budget: one at a time.
 
 
 def test_unsupported_convolutions_fall_back_to_lax():

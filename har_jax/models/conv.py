@@ -1,19 +1,22 @@
 """Encoder convolutions: XLA's, or one whose weight gradient is fast on CPU.
 
-XLA:CPU runs forward and input-gradient convolutions near its matmul speed,
-but weight-gradient convolutions at 1-10 GFLOP/s (issue 7). `PatchesConv` is
-`nn.Conv` (same parameters, same forward) with a custom VJP whose weight
-gradient is a sum of per-tap matmuls,
+XLA:CPU runs forward and input-gradient convolutions at 40-100 GFLOP/s on the
+project's 2-core machine, but weight-gradient convolutions at 1-10 GFLOP/s
+(issue 7). `PatchesConv` is `nn.Conv` (same parameters, the same XLA forward
+and input gradient) with a custom VJP whose weight gradient is one matmul per
+chunk of images with their im2col patches,
 
-  dW[i, j] = sum_{n, h, w} x_pad[n, s*h + i, s*w + j, :]^T dy[n, h, w, :],
+  dW[(i, j, c), o] = sum_{n, h, w} x_pad[n, s*h + i, s*w + j, c] dy[n, h, w, o],
 
-one `[C, M] x [M, O]` matmul per kernel tap (i, j) over small chunks of the
-batch (M = chunk * Ho * Wo rows), so the shifted copies of x (the im2col
-patches, one tap at a time) stay in cache. The input gradient is XLA's.
+computed as `dy^T patches` (`[O, M] x [M, kh*kw*C]`, M = chunk * Ho * Wo) and
+summed over the chunks in a scan. A chunk's patches are ~4 MiB, so they stay
+in cache between their construction and their matmul; one im2col over the
+whole batch (hundreds of MiB) was measured slower than XLA.
 
 `conv_impl` selects the module: 'xla' (`nn.Conv`), 'patches' (`PatchesConv`)
 or 'auto' ('patches' on the CPU backend, 'xla' on GPU/TPU, where nothing has
-been measured to need it).
+been measured to need it). It also selects the ResNet stem's max pool (see
+pool.py), whose XLA gradient is just as slow on CPU.
 """
 
 import functools
@@ -27,9 +30,9 @@ import jax.numpy as jnp
 CONV_IMPLS = ('auto', 'xla', 'patches')
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
-# Rows of x per weight-gradient matmul chunk: chunk * Ho * Wo <= this. About
-# 1-3 MiB of float32 shifted input per tap, which stays in the L2/L3 cache.
-_CHUNK_ROWS = 8192
+# Bytes of im2col patches per chunk of images: the patches of one chunk stay in
+# the L2/L3 cache between their construction and their matmul.
+_CHUNK_BYTES = 4 << 20
 
 
 def resolve_conv_impl(impl: str, backend: Optional[str] = None) -> str:
@@ -58,34 +61,41 @@ def _xla_conv(x, w, strides, padding, precision):
                                   precision=precision)
 
 
-def _batch_chunk(n: int, rows_per_image: int) -> int:
-  """The largest divisor of n with divisor * rows_per_image <= _CHUNK_ROWS (>= 1)."""
-  best = 1
-  for d in range(1, n + 1):
-    if n % d == 0 and d * rows_per_image <= _CHUNK_ROWS:
-      best = d
-  return best
+def batch_chunk(n: int, bytes_per_image: int, budget: Optional[int] = None) -> int:
+  """The largest divisor d of n with d * bytes_per_image <= budget (default
+  _CHUNK_BYTES); at least 1."""
+  budget = _CHUNK_BYTES if budget is None else budget
+  return max([d for d in range(1, n + 1) if n % d == 0 and d * bytes_per_image <= budget] or [1])
 
 
-def _taps_weight_grad(xp: jnp.ndarray, dy: jnp.ndarray, kernel_hw: Sequence[int],
-                      strides: Sequence[int]) -> jnp.ndarray:
-  """`[n, Hp, Wp, C]` padded input, `[n, Ho, Wo, O]` -> `[kh, kw, C, O]` float32."""
-  (kh, kw), (sh, sw) = kernel_hw, strides
-  _, ho, wo, out = dy.shape
-  d = dy.reshape(-1, out)
-  grads = []
-  for i in range(kh):
-    for j in range(kw):
-      tap = xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
-      grads.append(lax.dot_general(tap.reshape(-1, xp.shape[-1]), d,
-                                   (((0,), (0,)), ((), ())),
-                                   preferred_element_type=jnp.float32))
-  return jnp.stack(grads).reshape(kh, kw, xp.shape[-1], out)
+def _patches(xp: jnp.ndarray, kernel_hw: Sequence[int], strides: Sequence[int],
+             out_hw: Sequence[int]) -> jnp.ndarray:
+  """im2col: `[n, Hp, Wp, C]` padded input -> `[n * Ho * Wo, kh * kw * C]`, taps
+  in (i, j, c) order, the row order of an HWIO kernel reshaped to `[kh*kw*C, O]`."""
+  (kh, kw), (sh, sw), (ho, wo) = kernel_hw, strides, out_hw
+  taps = [xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+          for i in range(kh) for j in range(kw)]
+  cols = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+  return cols.reshape(-1, kh * kw * xp.shape[-1])
+
+
+def _geometry(x, w_shape, strides, padding):
+  """(padded x, (Ho, Wo), chunk): the chunk of images whose patches fit _CHUNK_BYTES."""
+  xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  (kh, kw), (sh, sw) = w_shape[:2], strides
+  out_hw = ((xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1)
+  patch_bytes = out_hw[0] * out_hw[1] * kh * kw * x.shape[-1] * x.dtype.itemsize
+  return xp, out_hw, batch_chunk(x.shape[0], patch_bytes)
+
+
+def _in_chunks(xp: jnp.ndarray, chunk: int) -> jnp.ndarray:
+  return xp.reshape((xp.shape[0] // chunk, chunk) + xp.shape[1:])
 
 
 def weight_grad(x: jnp.ndarray, dy: jnp.ndarray, kernel_hw: Sequence[int],
                 strides: Sequence[int], padding: Sequence[tuple[int, int]]) -> jnp.ndarray:
-  """The gradient of an NHWC/HWIO convolution with respect to its kernel.
+  """The gradient of an NHWC/HWIO convolution with respect to its kernel:
+  `patches^T dy`, one `[kh*kw*C, M] x [M, O]` matmul per chunk of images.
 
   Args:
     x: `[N, H, W, C]` input.
@@ -97,17 +107,24 @@ def weight_grad(x: jnp.ndarray, dy: jnp.ndarray, kernel_hw: Sequence[int],
   Returns:
     `[kh, kw, C, O]` in x.dtype, accumulated in float32.
   """
-  xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-  n, ho, wo = dy.shape[:3]
-  chunk = _batch_chunk(n, ho * wo)
-  grad_fn = functools.partial(_taps_weight_grad, kernel_hw=kernel_hw, strides=strides)
-  if chunk == n:
-    return grad_fn(xp, dy).astype(x.dtype)
-  xs = xp.reshape((n // chunk, chunk) + xp.shape[1:])
-  dys = dy.reshape((n // chunk, chunk) + dy.shape[1:])
-  init = jnp.zeros(tuple(kernel_hw) + (x.shape[-1], dy.shape[-1]), jnp.float32)
-  total, _ = lax.scan(lambda acc, xy: (acc + grad_fn(*xy), None), init, (xs, dys))
-  return total.astype(x.dtype)
+  kernel_shape = tuple(kernel_hw) + (x.shape[-1], dy.shape[-1])
+  xp, out_hw, chunk = _geometry(x, kernel_shape, strides, padding)
+
+  def one_chunk(xc, dyc):
+    # dy^T patches ([O, K], measured 5-20% faster on XLA:CPU than patches^T dy).
+    cols = _patches(xc, kernel_hw, strides, out_hw)
+    return lax.dot_general(dyc.reshape(-1, dy.shape[-1]), cols, (((0,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32)
+
+  if chunk == x.shape[0]:
+    total = one_chunk(xp, dy)
+  else:
+    init = jnp.zeros((dy.shape[-1], kernel_shape[0] * kernel_shape[1] * kernel_shape[2]),
+                     jnp.float32)
+    total, _ = lax.scan(lambda acc, xy: (acc + one_chunk(*xy), None), init,
+                        (_in_chunks(xp, chunk), _in_chunks(dy, chunk)))
+  total = total.T
+  return total.reshape(kernel_shape).astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))

@@ -9,6 +9,8 @@ Every encoder is a flax.linen module with the same attributes:
     that a custom-VJP convolution can be injected. It is called with the
     `nn.Conv` signature: `conv(features, kernel_size, strides=..., padding=...,
     use_bias=False, dtype=..., param_dtype=..., kernel_init=..., name=...)`.
+ResNets also have `max_pool` (default `nn.max_pool`, called as
+`max_pool(x, window_shape, strides=..., padding=...)`) for the stem's pool.
 and is called as `encoder(x, train=...)`. None has a classifier head.
 
 `ENCODERS` maps config names to classes. It is a plain dict: nothing is
@@ -172,6 +174,7 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
   conv: ModuleDef = nn.Conv
+  max_pool: Callable = nn.max_pool
 
   @property
   def feature_dim(self) -> int:
@@ -186,7 +189,7 @@ class ResNet(nn.Module):
              name='stem_conv')(x)
     x = nn.relu(norm(name='stem_bn')(x))
     # Pads with -inf; after the ReLU this equals Keras' zero padding.
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
+    x = self.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         x = self.block_cls(

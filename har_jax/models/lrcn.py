@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from har_jax.models import conv as conv_lib
 from har_jax.models import encoders
+from har_jax.models import pool as pool_lib
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, in [0, 1] units.
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,9 +40,11 @@ class LRCN(nn.Module):
       compute in float32; all parameters are float32.
     bn_axis_name: pmap axis over which BatchNorm averages batch statistics.
     remat: rematerialise the encoder's activations in the backward pass.
-    conv_impl: the encoder's convolutions, one of `conv.CONV_IMPLS`: 'xla'
-      (nn.Conv), 'patches' (fast weight gradient on CPU) or 'auto' ('patches'
-      on the CPU backend, 'xla' elsewhere). Same parameters for all.
+    conv_impl: the encoder's convolutions and max pool, one of
+      `conv.CONV_IMPLS`: 'xla' (nn.Conv, nn.max_pool), 'patches' (custom
+      gradients that are fast on XLA:CPU: conv.PatchesConv, pool.max_pool) or
+      'auto' ('patches' on the CPU backend, 'xla' elsewhere). Same parameters
+      and values for all.
     encoder_kwargs: extra encoder attributes as (name, value) pairs, e.g.
       (('stride_on_1x1', True),) for Keras-style ResNet-50 blocks.
   """
@@ -83,10 +86,13 @@ class LRCN(nn.Module):
     batch, time = video.shape[:2]
     frames = self.normalise(video).reshape((batch * time,) + video.shape[2:])
 
-    encoder = encoders.get_encoder_cls(self.encoder)(
-        dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-        conv=conv_lib.conv_module(self.conv_impl), name='encoder',
-        **dict(self.encoder_kwargs))
+    encoder_cls = encoders.get_encoder_cls(self.encoder)
+    impl = conv_lib.resolve_conv_impl(self.conv_impl)
+    ops = {'conv': conv_lib.conv_module(impl)}
+    if 'max_pool' in encoder_cls.__dataclass_fields__:
+      ops['max_pool'] = pool_lib.max_pool_fn(impl)
+    encoder = encoder_cls(dtype=self.dtype, bn_axis_name=self.bn_axis_name, name='encoder',
+                          **ops, **dict(self.encoder_kwargs))
     if self.remat:
       features = nn.remat(lambda mdl, x: mdl(x, train=train))(encoder, frames)
     else:

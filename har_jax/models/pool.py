@@ -1,0 +1,153 @@
+"""Max pooling whose gradient is fast on XLA:CPU.
+
+JAX differentiates `lax.reduce_window(max)` through XLA's select-and-scatter,
+which XLA:CPU lowers to a variadic reduce-window carrying four s32 index
+arrays, index iotas and a scatter: for the ResNet stem's 3x3/2 pool over
+128 frames of 56x56x64 that is ~0.75 s of a ~6 s CPU train step (issue 7).
+
+`max_pool` has the same forward (the same `reduce_window`) and the same
+gradient, written with elementwise ops, contiguous slices and one interleave:
+
+- forward under differentiation: the maximum (equal to reduce_window's) and the index of the first
+  window tap that holds it (row-major order, the tap select-and-scatter
+  picks: it keeps the current element unless a later one is strictly
+  greater), computed from the s x s phases of the padded input (the input
+  reshaped to `[N, Hq, s, Wq, s, C]`, so every tap is a contiguous slice);
+- backward: for each output phase (p, q) the sum of `dy` shifted from the
+  taps (i, j) with i % s == p and j % s == q, then the s*s phase planes are
+  interleaved by one stack + reshape and the padding is cut off.
+
+Ties route the gradient to the first maximal tap, as XLA does (after a ReLU
+ties at 0 are common), so gradients are equal up to float summation order
+where windows overlap. Eval (no differentiation) runs the plain reduce_window.
+"""
+
+import functools
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from har_jax.models import conv as conv_lib
+
+
+def _window_pads(padding):
+  return ((0, 0),) + tuple(tuple(p) for p in padding) + ((0, 0),)
+
+
+def _reduce_window_max(x, window, strides, padding):
+  return lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), lax.max, (1,) + window + (1,),
+                           (1,) + strides + (1,), _window_pads(padding))
+
+
+def _phase_geometry(x_shape, out_shape, window, strides, padding):
+  """(Hq, Wq): phase-grid size covering the padded input and every tap."""
+  (kh, kw), (sh, sw) = window, strides
+  hp = x_shape[1] + sum(padding[0])
+  wp = x_shape[2] + sum(padding[1])
+  hq = max(-(-hp // sh), out_shape[1] + (kh - 1) // sh)
+  wq = max(-(-wp // sw), out_shape[2] + (kw - 1) // sw)
+  return hq, wq
+
+
+def _phases(x, hq, wq, strides, padding):
+  """`[N, H, W, C]` -> `[N, Hq, sh, Wq, sw, C]` padded with -inf (bitcast reshape)."""
+  (sh, sw), (pt, pl) = strides, (padding[0][0], padding[1][0])
+  n, h, w, c = x.shape
+  xp = jnp.pad(x, ((0, 0), (pt, hq * sh - h - pt), (pl, wq * sw - w - pl), (0, 0)),
+               constant_values=-jnp.inf)
+  return xp.reshape(n, hq, sh, wq, sw, c)
+
+
+def _tap(xr, i, j, ho, wo, strides):
+  """Window tap (i, j) for every output position: `[N, Ho, Wo, C]`."""
+  sh, sw = strides
+  return xr[:, i // sh:i // sh + ho, i % sh, j // sw:j // sw + wo, j % sw]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x, window, strides, padding):
+  return _reduce_window_max(x, window, strides, padding)
+
+
+def _max_pool_fwd(x, window, strides, padding):
+  out_shape = jax.eval_shape(
+      functools.partial(_reduce_window_max, window=window, strides=strides, padding=padding),
+      x).shape
+  hq, wq = _phase_geometry(x.shape, out_shape, window, strides, padding)
+  xr = _phases(x, hq, wq, strides, padding)
+  ho, wo = out_shape[1:3]
+  kh, kw = window
+  def first_and_max(xr):
+    first, best = jnp.zeros((xr.shape[0], ho, wo, xr.shape[-1]), jnp.int8), None
+    for k in range(kh * kw):
+      tap = _tap(xr, k // kw, k % kw, ho, wo, strides)
+      if best is not None:
+        first = jnp.where(tap > best, jnp.int8(k), first)
+      best = tap if best is None else jnp.maximum(best, tap)
+    return first, best
+
+  # Computed per chunk of images in a loop, so that `first` is materialised:
+  # as plain elementwise ops XLA fuses it into the backward loop, which then
+  # re-evaluates it for every tap (~4x slower).
+  n = x.shape[0]
+  chunk = conv_lib.batch_chunk(n, xr[0].size * x.dtype.itemsize)
+  first, best = lax.map(first_and_max, xr.reshape((n // chunk, chunk) + xr.shape[1:]))
+  first = first.reshape(out_shape)
+  best = best.reshape(out_shape)
+  return best, (first, x.shape)
+
+
+def _max_pool_bwd(window, strides, padding, residuals, dy):
+  first, x_shape = residuals
+  (kh, kw), (sh, sw) = window, strides
+  n, ho, wo, c = dy.shape
+  hq, wq = _phase_geometry(x_shape, dy.shape, window, strides, padding)
+  zero = jnp.zeros((), dy.dtype)
+  rows = []
+  for p in range(sh):
+    planes = []
+    for q in range(sw):
+      plane = jnp.zeros((n, hq, wq, c), dy.dtype)
+      for i in range(p, kh, sh):
+        for j in range(q, kw, sw):
+          part = jnp.where(first == i * kw + j, dy, zero)
+          a, b = i // sh, j // sw
+          plane = plane + jnp.pad(part, ((0, 0), (a, hq - ho - a), (b, wq - wo - b), (0, 0)))
+      planes.append(plane)
+    rows.append(jnp.stack(planes, axis=3))  # [N, Hq, Wq, sw, C]
+  dxp = jnp.stack(rows, axis=2).reshape(n, hq * sh, wq * sw, c)
+  (pt, pl), (h, w) = (padding[0][0], padding[1][0]), x_shape[1:3]
+  return (dxp[:, pt:pt + h, pl:pl + w],)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool(x: jnp.ndarray, window_shape: Sequence[int], strides: Sequence[int],
+             padding: Sequence[tuple[int, int]]) -> jnp.ndarray:
+  """`nn.max_pool` for `[N, H, W, C]` with explicit padding, fast gradient (module doc).
+
+  Args:
+    x: `[N, H, W, C]` floating point.
+    window_shape: (kh, kw).
+    strides: (sh, sw).
+    padding: ((top, bottom), (left, right)), non-negative; padded positions
+      hold -inf, as in nn.max_pool.
+  """
+  if x.ndim != 4 or len(window_shape) != 2 or len(strides) != 2 or isinstance(padding, str):
+    raise ValueError('max_pool takes [N, H, W, C] input, 2D window and strides and explicit '
+                     f'padding; got x.shape={x.shape}, window_shape={window_shape}, '
+                     f'strides={strides}, padding={padding!r}')
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if any(p < 0 for pair in padding for p in pair):
+    raise ValueError(f'max_pool padding must be non-negative; got {padding}')
+  return _max_pool(x, tuple(window_shape), tuple(strides), padding)
+
+
+def max_pool_fn(impl: str) -> Callable:
+  """The max-pool function for a resolved conv_impl: nn.max_pool for 'xla',
+  max_pool for 'patches' (the CPU-fast custom gradients)."""
+  return {'xla': nn.max_pool, 'patches': max_pool}[impl]
