@@ -55,9 +55,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.num_lstm_layers = 1
   config.model.dropout_rate = 0.5
   config.model.temporal_pooling = 'mean'
-  config.model.remat = False  # Rematerialise the encoder in the backward pass (less memory).
-  # Convolutions: 'auto' = weight gradients as per-tap matmuls on CPU (1.5x faster there), plain
-  # XLA convolutions on GPU/TPU | 'xla' | 'patches'. See benchmarks/RESULTS.md.
+  # Rematerialise the encoder in the backward pass, per residual block for ResNets: less activation
+  # memory on GPU/TPU for long clips. No saving on CPU (XLA:CPU drops remat's barriers).
+  config.model.remat = False
+  # Convolutions and max pool: 'auto' = custom gradients that are fast on XLA:CPU ('patches': im2col
+  # weight gradients, routed max-pool gradient) on CPU, plain XLA on GPU/TPU | 'xla' | 'patches'.
+  # See benchmarks/RESULTS.md.
   config.model.conv_impl = 'auto'
   config.model.preprocessing = 'imagenet'  # 'imagenet' (RGB, mean/std) | 'caffe' (Keras ResNet50).
   config.model.encoder_kwargs = {}  # Extra encoder attributes, e.g. {'stride_on_1x1': True}.

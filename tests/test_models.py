@@ -281,6 +281,34 @@ def test_remat_keeps_the_param_tree_and_logits(lrcn_last):
       logits, rtol=1e-5, atol=1e-6)
 
 
+def test_resnet_remat_is_per_block_same_gradients_less_memory():
+  """remat on a ResNet: one checkpoint per residual block and the same gradients. The recomputation
+  is fenced by optimization barriers in the lowered program; GPU/TPU keep them, XLA:CPU removes
+  them before fusion, so on CPU the step's temp memory does not shrink (not asserted here)."""
+  plain = models.LRCN(encoder='resnet18', num_classes=5, lstm_size=8, dropout_rate=0.0,
+                      conv_impl='xla')
+  remat = plain.clone(remat=True)
+  video = _video(7, (2, 4, 64, 64, 3))
+  variables = _fake_variables(plain, video)
+
+  def grad_fn(model):
+    def loss(params):
+      logits, _ = model.apply({**variables, 'params': params}, video, train=True,
+                              mutable=['batch_stats'])
+      return jnp.sum(jnp.sin(logits))
+    return jax.jit(jax.grad(loss))
+
+  jaxpr = str(jax.make_jaxpr(grad_fn(remat))(variables['params']))
+  assert jaxpr.count('checkpoint[') + jaxpr.count('remat') >= 8  # 8 BasicBlocks.
+  want, got = grad_fn(plain)(variables['params']), grad_fn(remat)(variables['params'])
+  for path, g in jax.tree_util.tree_leaves_with_path(got):
+    w = functools.reduce(lambda t, k: t[k.key], path, want)
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  lowered = grad_fn(remat).lower(variables['params']).as_text()
+  assert lowered.count('optimization_barrier') >= 8
+  assert 'optimization_barrier' not in grad_fn(plain).lower(variables['params']).as_text()
+
+
 @pytest.mark.parametrize('conv_impl', ['xla', 'patches'])
 def test_bfloat16_loss_and_gradients_agree_with_float32(conv_impl):
   """Mixed precision: bf16 encoder, f32 params, LSTM and loss, close to the f32 model."""

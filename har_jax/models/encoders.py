@@ -175,6 +175,9 @@ class ResNet(nn.Module):
   bn_axis_name: Optional[str] = None
   conv: ModuleDef = nn.Conv
   max_pool: Callable = nn.max_pool
+  # Rematerialise each residual block in the backward pass: only block inputs are kept from the
+  # forward pass, so peak activation memory is about one block's instead of the whole network's.
+  remat_blocks: bool = False
 
   @property
   def feature_dim(self) -> int:
@@ -190,9 +193,10 @@ class ResNet(nn.Module):
     x = nn.relu(norm(name='stem_bn')(x))
     # Pads with -inf; after the ReLU this equals Keras' zero padding.
     x = self.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
+    block_cls = nn.remat(self.block_cls) if self.remat_blocks else self.block_cls
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
-        x = self.block_cls(
+        x = block_cls(
             filters=self.num_filters * 2**i,
             conv=conv,
             norm=norm,

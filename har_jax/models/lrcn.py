@@ -39,7 +39,9 @@ class LRCN(nn.Module):
     dtype: computation dtype of the encoder. The LSTM and the head always
       compute in float32; all parameters are float32.
     bn_axis_name: pmap axis over which BatchNorm averages batch statistics.
-    remat: rematerialise the encoder's activations in the backward pass.
+    remat: rematerialise the encoder's activations in the backward pass:
+      per residual block for ResNets (peak activation memory of about one
+      block), the whole encoder at once otherwise.
     conv_impl: the encoder's convolutions and max pool, one of
       `conv.CONV_IMPLS`: 'xla' (nn.Conv, nn.max_pool), 'patches' (custom
       gradients that are fast on XLA:CPU: conv.PatchesConv, pool.max_pool) or
@@ -88,12 +90,16 @@ class LRCN(nn.Module):
 
     encoder_cls = encoders.get_encoder_cls(self.encoder)
     impl = conv_lib.resolve_conv_impl(self.conv_impl)
+    fields = encoder_cls.__dataclass_fields__
     ops = {'conv': conv_lib.conv_module(impl)}
-    if 'max_pool' in encoder_cls.__dataclass_fields__:
+    if 'max_pool' in fields:
       ops['max_pool'] = pool_lib.max_pool_fn(impl)
+    remat_blocks = self.remat and 'remat_blocks' in fields
+    if remat_blocks:
+      ops['remat_blocks'] = True
     encoder = encoder_cls(dtype=self.dtype, bn_axis_name=self.bn_axis_name, name='encoder',
                           **ops, **dict(self.encoder_kwargs))
-    if self.remat:
+    if self.remat and not remat_blocks:
       features = nn.remat(lambda mdl, x: mdl(x, train=train))(encoder, frames)
     else:
       features = encoder(frames, train=train)

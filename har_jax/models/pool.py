@@ -13,9 +13,9 @@ gradient, written with elementwise ops, contiguous slices and one interleave:
   picks: it keeps the current element unless a later one is strictly
   greater), computed from the s x s phases of the padded input (the input
   reshaped to `[N, Hq, s, Wq, s, C]`, so every tap is a contiguous slice);
-- backward: for each output phase (p, q) the sum of `dy` shifted from the
-  taps (i, j) with i % s == p and j % s == q, then the s*s phase planes are
-  interleaved by one stack + reshape and the padding is cut off.
+- backward: `conv.col2im` of `dy` masked per tap (for each output phase
+  (p, q) the sum of the shifted taps (i, j) with i % s == p and j % s == q,
+  the s*s phase planes interleaved by one stack + reshape), padding cut off.
 
 Ties route the gradient to the first maximal tap, as XLA does (after a ReLU
 ties at 0 are common), so gradients are equal up to float summation order
@@ -44,12 +44,7 @@ def _reduce_window_max(x, window, strides, padding):
 
 def _phase_geometry(x_shape, out_shape, window, strides, padding):
   """(Hq, Wq): phase-grid size covering the padded input and every tap."""
-  (kh, kw), (sh, sw) = window, strides
-  hp = x_shape[1] + sum(padding[0])
-  wp = x_shape[2] + sum(padding[1])
-  hq = max(-(-hp // sh), out_shape[1] + (kh - 1) // sh)
-  wq = max(-(-wp // sw), out_shape[2] + (kw - 1) // sw)
-  return hq, wq
+  return conv_lib.phase_grid(x_shape[1:3], out_shape[1:3], window, strides, padding)
 
 
 def _phases(x, hq, wq, strides, padding):
@@ -102,23 +97,11 @@ def _max_pool_fwd(x, window, strides, padding):
 
 def _max_pool_bwd(window, strides, padding, residuals, dy):
   first, x_shape = residuals
-  (kh, kw), (sh, sw) = window, strides
-  n, ho, wo, c = dy.shape
-  hq, wq = _phase_geometry(x_shape, dy.shape, window, strides, padding)
+  kw = window[1]
+  grid = _phase_geometry(x_shape, dy.shape, window, strides, padding)
   zero = jnp.zeros((), dy.dtype)
-  rows = []
-  for p in range(sh):
-    planes = []
-    for q in range(sw):
-      plane = jnp.zeros((n, hq, wq, c), dy.dtype)
-      for i in range(p, kh, sh):
-        for j in range(q, kw, sw):
-          part = jnp.where(first == i * kw + j, dy, zero)
-          a, b = i // sh, j // sw
-          plane = plane + jnp.pad(part, ((0, 0), (a, hq - ho - a), (b, wq - wo - b), (0, 0)))
-      planes.append(plane)
-    rows.append(jnp.stack(planes, axis=3))  # [N, Hq, Wq, sw, C]
-  dxp = jnp.stack(rows, axis=2).reshape(n, hq * sh, wq * sw, c)
+  dxp = conv_lib.col2im(lambda i, j: jnp.where(first == i * kw + j, dy, zero), window, strides,
+                        grid)
   (pt, pl), (h, w) = (padding[0][0], padding[1][0]), x_shape[1:3]
   return (dxp[:, pt:pt + h, pl:pl + w],)
 
