@@ -9,10 +9,10 @@ Command (generates the dataset into data/ on first use):
 
   python main.py --config=configs/synthetic.py --workdir=workdirs/synthetic
 
-Expected result: 98.7% top-1 on the 600-video test split (97.5% on the validation split) after 900
-steps, in 6 min 09 s of wall time on the 2-core CPU machine, data generation (28.5 s) included
-(measured 2026-11-26; benchmarks/RESULTS.md). With frames shuffled in time, accuracy within the
-reversal pairs falls to 56.7% (chance 50%).
+Expected result: 98.0% top-1 on the 600-video test split (97.9% on the validation split) after 900
+steps, in about 4 min of wall time on the 2-core CPU machine: 3 min 32 s of training and evaluation
+plus 28.5 s of data generation on first use (measured 2026-11-26; benchmarks/RESULTS.md). With frames shuffled in time, accuracy within the
+reversal pairs falls to 56.8% (chance 50%).
 """
 
 import ml_collections

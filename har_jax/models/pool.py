@@ -75,12 +75,14 @@ def _max_pool_fwd(x, window, strides, padding):
   xr = _phases(x, hq, wq, strides, padding)
   ho, wo = out_shape[1:3]
   kh, kw = window
+  index_dtype = jnp.int8 if kh * kw <= 127 else jnp.int32
+
   def first_and_max(xr):
-    first, best = jnp.zeros((xr.shape[0], ho, wo, xr.shape[-1]), jnp.int8), None
+    first, best = jnp.zeros((xr.shape[0], ho, wo, xr.shape[-1]), index_dtype), None
     for k in range(kh * kw):
       tap = _tap(xr, k // kw, k % kw, ho, wo, strides)
       if best is not None:
-        first = jnp.where(tap > best, jnp.int8(k), first)
+        first = jnp.where(tap > best, jnp.asarray(k, index_dtype), first)
       best = tap if best is None else jnp.maximum(best, tap)
     return first, best
 
@@ -90,9 +92,7 @@ def _max_pool_fwd(x, window, strides, padding):
   n = x.shape[0]
   chunk = conv_lib.batch_chunk(n, xr[0].size * x.dtype.itemsize)
   first, best = lax.map(first_and_max, xr.reshape((n // chunk, chunk) + xr.shape[1:]))
-  first = first.reshape(out_shape)
-  best = best.reshape(out_shape)
-  return best, (first, x.shape)
+  return best.reshape(out_shape), (first.reshape(out_shape), x.shape)
 
 
 def _max_pool_bwd(window, strides, padding, residuals, dy):
