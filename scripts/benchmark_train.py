@@ -1,15 +1,18 @@
 r"""Times the project's pmapped train step on synthetic input, against the measured matmul peak.
 
   python scripts/benchmark_train.py --config=configs/default.py --batch_size=8 --num_frames=16 \
-      --image_size=112 --steps=3 [--conv_impl=auto|xla|patches] [--remat] [--dtype=bfloat16]
+      --image_size=112 --steps=3 [--conv_impl=auto|xla|patches] [--remat] [--dtype=bfloat16] \
+      [--compare_conv_impl=xla]
 
 Builds the model, state and step with har_jax.train (build_model, create_train_state, train_step,
 parallel.replicate), compiles once (compile time reported), runs one warm-up step and then times
 `--steps` steps. FLOPs per step come from XLA's cost analysis of the step (see model_flops);
 the matmul peak is a square matmul in the same dtype on the same device, measured in the same run
 after the steps.
-Peak host memory is the process's maximum resident set (resource.getrusage); XLA's temp buffer size
-of the step is printed next to it. The last line is
+Peak host memory is the process's maximum resident set (resource.getrusage; with
+--compare_conv_impl it covers both steps); XLA's temp buffer size of the step is printed next to it.
+--compare_conv_impl=xla also compiles the step with plain XLA ops and alternates the two step by step,
+printing `compare: ... speedup=<x>` (the median of the per-pair ratios). The last line is
 
   clips_per_s=<x> step_s=<y> gflops_per_s=<z> fraction_of_matmul_peak=<w>
 
@@ -47,6 +50,10 @@ _CONV = flags.DEFINE_enum('conv_impl', None, list(models.CONV_IMPLS),
 _REMAT = flags.DEFINE_bool('remat', None, 'Overrides config.model.remat.')
 _DTYPE = flags.DEFINE_string('dtype', None, 'Overrides config.dtype.')
 _MATMUL = flags.DEFINE_integer('matmul_size', 2048, 'Side of the square peak matmul.')
+_COMPARE = flags.DEFINE_enum(
+    'compare_conv_impl', None, list(models.CONV_IMPLS),
+    'Also compile the step with this conv_impl and alternate the two step by step in this process '
+    '(the fairest ratio on a shared machine); prints a `compare:` line with the speed-up.')
 
 
 def _apply_overrides(config):
@@ -127,6 +134,19 @@ def _time_steps(step_fn, state, batch, steps: int) -> tuple[object, list[float]]
   return state, times
 
 
+def _compile(config, num_classes: int, learning_rate_fn, batch):
+  """(replicated state, compiled step, compile seconds, XLA temp GiB) for `config`."""
+  state = train.create_train_state(jax.random.PRNGKey(config.seed), config, num_classes,
+                                   learning_rate_fn)
+  state = parallel.replicate(state)
+  t0 = time.perf_counter()
+  compiled = _pmapped_step(config, num_classes, learning_rate_fn).lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  memory = compiled.memory_analysis()
+  temp_gib = getattr(memory, 'temp_size_in_bytes', 0) / 2**30 if memory is not None else 0.0
+  return state, compiled, compile_s, temp_gib
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
@@ -140,23 +160,38 @@ def main(argv):
         f'encoder={config.model.encoder}', flush=True)
 
   learning_rate_fn = optim.create_learning_rate_fn(config)
-  state = train.create_train_state(jax.random.PRNGKey(config.seed), config, num_classes,
-                                   learning_rate_fn)
-  state = parallel.replicate(state)
-  p_train_step = _pmapped_step(config, num_classes, learning_rate_fn)
   batch = _batch(config, num_classes)
+  state, compiled, compile_s, temp_gib = _compile(config, num_classes, learning_rate_fn, batch)
   flops = model_flops(config, num_classes, learning_rate_fn, state, batch)
   flops *= jax.local_device_count()
-
-  t0 = time.perf_counter()
-  compiled = p_train_step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t0
-  memory = compiled.memory_analysis()
-  temp_gib = getattr(memory, 'temp_size_in_bytes', 0) / 2**30 if memory is not None else 0.0
-
   state, _ = _time_steps(compiled, state, batch, 1)  # Warm-up.
-  state, times = _time_steps(compiled, state, batch, _STEPS.value)
+
+  other = None
+  if _COMPARE.value:
+    other_config = config.copy_and_resolve_references()
+    other_config.model.conv_impl = _COMPARE.value
+    other = list(_compile(other_config, num_classes, learning_rate_fn, batch))
+    other[0], _ = _time_steps(other[1], other[0], batch, 1)  # Warm-up.
+    print(f'compare: conv_impl={_COMPARE.value}->{models.resolve_conv_impl(_COMPARE.value)} '
+          f'compile_s={other[2]:.1f} xla_temp_gib={other[3]:.2f}', flush=True)
+
+  times, other_times = [], []
+  for _ in range(_STEPS.value):  # Alternating, so that both see the same machine load.
+    state, (t,) = _time_steps(compiled, state, batch, 1)
+    times.append(t)
+    if other is not None:
+      other[0], (t,) = _time_steps(other[1], other[0], batch, 1)
+      other_times.append(t)
   step_s = float(np.median(times))
+  if other is not None:
+    ratios = np.asarray(other_times) / np.asarray(times)
+    other_s = float(np.median(other_times))
+    print(f'compare: conv_impl={_COMPARE.value} step_s={other_s:.3f} '
+          f'clips_per_s={config.batch_size / other_s:.3f} '
+          f'step_times_s={",".join(f"{t:.2f}" for t in other_times)} '
+          f'speedup={np.median(ratios):.3f} speedup_min={ratios.min():.3f} '
+          f'speedup_max={ratios.max():.3f} (the config\'s conv_impl over {_COMPARE.value}, '
+          f'median of per-pair ratios)', flush=True)
   peak = matmul_peak(jnp.dtype(config.dtype), _MATMUL.value) * jax.local_device_count()
   rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux.
 
