@@ -11,8 +11,8 @@ Command (build the records first, see README "UCF101"):
 Expected result: not yet measured on UCF101 by this project. CNN+LSTM models trained from scratch on
 UCF101 reach about 45-55% top-1 in the literature; an ImageNet-initialised encoder is what gives the
 published LRCN figures (see configs/ucf101_resnet50_imagenet.py). Runtime on a CPU is impractical
-(about 20-30 s per step of 8 clips on a shared 2-core machine; see benchmarks/RESULTS.md); use a GPU
-or TPU.
+(about 6 s per step of 8 clips on the 2-core machine, so ~24 s per step of the default 32; see
+benchmarks/RESULTS.md); use a GPU or TPU.
 """
 
 import ml_collections
