@@ -90,14 +90,15 @@ def _geometry(x, w_shape, strides, padding):
   return xp, out_hw, batch_chunk(x.shape[0], patch_bytes)
 
 
-def _in_chunks(xp: jnp.ndarray, chunk: int) -> jnp.ndarray:
+def in_chunks(xp: jnp.ndarray, chunk: int) -> jnp.ndarray:
+  """`[N, ...]` -> `[N // chunk, chunk, ...]` (chunk divides N), for lax.map / lax.scan."""
   return xp.reshape((xp.shape[0] // chunk, chunk) + xp.shape[1:])
 
 
 def weight_grad(x: jnp.ndarray, dy: jnp.ndarray, kernel_hw: Sequence[int],
                 strides: Sequence[int], padding: Sequence[tuple[int, int]]) -> jnp.ndarray:
   """The gradient of an NHWC/HWIO convolution with respect to its kernel:
-  `patches^T dy`, one `[kh*kw*C, M] x [M, O]` matmul per chunk of images.
+  `(dy^T patches)^T`, one `[O, M] x [M, kh*kw*C]` matmul per chunk of images.
 
   Args:
     x: `[N, H, W, C]` input.
@@ -124,7 +125,7 @@ def weight_grad(x: jnp.ndarray, dy: jnp.ndarray, kernel_hw: Sequence[int],
     init = jnp.zeros((dy.shape[-1], kernel_shape[0] * kernel_shape[1] * kernel_shape[2]),
                      jnp.float32)
     total, _ = lax.scan(lambda acc, xy: (acc + one_chunk(*xy), None), init,
-                        (_in_chunks(xp, chunk), _in_chunks(dy, chunk)))
+                        (in_chunks(xp, chunk), in_chunks(dy, chunk)))
   total = total.T
   return total.reshape(kernel_shape).astype(x.dtype)
 
@@ -156,7 +157,7 @@ def col2im(tap_value: Callable[[int, int], jnp.ndarray], kernel_hw: Sequence[int
     no scatter), the sh * sw phase planes interleaved by one stack + reshape.
   """
   (kh, kw), (sh, sw), (hq, wq) = kernel_hw, strides, grid_hw
-  rows = []
+  rows, zeros = [], None
   for p in range(sh):
     planes = []
     for q in range(sw):
@@ -169,8 +170,10 @@ def col2im(tap_value: Callable[[int, int], jnp.ndarray], kernel_hw: Sequence[int
                                 (b, wq - part.shape[2] - b), (0, 0)))
           plane = part if plane is None else plane + part
       if plane is None:  # No tap lands on this phase (kernel smaller than the stride).
-        n, c = tap_value(0, 0).shape[::3]
-        plane = jnp.zeros((n, hq, wq, c), tap_value(0, 0).dtype)
+        if zeros is None:
+          tap = tap_value(0, 0)
+          zeros = jnp.zeros((tap.shape[0], hq, wq, tap.shape[-1]), tap.dtype)
+        plane = zeros
       planes.append(plane)
     rows.append(jnp.stack(planes, axis=3))  # [N, Hq, Wq, sw, C]
   out = jnp.stack(rows, axis=2)  # [N, Hq, sh, Wq, sw, C]

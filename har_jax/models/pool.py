@@ -42,11 +42,6 @@ def _reduce_window_max(x, window, strides, padding):
                            (1,) + strides + (1,), _window_pads(padding))
 
 
-def _phase_geometry(x_shape, out_shape, window, strides, padding):
-  """(Hq, Wq): phase-grid size covering the padded input and every tap."""
-  return conv_lib.phase_grid(x_shape[1:3], out_shape[1:3], window, strides, padding)
-
-
 def _phases(x, hq, wq, strides, padding):
   """`[N, H, W, C]` -> `[N, Hq, sh, Wq, sw, C]` padded with -inf (bitcast reshape)."""
   (sh, sw), (pt, pl) = strides, (padding[0][0], padding[1][0])
@@ -71,7 +66,7 @@ def _max_pool_fwd(x, window, strides, padding):
   out_shape = jax.eval_shape(
       functools.partial(_reduce_window_max, window=window, strides=strides, padding=padding),
       x).shape
-  hq, wq = _phase_geometry(x.shape, out_shape, window, strides, padding)
+  hq, wq = conv_lib.phase_grid(x.shape[1:3], out_shape[1:3], window, strides, padding)
   xr = _phases(x, hq, wq, strides, padding)
   ho, wo = out_shape[1:3]
   kh, kw = window
@@ -89,16 +84,15 @@ def _max_pool_fwd(x, window, strides, padding):
   # Computed per chunk of images in a loop, so that `first` is materialised:
   # as plain elementwise ops XLA fuses it into the backward loop, which then
   # re-evaluates it for every tap (~4x slower).
-  n = x.shape[0]
-  chunk = conv_lib.batch_chunk(n, xr[0].size * x.dtype.itemsize)
-  first, best = lax.map(first_and_max, xr.reshape((n // chunk, chunk) + xr.shape[1:]))
+  chunk = conv_lib.batch_chunk(x.shape[0], xr[0].size * x.dtype.itemsize)
+  first, best = lax.map(first_and_max, conv_lib.in_chunks(xr, chunk))
   return best.reshape(out_shape), (first.reshape(out_shape), x.shape)
 
 
 def _max_pool_bwd(window, strides, padding, residuals, dy):
   first, x_shape = residuals
   kw = window[1]
-  grid = _phase_geometry(x_shape, dy.shape, window, strides, padding)
+  grid = conv_lib.phase_grid(x_shape[1:3], dy.shape[1:3], window, strides, padding)
   zero = jnp.zeros((), dy.dtype)
   dxp = conv_lib.col2im(lambda i, j: jnp.where(first == i * kw + j, dy, zero), window, strides,
                         grid)
