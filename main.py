@@ -8,6 +8,12 @@ Config fields can be overridden on the command line, e.g. --config.batch_size=16
 
 import sys
 
+from har_jax import hostmem
+
+if __name__ == '__main__':  # Before JAX and TensorFlow load: may re-execute this process.
+  hostmem.reexec_with_hugepage_malloc()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging
@@ -51,6 +57,7 @@ def main(argv):
       coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
       process_id=FLAGS.process_id, timeout_s=FLAGS.distributed_timeout))
   logging.info('JAX devices: %s', jax.devices())
+  logging.info('%s', hostmem.status())
   try:
     if FLAGS.mode == 'train':
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -10,7 +10,11 @@ parallel.replicate), compiles once (compile time reported), runs one warm-up ste
 the matmul peak is a square matmul in the same dtype on the same device, measured in the same run
 after the steps.
 Peak host memory is the process's maximum resident set (resource.getrusage; with
---compare_conv_impl it covers both steps); XLA's temp buffer size of the step is printed next to it.
+--compare_conv_impl it covers both steps); XLA's temp buffer size of the step, the minor page faults
+and the system CPU seconds per timed step are printed next to it.
+On a CPU host the script first re-executes itself with glibc's huge-page malloc tunable (see
+har_jax/hostmem.py; HAR_JAX_HUGEPAGES=0 measures without it); the first line after the settings
+says which malloc the run used.
 --compare_conv_impl=xla also compiles the step with plain XLA ops and alternates the two step by step,
 printing `compare: ... speedup=<x>` (the median of the per-pair ratios). The last line is
 
@@ -25,14 +29,20 @@ import resource
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from har_jax import hostmem  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+if __name__ == '__main__':  # Before JAX loads: may re-execute this process (see har_jax.hostmem).
+  hostmem.reexec_with_hugepage_malloc()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position,g-bad-import-order
 from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from har_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from har_jax import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -158,6 +168,7 @@ def main(argv):
         f'remat={config.model.get("remat", False)} dtype={config.dtype} '
         f'batch={config.batch_size} frames={config.num_frames} size={config.image_size} '
         f'encoder={config.model.encoder}', flush=True)
+  print(hostmem.status(), flush=True)
 
   learning_rate_fn = optim.create_learning_rate_fn(config)
   batch = _batch(config, num_classes)
@@ -176,12 +187,17 @@ def main(argv):
           f'compile_s={other[2]:.1f} xla_temp_gib={other[3]:.2f}', flush=True)
 
   times, other_times = [], []
+  usage0 = resource.getrusage(resource.RUSAGE_SELF)
   for _ in range(_STEPS.value):  # Alternating, so that both see the same machine load.
     state, (t,) = _time_steps(compiled, state, batch, 1)
     times.append(t)
     if other is not None:
       other[0], (t,) = _time_steps(other[1], other[0], batch, 1)
       other_times.append(t)
+  usage1 = resource.getrusage(resource.RUSAGE_SELF)
+  timed = _STEPS.value * (2 if other is not None else 1)
+  faults = (usage1.ru_minflt - usage0.ru_minflt) / timed
+  sys_s = (usage1.ru_stime - usage0.ru_stime) / timed
   step_s = float(np.median(times))
   if other is not None:
     ratios = np.asarray(other_times) / np.asarray(times)
@@ -199,7 +215,8 @@ def main(argv):
   print(f'compile_s={compile_s:.1f} gflop_per_step={flops / 1e9:.1f} '
         f'step_times_s={",".join(f"{t:.2f}" for t in times)} '
         f'matmul_peak_gflops_per_s={peak:.1f} peak_rss_gib={rss_gib:.2f} '
-        f'xla_temp_gib={temp_gib:.2f} load_avg={os.getloadavg()[0]:.2f}')
+        f'xla_temp_gib={temp_gib:.2f} page_faults_per_step={faults:.0f} '
+        f'system_cpu_s_per_step={sys_s:.2f} load_avg={os.getloadavg()[0]:.2f}')
   print(f'clips_per_s={config.batch_size / step_s:.3f} step_s={step_s:.3f} '
         f'gflops_per_s={gflops_per_s:.1f} fraction_of_matmul_peak={gflops_per_s / peak:.3f}',
         flush=True)

@@ -64,3 +64,13 @@ def trained(tmp_path_factory, synthetic_data_dir):
   workdir = str(tmp_path_factory.mktemp('trained_tiny_300'))
   train.train_and_evaluate(config, workdir)
   return config, workdir
+
+
+def pytest_collection_modifyitems(config, items):
+  """With pytest-xdist (`-n 2 --dist loadgroup`): each module runs on one worker, and the modules
+  that use the session-wide `trained` run share one, so no expensive fixture is built twice."""
+  del config
+  trained_modules = {item.module.__name__ for item in items if 'trained' in item.fixturenames}
+  for item in items:
+    module = item.module.__name__
+    item.add_marker(pytest.mark.xdist_group('trained' if module in trained_modules else module))

@@ -27,8 +27,10 @@ def test_benchmark_train_prints_its_figures_and_the_comparison():
   assert set(figures) == {'clips_per_s', 'step_s', 'gflops_per_s', 'fraction_of_matmul_peak'}, last
   assert all(float(v) > 0 for v in figures.values()), last
   stats = next(line for line in lines if line.startswith('compile_s='))
-  for key in ('gflop_per_step', 'matmul_peak_gflops_per_s', 'peak_rss_gib', 'xla_temp_gib'):
+  for key in ('gflop_per_step', 'matmul_peak_gflops_per_s', 'peak_rss_gib', 'xla_temp_gib',
+              'page_faults_per_step', 'system_cpu_s_per_step'):
     assert re.search(key + r'=[0-9.]+', stats), stats
   compare = [line for line in lines if line.startswith('compare: conv_impl=xla step_s=')]
   assert len(compare) == 1 and re.search(r'speedup=[0-9.]+', compare[0]), result.stdout
   assert 'conv_impl=auto->patches' in lines[0]
+  assert lines[1].startswith('host malloc: '), lines[1]
