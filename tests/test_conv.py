@@ -76,6 +76,7 @@ def _conv_grads(module_cls, x, *, features, kernel, strides, padding):
 def test_patches_conv_gradients_equal_nn_conv(monkeypatch, kernel, strides, padding, size,
                                               chunk_bytes):
   monkeypatch.setattr(conv, '_CHUNK_BYTES', chunk_bytes)
+  monkeypatch.setattr(conv, '_WINOGRAD_CHUNK_BYTES', chunk_bytes)  # 3x3/1: Winograd.
   x = _normal(0, (6, size, size, 5))
   kwargs = dict(features=7, kernel=kernel, strides=strides, padding=padding)
   want_value, (want_vars, want_dx) = _conv_grads(nn.Conv, x, **kwargs)
@@ -85,6 +86,45 @@ def test_patches_conv_gradients_equal_nn_conv(monkeypatch, kernel, strides, padd
   np.testing.assert_allclose(got_vars['params']['kernel'], want_vars['params']['kernel'],
                              rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('shape, out_channels', [
+    ((3, 8, 8, 5), 7),     # Even size: whole tiles.
+    ((2, 7, 9, 4), 6),     # Odd, non-square: the last tile row/column is cropped.
+    ((2, 4, 4, 16), 16),   # The smallest map it is used for.
+    ((1, 28, 28, 64), 64),  # ResNet stage 1.
+])
+@pytest.mark.parametrize('chunk_bytes', [8 << 20, 1])  # 1: one image per lax.map step.
+def test_winograd_conv_equals_xla(monkeypatch, shape, out_channels, chunk_bytes):
+  monkeypatch.setattr(conv, '_WINOGRAD_CHUNK_BYTES', chunk_bytes)
+  x = _normal(4, shape)
+  w = _normal(5, (3, 3, shape[-1], out_channels)) / np.sqrt(9 * shape[-1])
+  want = lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                  precision=lax.Precision.HIGHEST)
+  got = jax.jit(conv.winograd_conv)(x, w)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5 * float(np.abs(want).max()))
+
+
+def _primitives(fn, *args):
+  """The program's text, nested jaxprs (custom_vjp, scan bodies) included."""
+  return str(jax.make_jaxpr(fn)(*args))
+
+
+def test_winograd_only_for_float32_3x3_stride1_same_on_maps_of_4_or_more():
+  x, w = _normal(6, (2, 8, 8, 4)), _normal(7, (3, 3, 4, 4))
+  fwd = lambda x, w, s=(1, 1), p=((1, 1), (1, 1)): conv.patches_conv_general_dilated(  # pylint: disable=g-long-lambda
+      x, w, s, p, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  grad = jax.grad(lambda x, w: jnp.sum(fwd(x, w) ** 2), argnums=(0, 1))
+  # Forward and input gradient: no XLA convolution left (the weight gradient is a matmul anyway).
+  assert 'conv_general_dilated' not in _primitives(fwd, x, w)
+  assert 'conv_general_dilated' not in _primitives(grad, x, w)
+  for args in [(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)),  # bf16: XLA's convolution.
+               (x[:, :3, :3], w)]:                                  # 3x3 maps: too small.
+    assert 'conv_general_dilated' in _primitives(fwd, *args)
+  assert 'conv_general_dilated' in _primitives(lambda x, w: fwd(x, w, (2, 2)), x, w)
+  assert 'conv_general_dilated' in _primitives(lambda x, w: fwd(x, w, p=((0, 0), (0, 0))), x, w)
 
 
 def test_weight_grad_chunking():

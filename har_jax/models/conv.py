@@ -15,6 +15,15 @@ whole batch (hundreds of MiB) was measured slower than XLA. The input gradient
 is XLA's for stride 1; for strided convolutions it is `dy W^T` and col2im
 (`input_grad`), 1.1-17x faster than XLA's convolution of the zero-dilated dy.
 
+The ResNet blocks' 3x3 / stride 1 / padding 1 convolutions in float32 (on maps of
+at least 4x4) run as Winograd F(2x2, 3x3) (`winograd_conv`), forward and input
+gradient (the transposed convolution is again 3x3 / stride 1 / padding 1, with
+the kernel flipped and its channels swapped): 16 instead of 36 multiplies per
+2x2 output tile, as 16 batched matmuls on ~8 MiB chunks of images. Measured on
+the issue-7 ResNet-18 step: 1.10x (benchmarks/train_step.md). Values agree with
+XLA's convolution to float32 rounding (~1e-6 relative), not bit for bit.
+bfloat16 convolutions keep XLA's (Winograd's transforms lose more precision).
+
 `conv_impl` selects the module: 'xla' (`nn.Conv`), 'patches' (`PatchesConv`)
 or 'auto' ('patches' on the CPU backend, 'xla' on GPU/TPU, where nothing has
 been measured to need it). It also selects the ResNet stem's max pool (see
@@ -35,6 +44,10 @@ _NHWC = ('NHWC', 'HWIO', 'NHWC')
 # Bytes of im2col patches per chunk of images: the patches of one chunk stay in
 # the L2/L3 cache between their construction and their matmul.
 _CHUNK_BYTES = 4 << 20
+# Winograd convolutions: bytes of transformed tiles per chunk of images, and the smallest feature
+# map (height and width) they are used for.
+_WINOGRAD_CHUNK_BYTES = 8 << 20
+_WINOGRAD_MIN_SIZE = 4
 
 
 def resolve_conv_impl(impl: str, backend: Optional[str] = None) -> str:
@@ -199,19 +212,88 @@ def input_grad(dy: jnp.ndarray, w: jnp.ndarray, x_hw: Sequence[int], strides: Se
   return dxp[:, pt:pt + x_hw[0], pl:pl + x_hw[1]]
 
 
+# Winograd F(2x2, 3x3) for 3x3 / stride 1 / padding 1 convolutions in float32 (the ResNet blocks'
+# convolutions and their input gradients): each 2x2 output tile costs 16 multiplies per
+# (input, output) channel pair instead of 36. The 4x4 input tiles (stride 2) are transformed
+# (B^T d B), multiplied by the transformed kernel (G g G^T) as 16 batched [P, C] x [C, O]
+# matmuls, and transformed back (A^T m A), one cache-sized chunk of images at a time.
+_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def _winograd_kernel(w: jnp.ndarray) -> jnp.ndarray:
+  """[3, 3, C, O] -> [16, C, O]: G w G^T for every (c, o)."""
+  g = jnp.asarray(_WINOGRAD_G, w.dtype)
+  u = jnp.einsum('ai,ijco,bj->abco', g, w, g, precision=lax.Precision.HIGHEST)
+  return u.reshape(16, w.shape[2], w.shape[3])
+
+
+def _winograd_tiles(x: jnp.ndarray) -> jnp.ndarray:
+  """[N, H, W, C] -> [16, N * th * tw, C]: B^T d B of the 4x4 tiles (stride 2) of x padded by 1."""
+  n, h, w, c = x.shape
+  th, tw = -(-h // 2), -(-w // 2)
+  xp = jnp.pad(x, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - w), (0, 0)))
+
+  def transform(d):  # B^T d along one axis, given the 4 strided slices d[0..3].
+    return (d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3])
+
+  rows = transform([xp[:, a:a + 2 * th:2] for a in range(4)])
+  tiles = [t for r in rows for t in transform([r[:, :, b:b + 2 * tw:2] for b in range(4)])]
+  return jnp.stack(tiles).reshape(16, n * th * tw, c)
+
+
+def _winograd_chunk(x: jnp.ndarray, u: jnp.ndarray, precision) -> jnp.ndarray:
+  n, h, w, _ = x.shape
+  th, tw = -(-h // 2), -(-w // 2)
+  m = lax.dot_general(_winograd_tiles(x), u, (((2,), (1,)), ((0,), (0,))), precision=precision)
+  m = m.reshape(4, 4, n, th, tw, u.shape[2])
+
+  def transform(d):  # A^T d along one axis.
+    return (d[0] + d[1] + d[2], d[1] - d[2] - d[3])
+
+  y = [jnp.stack(transform(r), axis=3) for r in transform(m)]  # [n, th, tw, 2, O] each.
+  return jnp.stack(y, axis=2).reshape(n, 2 * th, 2 * tw, u.shape[2])[:, :h, :w]
+
+
+def winograd_conv(x: jnp.ndarray, w: jnp.ndarray, precision=None) -> jnp.ndarray:
+  """The 3x3, stride 1, padding 1 NHWC convolution of x by w with Winograd F(2x2, 3x3)."""
+  n, h, wd, c = x.shape
+  tiles_per_image = 16 * -(-h // 2) * -(-wd // 2) * max(c, w.shape[3]) * x.dtype.itemsize
+  chunk = batch_chunk(n, tiles_per_image, _WINOGRAD_CHUNK_BYTES)
+  u = _winograd_kernel(w)
+  if chunk == n:
+    return _winograd_chunk(x, u, precision)
+  y = lax.map(lambda xc: _winograd_chunk(xc, u, precision), in_chunks(x, chunk))
+  return y.reshape(n, h, wd, w.shape[3])
+
+
+def _winograd_applies(x, w, strides, padding) -> bool:
+  return (w.shape[:2] == (3, 3) and tuple(strides) == (1, 1)
+          and tuple(padding) == ((1, 1), (1, 1))
+          and x.dtype == jnp.float32 and w.dtype == jnp.float32
+          and min(x.shape[1:3]) >= _WINOGRAD_MIN_SIZE)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _patches_conv(x, w, strides, padding, precision):
+  return _forward(x, w, strides, padding, precision)
+
+
+def _forward(x, w, strides, padding, precision):
+  if _winograd_applies(x, w, strides, padding):
+    return winograd_conv(x, w, precision)
   return _xla_conv(x, w, strides, padding, precision)
 
 
 def _patches_conv_fwd(x, w, strides, padding, precision):
-  return _xla_conv(x, w, strides, padding, precision), (x, w)
+  return _forward(x, w, strides, padding, precision), (x, w)
 
 
 def _patches_conv_bwd(strides, padding, precision, residuals, dy):
   x, w = residuals
   if tuple(strides) != (1, 1):
     dx = input_grad(dy, w, x.shape[1:3], strides, padding, precision)
+  elif _winograd_applies(dy, w, strides, padding):  # The transposed convolution is one too.
+    dx = winograd_conv(dy, jnp.flip(w, (0, 1)).swapaxes(2, 3), precision)
   else:
     _, input_vjp = jax.vjp(lambda x: _xla_conv(x, w, strides, padding, precision), x)
     dx, = input_vjp(dy)
@@ -257,6 +339,7 @@ def patches_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation
 class PatchesConv(nn.Conv):
   """`nn.Conv` whose kernel gradient is computed as patches x matmul (see module doc).
 
-  Parameters, forward values and input gradients equal nn.Conv's.
+  Parameters equal nn.Conv's; forward values and gradients agree to float32 rounding (Winograd
+  for the 3x3 / stride 1 convolutions).
   """
   conv_general_dilated: Any = patches_conv_general_dilated
