@@ -11,7 +11,7 @@ Command (build the records first, see README "UCF101"):
 Expected result: not yet measured on UCF101 by this project. CNN+LSTM models trained from scratch on
 UCF101 reach about 45-55% top-1 in the literature; an ImageNet-initialised encoder is what gives the
 published LRCN figures (see configs/ucf101_resnet50_imagenet.py). Runtime on a CPU is impractical
-(about 6 s per step of 8 clips on the 2-core machine, so ~24 s per step of the default 32; see
+(about 4.8 s per step of 8 clips on the 2-core machine, so ~19 s per step of the default 32; see
 benchmarks/RESULTS.md); use a GPU or TPU.
 """
 
@@ -59,7 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
   # memory on GPU/TPU for long clips. No saving on CPU (XLA:CPU drops remat's barriers).
   config.model.remat = False
   # Convolutions and max pool: 'auto' = custom gradients that are fast on XLA:CPU ('patches': im2col
-  # weight gradients, routed max-pool gradient) on CPU, plain XLA on GPU/TPU | 'xla' | 'patches'.
+  # weight gradients, Winograd 3x3 convolutions, routed max-pool gradient) on CPU, plain XLA on
+  # GPU/TPU | 'xla' | 'patches'.
   # See benchmarks/RESULTS.md.
   config.model.conv_impl = 'auto'
   config.model.preprocessing = 'imagenet'  # 'imagenet' (RGB, mean/std) | 'caffe' (Keras ResNet50).
