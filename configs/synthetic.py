@@ -9,10 +9,11 @@ Command (generates the dataset into data/ on first use):
 
   python main.py --config=configs/synthetic.py --workdir=workdirs/synthetic
 
-Expected result: 98.0% top-1 on the 600-video test split (97.9% on the validation split) after 900
-steps, in about 4 min of wall time on the 2-core CPU machine: 3 min 32 s of training and evaluation
-plus 28.5 s of data generation on first use (measured 2026-11-26; benchmarks/RESULTS.md). With frames shuffled in time, accuracy within the
-reversal pairs falls to 56.8% (chance 50%).
+Expected result: 98-99% top-1 on the 600-video test split (95.8-97.9% on the validation split)
+after 900 steps, in 3.5-4 min of wall time on the 2-core CPU machine: 3 min 02 s to 3 min 32 s of
+training and evaluation (three runs, 2026-11-26) plus 28.5 s of data generation on first use
+(benchmarks/RESULTS.md). With frames shuffled in time, accuracy within the reversal pairs falls to
+56.8% (chance 50%).
 """
 
 import ml_collections
