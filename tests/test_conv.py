@@ -107,6 +107,41 @@ def test_winograd_conv_equals_xla(monkeypatch, shape, out_channels, chunk_bytes)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5 * float(np.abs(want).max()))
 
 
+@pytest.mark.parametrize('shape, out_channels', [
+    ((3, 8, 8, 5), 7),     # Even size: whole tiles.
+    ((2, 7, 9, 4), 6),     # Odd, non-square: dy is zero-padded to whole tiles.
+    ((2, 4, 4, 16), 16),   # The smallest map it is used for.
+    ((2, 28, 28, 64), 64),  # ResNet stage 1.
+])
+@pytest.mark.parametrize('chunk_bytes', [8 << 20, 1])  # 1: one image per scan step.
+def test_winograd_weight_grad_equals_xla(monkeypatch, shape, out_channels, chunk_bytes):
+  monkeypatch.setattr(conv, '_WINOGRAD_CHUNK_BYTES', chunk_bytes)
+  x = _normal(8, shape)
+  dy = _normal(9, shape[:3] + (out_channels,))
+  w = jnp.zeros((3, 3, shape[-1], out_channels))
+  _, kernel_vjp = jax.vjp(
+      lambda w: lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                         dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                         precision=lax.Precision.HIGHEST), w)
+  want, = kernel_vjp(dy)
+  got = jax.jit(conv.winograd_weight_grad)(x, dy)
+  assert got.shape == want.shape and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6 * float(np.abs(want).max()))
+
+
+def test_patches_conv_takes_the_winograd_weight_grad_where_it_applies(monkeypatch):
+  calls = []
+  real = conv.winograd_weight_grad
+  monkeypatch.setattr(conv, 'winograd_weight_grad',
+                      lambda *args: calls.append(args[0].shape) or real(*args))
+  x, w = _normal(10, (2, 8, 8, 4)), _normal(11, (3, 3, 4, 5))
+  for strides, padding in [((1, 1), ((1, 1), (1, 1))), ((2, 2), ((1, 1), (1, 1))),
+                           ((1, 1), ((0, 0), (0, 0)))]:
+    jax.grad(lambda w: jnp.sum(conv.patches_conv_general_dilated(  # pylint: disable=g-long-lambda
+        x, w, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC')) ** 2))(w)
+  assert calls == [(2, 8, 8, 4)]  # Only the 3x3 / stride 1 / padding 1 one.
+
+
 def _primitives(fn, *args):
   """The program's text, nested jaxprs (custom_vjp, scan bodies) included."""
   return str(jax.make_jaxpr(fn)(*args))
