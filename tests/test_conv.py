@@ -114,6 +114,17 @@ def test_winograd_conv_equals_xla(monkeypatch, shape, out_channels, chunk_bytes)
     ((2, 28, 28, 64), 64),  # ResNet stage 1.
 ])
 @pytest.mark.parametrize('chunk_bytes', [8 << 20, 1])  # 1: one image per scan step.
+def test_winograd_transposed_conv_equals_xla_with_the_flipped_swapped_kernel():
+  x = _normal(12, (2, 7, 8, 6))
+  w = _normal(13, (3, 3, 5, 6)) / np.sqrt(27)  # [3, 3, C=5, O=6]; the transposed maps 6 -> 5.
+  want = lax.conv_general_dilated(x, jnp.flip(w, (0, 1)).swapaxes(2, 3), (1, 1),
+                                  ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                  precision=lax.Precision.HIGHEST)
+  got = jax.jit(functools.partial(conv.winograd_conv, transpose=True))(x, w)
+  assert got.shape == want.shape == (2, 7, 8, 5)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5 * float(np.abs(want).max()))
+
+
 def test_winograd_weight_grad_equals_xla(monkeypatch, shape, out_channels, chunk_bytes):
   monkeypatch.setattr(conv, '_WINOGRAD_CHUNK_BYTES', chunk_bytes)
   x = _normal(8, shape)

@@ -221,14 +221,46 @@ def input_grad(dy: jnp.ndarray, w: jnp.ndarray, x_hw: Sequence[int], strides: Se
 # (input, output) channel pair instead of 36. The 4x4 input tiles (stride 2) are transformed
 # (B^T d B), multiplied by the transformed kernel (G g G^T) as 16 batched [P, C] x [C, O]
 # matmuls, and transformed back (A^T m A), one cache-sized chunk of images at a time.
+# All transforms are written as sums of whole slices (no small matmuls): XLA:CPU computed the
+# kernel transform as an einsum followed by a [C*O, 16] -> [16, C*O] transpose, ~30 ms for one
+# 512-channel kernel.
+_WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
 _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+_WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+# The flipped kernel's transform is the kernel's with tile rows/columns 0 and 3 swapped
+# (G J = P G for the reversal J and the permutation P = (3, 1, 2, 0)).
+_WINOGRAD_FLIP = (3, 1, 2, 0)
 
 
-def _winograd_kernel(w: jnp.ndarray) -> jnp.ndarray:
-  """[3, 3, C, O] -> [16, C, O]: G w G^T for every (c, o)."""
-  g = jnp.asarray(_WINOGRAD_G, w.dtype)
-  u = jnp.einsum('ai,ijco,bj->abco', g, w, g, precision=lax.Precision.HIGHEST)
-  return u.reshape(16, w.shape[2], w.shape[3])
+def _lincomb(matrix: Sequence[Sequence[float]], parts: Sequence[jnp.ndarray]) -> list:
+  """`[sum_i matrix[r][i] * parts[i] for r]`, skipping zero coefficients."""
+  out = []
+  for row in matrix:
+    total = None
+    for coef, part in zip(row, parts):
+      if coef == 0:
+        continue
+      if total is None:
+        total = part if coef == 1 else coef * part
+      elif coef in (1, -1):
+        total = total + part if coef == 1 else total - part
+      else:
+        total = total + coef * part
+    out.append(total)
+  return out
+
+
+def _sandwich(matrix: Sequence[Sequence[float]], grid: Sequence[Sequence[jnp.ndarray]]) -> list:
+  """`matrix X matrix^T` for a square grid X of equal-shaped arrays: a grid of arrays."""
+  cols = [_lincomb(matrix, [row[j] for row in grid]) for j in range(len(grid[0]))]
+  return [_lincomb(matrix, [col[a] for col in cols]) for a in range(len(matrix))]
+
+
+def _winograd_kernel(w: jnp.ndarray, flip: bool = False) -> jnp.ndarray:
+  """[3, 3, C, O] -> [16, C, O]: G w G^T for every (c, o); of w flipped in space if `flip`."""
+  u = _sandwich(_WINOGRAD_G, [[w[i, j] for j in range(3)] for i in range(3)])
+  order = _WINOGRAD_FLIP if flip else range(4)
+  return jnp.stack([u[a][b] for a in order for b in order])
 
 
 def _winograd_tiles(x: jnp.ndarray) -> jnp.ndarray:
@@ -236,38 +268,43 @@ def _winograd_tiles(x: jnp.ndarray) -> jnp.ndarray:
   n, h, w, c = x.shape
   th, tw = -(-h // 2), -(-w // 2)
   xp = jnp.pad(x, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - w), (0, 0)))
-
-  def transform(d):  # B^T d along one axis, given the 4 strided slices d[0..3].
-    return (d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3])
-
-  rows = transform([xp[:, a:a + 2 * th:2] for a in range(4)])
-  tiles = [t for r in rows for t in transform([r[:, :, b:b + 2 * tw:2] for b in range(4)])]
+  rows = _lincomb(_WINOGRAD_BT, [xp[:, a:a + 2 * th:2] for a in range(4)])
+  tiles = [t for r in rows for t in _lincomb(_WINOGRAD_BT, [r[:, :, b:b + 2 * tw:2]
+                                                            for b in range(4)])]
   return jnp.stack(tiles).reshape(16, n * th * tw, c)
 
 
-def _winograd_chunk(x: jnp.ndarray, u: jnp.ndarray, precision) -> jnp.ndarray:
+def _winograd_chunk(x: jnp.ndarray, u: jnp.ndarray, transposed: bool, precision) -> jnp.ndarray:
+  """One chunk of winograd_conv; u is `[16, C, O]`, or `[16, O, C]` (used transposed) if
+  `transposed`."""
   n, h, w, _ = x.shape
   th, tw = -(-h // 2), -(-w // 2)
-  m = lax.dot_general(_winograd_tiles(x), u, (((2,), (1,)), ((0,), (0,))), precision=precision)
-  m = m.reshape(4, 4, n, th, tw, u.shape[2])
+  out = u.shape[1] if transposed else u.shape[2]
+  m = lax.dot_general(_winograd_tiles(x), u, (((2,), (2 if transposed else 1,)), ((0,), (0,))),
+                      precision=precision)
+  m = m.reshape(4, 4, n, th, tw, out)
+  y = [jnp.stack(_lincomb(_WINOGRAD_AT, r), axis=3)  # [n, th, tw, 2, O] each.
+       for r in _lincomb(_WINOGRAD_AT, m)]
+  return jnp.stack(y, axis=2).reshape(n, 2 * th, 2 * tw, out)[:, :h, :w]
 
-  def transform(d):  # A^T d along one axis.
-    return (d[0] + d[1] + d[2], d[1] - d[2] - d[3])
 
-  y = [jnp.stack(transform(r), axis=3) for r in transform(m)]  # [n, th, tw, 2, O] each.
-  return jnp.stack(y, axis=2).reshape(n, 2 * th, 2 * tw, u.shape[2])[:, :h, :w]
+def winograd_conv(x: jnp.ndarray, w: jnp.ndarray, precision=None, *,
+                  transpose: bool = False) -> jnp.ndarray:
+  """The 3x3, stride 1, padding 1 NHWC convolution of x by w with Winograd F(2x2, 3x3).
 
-
-def winograd_conv(x: jnp.ndarray, w: jnp.ndarray, precision=None) -> jnp.ndarray:
-  """The 3x3, stride 1, padding 1 NHWC convolution of x by w with Winograd F(2x2, 3x3)."""
+  With `transpose`, the transposed convolution (the input gradient of the convolution by w): the
+  convolution by w flipped in space with its channel axes swapped, `[3, 3, O, C]`, computed
+  without materialising that kernel.
+  """
   n, h, wd, c = x.shape
-  tiles_per_image = 16 * -(-h // 2) * -(-wd // 2) * max(c, w.shape[3]) * x.dtype.itemsize
+  out = w.shape[2] if transpose else w.shape[3]
+  tiles_per_image = 16 * -(-h // 2) * -(-wd // 2) * max(c, out) * x.dtype.itemsize
   chunk = batch_chunk(n, tiles_per_image, _WINOGRAD_CHUNK_BYTES)
-  u = _winograd_kernel(w)
+  u = _winograd_kernel(w, flip=transpose)
+  one_chunk = functools.partial(_winograd_chunk, u=u, transposed=transpose, precision=precision)
   if chunk == n:
-    return _winograd_chunk(x, u, precision)
-  y = lax.map(lambda xc: _winograd_chunk(xc, u, precision), in_chunks(x, chunk))
-  return y.reshape(n, h, wd, w.shape[3])
+    return one_chunk(x)
+  return lax.map(one_chunk, in_chunks(x, chunk)).reshape(n, h, wd, out)
 
 
 def _winograd_dy_tiles(dy: jnp.ndarray) -> jnp.ndarray:
@@ -275,12 +312,9 @@ def _winograd_dy_tiles(dy: jnp.ndarray) -> jnp.ndarray:
   n, h, w, o = dy.shape
   th, tw = -(-h // 2), -(-w // 2)
   dyp = jnp.pad(dy, ((0, 0), (0, 2 * th - h), (0, 2 * tw - w), (0, 0)))
-
-  def transform(d):  # A d along one axis, given its 2 strided slices d[0], d[1].
-    return (d[0], d[0] + d[1], d[0] - d[1], -d[1])
-
-  rows = transform([dyp[:, a::2] for a in range(2)])
-  tiles = [t for r in rows for t in transform([r[:, :, b::2] for b in range(2)])]
+  a = tuple(zip(*_WINOGRAD_AT))
+  rows = _lincomb(a, [dyp[:, i::2] for i in range(2)])
+  tiles = [t for r in rows for t in _lincomb(a, [r[:, :, j::2] for j in range(2)])]
   return jnp.stack(tiles).reshape(16, n * th * tw, o)
 
 
@@ -308,9 +342,9 @@ def winograd_weight_grad(x: jnp.ndarray, dy: jnp.ndarray, precision=None) -> jnp
   else:
     m, _ = lax.scan(lambda acc, xy: (acc + one_chunk(*xy), None),
                     jnp.zeros((16, c, o), jnp.float32), (in_chunks(x, chunk), in_chunks(dy, chunk)))
-  g = jnp.asarray(_WINOGRAD_G, jnp.float32)
-  dw = jnp.einsum('ai,abco,bj->ijco', g, m.reshape(4, 4, c, o), g, precision=lax.Precision.HIGHEST)
-  return dw.astype(x.dtype)
+  gt = tuple(zip(*_WINOGRAD_G))
+  dw = _sandwich(gt, [[m[4 * a + b] for b in range(4)] for a in range(4)])
+  return jnp.stack([jnp.stack(row) for row in dw]).astype(x.dtype)
 
 
 def _winograd_applies(x, w, strides, padding) -> bool:
@@ -340,7 +374,7 @@ def _patches_conv_bwd(strides, padding, precision, residuals, dy):
   if tuple(strides) != (1, 1):
     dx = input_grad(dy, w, x.shape[1:3], strides, padding, precision)
   elif _winograd_applies(dy, w, strides, padding):  # The transposed convolution is one too.
-    dx = winograd_conv(dy, jnp.flip(w, (0, 1)).swapaxes(2, 3), precision)
+    dx = winograd_conv(dy, w, precision, transpose=True)
   else:
     _, input_vjp = jax.vjp(lambda x: _xla_conv(x, w, strides, padding, precision), x)
     dx, = input_vjp(dy)
