@@ -107,13 +107,6 @@ def test_winograd_conv_equals_xla(monkeypatch, shape, out_channels, chunk_bytes)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5 * float(np.abs(want).max()))
 
 
-@pytest.mark.parametrize('shape, out_channels', [
-    ((3, 8, 8, 5), 7),     # Even size: whole tiles.
-    ((2, 7, 9, 4), 6),     # Odd, non-square: dy is zero-padded to whole tiles.
-    ((2, 4, 4, 16), 16),   # The smallest map it is used for.
-    ((2, 28, 28, 64), 64),  # ResNet stage 1.
-])
-@pytest.mark.parametrize('chunk_bytes', [8 << 20, 1])  # 1: one image per scan step.
 def test_winograd_transposed_conv_equals_xla_with_the_flipped_swapped_kernel():
   x = _normal(12, (2, 7, 8, 6))
   w = _normal(13, (3, 3, 5, 6)) / np.sqrt(27)  # [3, 3, C=5, O=6]; the transposed maps 6 -> 5.
@@ -125,6 +118,13 @@ def test_winograd_transposed_conv_equals_xla_with_the_flipped_swapped_kernel():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5 * float(np.abs(want).max()))
 
 
+@pytest.mark.parametrize('shape, out_channels', [
+    ((3, 8, 8, 5), 7),     # Even size: whole tiles.
+    ((2, 7, 9, 4), 6),     # Odd, non-square: dy is zero-padded to whole tiles.
+    ((2, 4, 4, 16), 16),   # The smallest map it is used for.
+    ((2, 28, 28, 64), 64),  # ResNet stage 1.
+])
+@pytest.mark.parametrize('chunk_bytes', [8 << 20, 1])  # 1: one image per scan step.
 def test_winograd_weight_grad_equals_xla(monkeypatch, shape, out_channels, chunk_bytes):
   monkeypatch.setattr(conv, '_WINOGRAD_CHUNK_BYTES', chunk_bytes)
   x = _normal(8, shape)
