@@ -11,7 +11,7 @@ Command (build the records first, see README "UCF101"):
 Expected result: not yet measured on UCF101 by this project. CNN+LSTM models trained from scratch on
 UCF101 reach about 45-55% top-1 in the literature; an ImageNet-initialised encoder is what gives the
 published LRCN figures (see configs/ucf101_resnet50_imagenet.py). Runtime on a CPU is impractical
-(about 4.8 s per step of 8 clips on the 2-core machine, so ~19 s per step of the default 32; see
+(4.0-4.7 s per step of 8 clips on the 2-core machine, so ~17-19 s per step of the default 32; see
 benchmarks/RESULTS.md); use a GPU or TPU.
 """
 
