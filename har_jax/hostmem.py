@@ -59,10 +59,14 @@ def _has_accelerator(environ: Mapping[str, str]) -> bool:
   return any(glob.glob(pattern) for pattern in _ACCELERATOR_GLOBS)
 
 
+def _tunable_set(environ: Mapping[str, str]) -> bool:
+  return TUNABLE.split('=')[0] in environ.get('GLIBC_TUNABLES', '')
+
+
 def hugepage_decision(environ: Mapping[str, str]) -> tuple[bool, str]:
   """(whether to re-execute with the tunable, the reason) for this process and `environ`."""
   switch = environ.get(ENV_SWITCH, '').strip()
-  if 'glibc.malloc.hugetlb' in environ.get('GLIBC_TUNABLES', ''):
+  if _tunable_set(environ):
     return False, 'GLIBC_TUNABLES already sets glibc.malloc.hugetlb'
   if switch == '0':
     return False, f'{ENV_SWITCH}=0'
@@ -107,6 +111,6 @@ def reexec_with_hugepage_malloc() -> None:
 
 def status() -> str:
   """One line for the log: whether this process runs with the tunable."""
-  if 'glibc.malloc.hugetlb' in os.environ.get('GLIBC_TUNABLES', ''):
+  if _tunable_set(os.environ):
     return f'host malloc: GLIBC_TUNABLES={os.environ["GLIBC_TUNABLES"]}'
   return f'host malloc: default ({hugepage_decision(os.environ)[1]})'

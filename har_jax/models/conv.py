@@ -35,6 +35,7 @@ pool.py), whose XLA gradient is just as slow on CPU.
 """
 
 import functools
+import math
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -263,10 +264,15 @@ def _winograd_kernel(w: jnp.ndarray, flip: bool = False) -> jnp.ndarray:
   return jnp.stack([u[a][b] for a in order for b in order])
 
 
+def _tile_grid(h: int, w: int) -> tuple[int, int]:
+  """(th, tw): the 2x2 output tiles that cover an h x w map."""
+  return -(-h // 2), -(-w // 2)
+
+
 def _winograd_tiles(x: jnp.ndarray) -> jnp.ndarray:
   """[N, H, W, C] -> [16, N * th * tw, C]: B^T d B of the 4x4 tiles (stride 2) of x padded by 1."""
   n, h, w, c = x.shape
-  th, tw = -(-h // 2), -(-w // 2)
+  th, tw = _tile_grid(h, w)
   xp = jnp.pad(x, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - w), (0, 0)))
   rows = _lincomb(_WINOGRAD_BT, [xp[:, a:a + 2 * th:2] for a in range(4)])
   tiles = [t for r in rows for t in _lincomb(_WINOGRAD_BT, [r[:, :, b:b + 2 * tw:2]
@@ -278,7 +284,7 @@ def _winograd_chunk(x: jnp.ndarray, u: jnp.ndarray, transposed: bool, precision)
   """One chunk of winograd_conv; u is `[16, C, O]`, or `[16, O, C]` (used transposed) if
   `transposed`."""
   n, h, w, _ = x.shape
-  th, tw = -(-h // 2), -(-w // 2)
+  th, tw = _tile_grid(h, w)
   out = u.shape[1] if transposed else u.shape[2]
   m = lax.dot_general(_winograd_tiles(x), u, (((2,), (2 if transposed else 1,)), ((0,), (0,))),
                       precision=precision)
@@ -298,7 +304,7 @@ def winograd_conv(x: jnp.ndarray, w: jnp.ndarray, precision=None, *,
   """
   n, h, wd, c = x.shape
   out = w.shape[2] if transpose else w.shape[3]
-  tiles_per_image = 16 * -(-h // 2) * -(-wd // 2) * max(c, out) * x.dtype.itemsize
+  tiles_per_image = 16 * math.prod(_tile_grid(h, wd)) * max(c, out) * x.dtype.itemsize
   chunk = batch_chunk(n, tiles_per_image, _WINOGRAD_CHUNK_BYTES)
   u = _winograd_kernel(w, flip=transpose)
   one_chunk = functools.partial(_winograd_chunk, u=u, transposed=transpose, precision=precision)
@@ -310,7 +316,7 @@ def winograd_conv(x: jnp.ndarray, w: jnp.ndarray, precision=None, *,
 def _winograd_dy_tiles(dy: jnp.ndarray) -> jnp.ndarray:
   """[N, H, W, O] -> [16, N * th * tw, O]: A dy A^T of the 2x2 tiles of dy padded with zeros."""
   n, h, w, o = dy.shape
-  th, tw = -(-h // 2), -(-w // 2)
+  th, tw = _tile_grid(h, w)
   dyp = jnp.pad(dy, ((0, 0), (0, 2 * th - h), (0, 2 * tw - w), (0, 0)))
   a = tuple(zip(*_WINOGRAD_AT))
   rows = _lincomb(a, [dyp[:, i::2] for i in range(2)])
@@ -329,7 +335,7 @@ def winograd_weight_grad(x: jnp.ndarray, dy: jnp.ndarray, precision=None) -> jnp
   """
   n, h, wd, c = x.shape
   o = dy.shape[-1]
-  tiles_per_image = 16 * -(-h // 2) * -(-wd // 2) * (c + o) * x.dtype.itemsize
+  tiles_per_image = 16 * math.prod(_tile_grid(h, wd)) * (c + o) * x.dtype.itemsize
   chunk = batch_chunk(n, tiles_per_image, _WINOGRAD_CHUNK_BYTES)
 
   def one_chunk(xc, dyc):
