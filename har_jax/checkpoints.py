@@ -105,10 +105,11 @@ class PreemptionNotice:
   def reached(self, step: int) -> bool:
     """True when training should save a checkpoint at `step` and stop."""
     if self._use_service:
-      return multihost_utils.reached_preemption_sync_point(int(step))
-    flag = self._signum is not None
-    if jax.process_count() > 1:
-      flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+      flag = bool(multihost_utils.reached_preemption_sync_point(int(step)))
+    else:
+      flag = self._signum is not None
+      if jax.process_count() > 1:
+        flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
     if flag and not self._announced:
       self._announced = True
       name = signal.Signals(self._signum).name if self._signum else 'a preemption notice'

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -129,6 +130,68 @@ def test_two_processes_match_one_process(synthetic_data_dir, tmp_path):
                       _env(1), tmp_path)
   assert codes == [0], logs2[0][-3000:]
   assert 'Resumed from checkpoint at step 4' in logs2[0]
+
+
+def _committed_steps(workdir):
+  return sorted(int(os.path.basename(d))
+                for d in glob.glob(os.path.join(workdir, 'checkpoints', '[0-9]*')))
+
+
+def _wait_for_text(path, text, procs, timeout=TIMEOUT_S):
+  """Polls the log at `path` until it contains `text`; fails if a process exits first."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    with open(path) as f:
+      if text in f.read():
+        return
+    if any(p.poll() is not None for p in procs):
+      break
+    time.sleep(0.2)
+  with open(path) as f:
+    pytest.fail(f'{text!r} did not appear in {path}:\n{f.read()[-3000:]}')
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_checkpoints_every_process_at_one_step(synthetic_data_dir,
+                                                                      tmp_path):
+  """A preemption notice that reaches one host only: every process saves the same step and
+  exits cleanly, and the next 2-process run resumes from it."""
+  workdir = tmp_path / 'wd'
+  overrides = _overrides(synthetic_data_dir, num_train_steps=5000, log_every_steps=1,
+                         checkpoint_every_steps=100000, eval_every_steps=100000)
+
+  def commands(port, overrides):
+    return [_main(workdir, overrides, f'--coordinator_address=127.0.0.1:{port}',
+                  '--num_processes=2', f'--process_id={i}', '--distributed_timeout=60')
+            for i in range(2)]
+
+  logs_dir = tmp_path / 'preempted'
+  logs_dir.mkdir()
+  with _processes(commands(_free_port(), overrides), _env(2), logs_dir) as procs:
+    for i in range(2):  # Both are training: step 5's metrics are logged.
+      _wait_for_text(logs_dir / f'process_{i}.log', '] [5] ', procs)
+    procs[1].send_signal(signal.SIGTERM)  # Not the chief: process 0 learns of it from process 1.
+    for p in procs:
+      p.wait(timeout=TIMEOUT_S)
+  logs = [(logs_dir / f'process_{i}.log').read_text() for i in range(2)]
+  assert [p.returncode for p in procs] == [0, 0], '\n\n'.join(log[-3000:] for log in logs)
+  saved = []
+  for log in logs:
+    assert 'Preempted: saved checkpoint ' in log, log[-3000:]
+    saved.append(int(log.split('Preempted: saved checkpoint ')[1].split()[0]))
+  assert 5 <= saved[0] == saved[1] < 5000
+  for log in logs:
+    assert f'Received a preemption notice: saving a checkpoint at step {saved[0]}' in log
+  assert _committed_steps(workdir) == [saved[0]]
+
+  logs_dir = tmp_path / 'resumed'
+  logs_dir.mkdir()
+  resume = _overrides(synthetic_data_dir, num_train_steps=saved[0] + 2, eval_every_steps=100000)
+  codes, logs = _run(commands(_free_port(), resume), _env(2), logs_dir)
+  assert codes == [0, 0], '\n\n'.join(log[-3000:] for log in logs)
+  for log in logs:
+    assert f'Resumed from checkpoint at step {saved[0]}' in log, log[-3000:]
+  assert _committed_steps(workdir)[-1] == saved[0] + 2
 
 
 def _first_clips(data_dir, process_index, num_steps=4):
