@@ -189,11 +189,7 @@ def eval_views(frames: np.ndarray, config, resize_short_side: Optional[int] = No
   frames = tf.convert_to_tensor(frames)
   if short_side and short_side > 0:
     frames = stages.resize_short_side(frames, short_side)
-  windows = stages.eval_crop_windows(tf.shape(frames)[1:3], s, num_crops)
-  clips = tf.reshape(frames, tf.concat([[num_clips, t], tf.shape(frames)[1:]], axis=0))
-  views = [stages.crop_and_resize(clips[c], windows[k], s)
-           for c in range(num_clips) for k in range(num_crops)]
-  return tf.stack(views).numpy()
+  return stages.eval_views(frames, num_clips, t, s, num_crops).numpy()
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

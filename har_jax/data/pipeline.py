@@ -110,13 +110,7 @@ def preprocess_eval(example, config) -> dict:
       tf.shape(jpegs)[0], t, config.frame_stride, num_clips, config.dataset.short_video)
   frames = stages.decode_frames(
       stages.gather_frames(jpegs, tf.reshape(indices, [-1])), config.dataset.resize_size)
-  windows = stages.eval_crop_windows(tf.shape(frames)[1:3], s, num_crops)
-  clips = tf.reshape(frames, tf.concat([[num_clips, t], tf.shape(frames)[1:]], axis=0))
-  views = []
-  for c in range(num_clips):
-    for k in range(num_crops):
-      views.append(stages.crop_and_resize(clips[c], windows[k], s))
-  video = tf.ensure_shape(tf.stack(views), [num_clips * num_crops, t, s, s, 3])
+  video = stages.eval_views(frames, num_clips, t, s, num_crops)
   return {'video': video, 'label': tf.cast(example['label'], tf.int32),
           'mask': tf.constant(1, tf.int32), 'tfds_id': example['tfds_id']}
 

@@ -184,6 +184,18 @@ def eval_crop_windows(frame_shape: tf.Tensor, crop_size: int, num_crops: int) ->
   return tf.stack([first, tf.stack([cy, cx, ch, cw]), last])
 
 
+def eval_views(frames: tf.Tensor, num_clips: int, num_frames: int, crop_size: int,
+               num_crops: int) -> tf.Tensor:
+  """Decoded frames `[num_clips * num_frames, H, W, 3]` (clip order) -> the evaluation views
+  `[num_clips * num_crops, num_frames, S, S, 3]`, clip-major: every clip at every crop window."""
+  windows = eval_crop_windows(tf.shape(frames)[1:3], crop_size, num_crops)
+  clips = tf.reshape(frames, tf.concat([[num_clips, num_frames], tf.shape(frames)[1:]], axis=0))
+  views = [crop_and_resize(clips[c], windows[k], crop_size)
+           for c in range(num_clips) for k in range(num_crops)]
+  return tf.ensure_shape(tf.stack(views),
+                         [num_clips * num_crops, num_frames, crop_size, crop_size, 3])
+
+
 def maybe_flip(frames: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   """Flips all frames of a clip left-right together, with probability 1/2."""
   flip = tf.random.stateless_uniform([], seed) < 0.5
