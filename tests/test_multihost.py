@@ -80,13 +80,17 @@ def _main(workdir, overrides, *extra):
           f'--workdir={workdir}', *overrides, *extra]
 
 
+def _committed_steps(workdir):
+  return sorted(int(os.path.basename(d))
+                for d in glob.glob(os.path.join(workdir, 'checkpoints', '[0-9]*')))
+
+
 def _final_params(workdir):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  steps = sorted(int(os.path.basename(d)) for d in glob.glob(os.path.join(workdir, 'checkpoints',
-                                                                           '[0-9]*')))
+  step = _committed_steps(workdir)[-1]
   with ocp.StandardCheckpointer() as ckptr:
-    state = ckptr.restore(os.path.join(workdir, 'checkpoints', str(steps[-1]), 'state'))
-  return steps[-1], state['params']
+    state = ckptr.restore(os.path.join(workdir, 'checkpoints', str(step), 'state'))
+  return step, state['params']
 
 
 @pytest.mark.slow
@@ -130,11 +134,6 @@ def test_two_processes_match_one_process(synthetic_data_dir, tmp_path):
                       _env(1), tmp_path)
   assert codes == [0], logs2[0][-3000:]
   assert 'Resumed from checkpoint at step 4' in logs2[0]
-
-
-def _committed_steps(workdir):
-  return sorted(int(os.path.basename(d))
-                for d in glob.glob(os.path.join(workdir, 'checkpoints', '[0-9]*')))
 
 
 def _wait_for_text(path, text, procs, timeout=TIMEOUT_S):

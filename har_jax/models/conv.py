@@ -24,9 +24,9 @@ the issue-7 ResNet-18 step: 1.10x (benchmarks/train_step.md). Their weight
 gradients are Winograd F(3x3, 2x2) (`winograd_weight_grad`, the adjoint of the
 forward transform: 16 instead of 36 multiplies per tile and channel pair, as 16
 batched `[C, P] x [P, O]` matmuls): 1.2-1.5x faster than im2col per
-convolution, 1.06x on the step. Values agree with
-XLA's convolution to float32 rounding (~1e-6 relative), not bit for bit.
-bfloat16 convolutions keep XLA's (Winograd's transforms lose more precision).
+convolution, 1.06x on the step. Values agree with XLA's convolution to float32
+rounding (~1e-6 relative), not bit for bit. bfloat16 convolutions keep XLA's
+(Winograd's transforms lose more precision).
 
 `conv_impl` selects the module: 'xla' (`nn.Conv`), 'patches' (`PatchesConv`)
 or 'auto' ('patches' on the CPU backend, 'xla' on GPU/TPU, where nothing has
@@ -228,6 +228,8 @@ def input_grad(dy: jnp.ndarray, w: jnp.ndarray, x_hw: Sequence[int], strides: Se
 _WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
 _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 _WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+_WINOGRAD_A = tuple(zip(*_WINOGRAD_AT))  # dy tiles for the weight gradient: A dy A^T.
+_WINOGRAD_GT = tuple(zip(*_WINOGRAD_G))  # The weight gradient from its tile sums: G^T M G.
 # The flipped kernel's transform is the kernel's with tile rows/columns 0 and 3 swapped
 # (G J = P G for the reversal J and the permutation P = (3, 1, 2, 0)).
 _WINOGRAD_FLIP = (3, 1, 2, 0)
@@ -269,15 +271,22 @@ def _tile_grid(h: int, w: int) -> tuple[int, int]:
   return -(-h // 2), -(-w // 2)
 
 
+def _transformed_tiles(xp: jnp.ndarray, matrix: Sequence[Sequence[float]], th: int,
+                       tw: int) -> jnp.ndarray:
+  """`matrix d matrix^T` of the k x k tiles d (k = len(matrix[0]), stride 2) of the padded
+  `[N, Hp, Wp, C]` xp, th x tw tiles per image: `[len(matrix)^2, N * th * tw, C]`."""
+  k = len(matrix[0])
+  rows = _lincomb(matrix, [xp[:, a:a + 2 * th:2] for a in range(k)])
+  tiles = [t for r in rows for t in _lincomb(matrix, [r[:, :, b:b + 2 * tw:2] for b in range(k)])]
+  return jnp.stack(tiles).reshape(len(tiles), xp.shape[0] * th * tw, xp.shape[-1])
+
+
 def _winograd_tiles(x: jnp.ndarray) -> jnp.ndarray:
   """[N, H, W, C] -> [16, N * th * tw, C]: B^T d B of the 4x4 tiles (stride 2) of x padded by 1."""
-  n, h, w, c = x.shape
+  _, h, w, _ = x.shape
   th, tw = _tile_grid(h, w)
   xp = jnp.pad(x, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - w), (0, 0)))
-  rows = _lincomb(_WINOGRAD_BT, [xp[:, a:a + 2 * th:2] for a in range(4)])
-  tiles = [t for r in rows for t in _lincomb(_WINOGRAD_BT, [r[:, :, b:b + 2 * tw:2]
-                                                            for b in range(4)])]
-  return jnp.stack(tiles).reshape(16, n * th * tw, c)
+  return _transformed_tiles(xp, _WINOGRAD_BT, th, tw)
 
 
 def _winograd_chunk(x: jnp.ndarray, u: jnp.ndarray, transposed: bool, precision) -> jnp.ndarray:
@@ -315,13 +324,10 @@ def winograd_conv(x: jnp.ndarray, w: jnp.ndarray, precision=None, *,
 
 def _winograd_dy_tiles(dy: jnp.ndarray) -> jnp.ndarray:
   """[N, H, W, O] -> [16, N * th * tw, O]: A dy A^T of the 2x2 tiles of dy padded with zeros."""
-  n, h, w, o = dy.shape
+  _, h, w, _ = dy.shape
   th, tw = _tile_grid(h, w)
   dyp = jnp.pad(dy, ((0, 0), (0, 2 * th - h), (0, 2 * tw - w), (0, 0)))
-  a = tuple(zip(*_WINOGRAD_AT))
-  rows = _lincomb(a, [dyp[:, i::2] for i in range(2)])
-  tiles = [t for r in rows for t in _lincomb(a, [r[:, :, j::2] for j in range(2)])]
-  return jnp.stack(tiles).reshape(16, n * th * tw, o)
+  return _transformed_tiles(dyp, _WINOGRAD_A, th, tw)
 
 
 def winograd_weight_grad(x: jnp.ndarray, dy: jnp.ndarray, precision=None) -> jnp.ndarray:
@@ -348,8 +354,7 @@ def winograd_weight_grad(x: jnp.ndarray, dy: jnp.ndarray, precision=None) -> jnp
   else:
     m, _ = lax.scan(lambda acc, xy: (acc + one_chunk(*xy), None),
                     jnp.zeros((16, c, o), jnp.float32), (in_chunks(x, chunk), in_chunks(dy, chunk)))
-  gt = tuple(zip(*_WINOGRAD_G))
-  dw = _sandwich(gt, [[m[4 * a + b] for b in range(4)] for a in range(4)])
+  dw = _sandwich(_WINOGRAD_GT, [[m[4 * a + b] for b in range(4)] for a in range(4)])
   return jnp.stack([jnp.stack(row) for row in dw]).astype(x.dtype)
 
 
@@ -377,15 +382,14 @@ def _patches_conv_fwd(x, w, strides, padding, precision):
 
 def _patches_conv_bwd(strides, padding, precision, residuals, dy):
   x, w = residuals
+  if _winograd_applies(x, w, strides, padding):  # The transposed convolution is one too.
+    return (winograd_conv(dy, w, precision, transpose=True),
+            winograd_weight_grad(x, dy, precision))
   if tuple(strides) != (1, 1):
     dx = input_grad(dy, w, x.shape[1:3], strides, padding, precision)
-  elif _winograd_applies(dy, w, strides, padding):  # The transposed convolution is one too.
-    dx = winograd_conv(dy, w, precision, transpose=True)
   else:
     _, input_vjp = jax.vjp(lambda x: _xla_conv(x, w, strides, padding, precision), x)
     dx, = input_vjp(dy)
-  if _winograd_applies(x, w, strides, padding):
-    return dx, winograd_weight_grad(x, dy, precision)
   return dx, weight_grad(x, dy, w.shape[:2], strides, padding)
 
 
