@@ -174,7 +174,9 @@ def main():
                            'separated list of UCF101 class names.')
   parser.add_argument('--groups', default='1,2,8,9', help='Comma-separated group numbers 1..25.')
   parser.add_argument('--clips', type=int, default=2, help='Clips per class and group.')
-  parser.add_argument('--frames', type=int, default=180, help='Frames per video (25 fps).')
+  parser.add_argument('--frames', default='180',
+                      help='Frames per video (25 fps): N, or a range LO-HI drawn per video '
+                           '(seeded, so the same command writes the same copy).')
   parser.add_argument('--width', type=int, default=320)
   parser.add_argument('--height', type=int, default=240)
   parser.add_argument('--zips', action='store_true', help='Also write the two TFDS zip files.')
@@ -186,9 +188,15 @@ def main():
   else:
     classes = [c.strip() for c in args.classes.split(',') if c.strip()]
   groups = [int(g) for g in args.groups.split(',')]
+  low, _, high = args.frames.partition('-')
+  frames, frames_by_video = int(low), None
+  if high:
+    rng = np.random.default_rng(0)
+    frames_by_video = {file_stem(c, g, k): int(rng.integers(int(low), int(high) + 1))
+                       for c in classes for g in groups for k in range(1, args.clips + 1)}
   result = make_fake_ucf101(args.out, classes=classes, groups=groups, clips=args.clips,
-                            frames=args.frames, width=args.width, height=args.height,
-                            zips=args.zips)
+                            frames=frames, width=args.width, height=args.height,
+                            frames_by_video=frames_by_video, zips=args.zips)
   print(f'Wrote {len(result["videos"])} videos of {len(classes)} classes to {args.out}')
 
 
