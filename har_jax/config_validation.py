@@ -16,6 +16,7 @@ import numpy as np
 from har_jax import models
 from har_jax import optim
 from har_jax.data import datasets
+from har_jax.data import frame_store
 from har_jax.models import lrcn
 
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -114,11 +115,14 @@ def _device_problems(config, num_devices: int, mode: str) -> list[str]:
 def stored_frame_size(builder) -> tuple[int, int]:
   """(height, width) in pixels of the frames stored in a TFDS video dataset.
 
-  Read from the builder's features; where they leave it open, from the first training record.
+  Read from the builder's features (a frame store's table); where they leave it open, from the
+  first training record (the first video of a frame store).
   """
-  shape = tuple(builder.info.features['video'].shape)
-  if len(shape) == 4 and shape[1] and shape[2]:
-    return int(shape[1]), int(shape[2])
+  size = datasets.static_frame_size(builder)
+  if size:
+    return size
+  if isinstance(builder, frame_store.FrameStore):
+    return int(builder.videos['height'][0]), int(builder.videos['width'][0])
   split = sorted(builder.info.splits.keys())[0]
   for example in builder.as_dataset(split=split).take(1):
     frames = example['video']

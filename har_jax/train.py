@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from har_jax import augment
 from har_jax import checkpoints
 from har_jax import config_validation
 from har_jax import eval_lib
@@ -90,7 +91,9 @@ def train_step(state: TrainState, batch, *, model, learning_rate_fn, config):
 
   Args:
     state: replicated TrainState.
-    batch: {'video': [per_device_batch, T, H, W, 3] uint8, 'label': [per_device_batch] int32}.
+    batch: {'video': [per_device_batch, T, H, W, 3] uint8, 'label': [per_device_batch] int32};
+      with 'crop' [per_device_batch, 4] and 'flip' [per_device_batch], the frames are cropped,
+      resized to image_size and flipped here (har_jax.augment), else H = W = image_size.
 
   Returns:
     (new_state, metrics) where metrics holds the gathered TrainMetrics and 'finite': False when
@@ -100,10 +103,11 @@ def train_step(state: TrainState, batch, *, model, learning_rate_fn, config):
   step_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
                                 jax.lax.axis_index('batch'))
   num_classes = model.num_classes
+  video = augment.apply_to_batch(batch, config.image_size)
 
   def loss_fn(params):
     logits, updates = model.apply(
-        {'params': params, 'batch_stats': state.batch_stats}, batch['video'], train=True,
+        {'params': params, 'batch_stats': state.batch_stats}, video, train=True,
         mutable=['batch_stats'], rngs={'dropout': step_rng})
     loss = cross_entropy(logits, batch['label'], num_classes, config.label_smoothing).mean()
     return loss, (logits, updates.get('batch_stats', {}))
@@ -190,6 +194,29 @@ class _Throughput:
            'perf/input_wait_fraction': self.wait / elapsed}
     self.reset()
     return out
+
+
+class InputReads:
+  """What this process read for the clips it trained on: records and bytes (host-only keys)."""
+
+  def __init__(self):
+    self.clips, self.records, self.bytes = 0, 0, 0
+
+  def add(self, host_batch: dict):
+    if 'read_records' in host_batch:
+      self.clips += len(host_batch['read_records'])
+      self.records += int(np.sum(host_batch['read_records']))
+      self.bytes += int(np.sum(host_batch['read_bytes']))
+
+  def summary(self) -> dict:
+    clips = max(self.clips, 1)
+    return {'data/records_read_per_clip': self.records / clips,
+            'data/kib_read_per_clip': self.bytes / clips / 1024}
+
+  def log(self):
+    logging.info('Input: process %d of %d read %d records (%.1f MiB) for %d training clips.',
+                 jax.process_index(), jax.process_count(), self.records, self.bytes / 2**20,
+                 self.clips)
 
 
 class NonFiniteGuard:
@@ -287,6 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   val_split = datasets.resolve_split(config.dataset, 'val')
 
   throughput = _Throughput(config.batch_size)
+  reads = InputReads()
   guard = NonFiniteGuard(config)
   metric_list, eval_metrics, host_batch = [], None, {}
   logging.info('Training from step %d to %d.', initial_step, config.num_train_steps)
@@ -296,6 +324,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         t0 = time.perf_counter()
         batch, host_batch = next(train_iter)
         throughput.wait += time.perf_counter() - t0
+        reads.add(host_batch)
         state, out = p_train_step(state, batch)
         throughput.steps += 1
       guard.push(step, out['finite'])
@@ -305,7 +334,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       is_last = step == config.num_train_steps
       if step % config.log_every_steps == 0 or is_last or preempted:
         _write_train_metrics(writer, step, parallel.unreplicate(metric_list),
-                             dict(throughput.summary(), **_health(guard, host_batch)))
+                             dict(throughput.summary(), **_health(guard, host_batch),
+                                  **reads.summary()))
         metric_list = []
       eval_metrics = None
       if (step % config.eval_every_steps == 0 or is_last) and not preempted:
@@ -320,10 +350,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           save(step, parallel.unreplicate(state), eval_metrics)
       if preempted:
         writer.flush()
+        reads.log()
         logging.warning('Preempted: saved checkpoint %d in %s; run the same command to resume.',
                         step, manager.directory)
         return {}
   guard.flush()
+  reads.log()
   manager.wait_until_finished()
 
   if (val_split == config.dataset.eval_split and not config.eval.num_periodic_videos

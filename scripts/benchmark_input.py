@@ -1,45 +1,63 @@
-r"""Host input-pipeline throughput: har_jax's training pipeline vs naive TFDS vs the decode floor.
+r"""Host input-pipeline cost per clip: har_jax's training pipeline vs the JPEG decode floor.
 
-  python scripts/benchmark_input.py --config=configs/default.py --data_dir=/tmp/bench_tfds \
-      --seconds=20
+  python scripts/benchmark_input.py --config=configs/default.py --data_dir=/tmp/bench/tfds \
+      --datasets=ucf101/ucf101_1_256:train,ucf101_frames/s128:train1 --rounds=5 --seconds=10
 
-Prints one line per pipeline with clips/s and host CPU cost (process CPU seconds per clip, in
-ms/clip/core), and last `ratio_vs_naive=<x>`:
+For every dataset (name:train_split; default: the config's), in the same process:
 
-  pipeline      har_jax.data.pipeline.create_train_dataset (the training input, as train.py runs it)
-  naive_tfds    tfds with full decoding of every frame, then sample, resize, random crop, flip
-  decode_floor  read + decode only the num_frames JPEGs of one clip at full size, batch; no
-                augmentation, no resize (what any pipeline that decodes full frames must pay)
+  pipeline    har_jax.data.pipeline.create_train_dataset, exactly as train.py runs it: read,
+              sample, decode, describe (or do) the crop, guard against bad frames, batch
+  floor       the same JPEG decodes alone: the frames of clips sampled by the pipeline, held in
+              memory and decoded by the pipeline's decode function at the pipeline's scale, with
+              the same parallelism, one scalar out per clip (no batching)
+  naive_tfds  (--naive, on the first dataset if it is TFDS records) TFDS decodes every frame,
+              then sample, resize, random crop, flip: the textbook tf.data video pipeline
 
-Each runs alone for --seconds after a warm-up of --warmup_batches batches, with the config's
-batch size, so the numbers compare directly. Use a record set with enough videos that the shuffle
-buffer and file interleave behave as in training.
+Host CPU is the process's CPU time (all threads) per clip, in ms per clip per core; clips/s is
+wall-clock throughput on all cores. Measurements alternate: each round runs every pipeline for
+--seconds (after --warmup_seconds untimed), so load drifts on a shared machine hit all alike;
+the summary is the median over rounds. `bytes_read_per_clip` is what the pipeline read for the
+clips it delivered: record bytes of the video (TFDS) or of the clip's frames (frame store).
+
+Prints one line per measurement, then per dataset (first dataset last):
+  <dataset>: ms_per_clip_core=... clips_per_s=... clips_per_s_per_core=... bytes_read_per_clip=...
+      host_cores_per_1000_clips_per_s=... floor_ms_per_clip_core=...
+  vs_first_floor=<ms_per_clip_core / the first dataset's floor>  (datasets after the first)
+  ms_per_clip_core=<pipeline> floor_ms_per_clip_core=<floor> ratio_to_floor=<x>
+  ratio_vs_naive=<x>  (pipeline / naive_tfds clips/s; with --naive, the default)
 """
 
 import os
 import resource
+import statistics
 import sys
 import time
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # For configs/.
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from har_jax.data import datasets
+from har_jax.data import frame_store
 from har_jax.data import pipeline
 from har_jax.data import stages
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # For configs/.
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config file.', lock_config=True)
 flags.DEFINE_string('data_dir', None, 'TFDS data_dir (overrides config.dataset.data_dir).')
-flags.DEFINE_float('seconds', 20.0, 'Seconds measured per pipeline.')
-flags.DEFINE_integer('warmup_batches', 3, 'Batches consumed before timing starts.')
+flags.DEFINE_list('datasets', [], 'name[:train_split] of each dataset (default: the config\'s).')
+flags.DEFINE_integer('rounds', 3, 'Alternating rounds; the summary is the median.')
+flags.DEFINE_float('seconds', 10.0, 'Seconds measured per pipeline per round.')
+flags.DEFINE_float('warmup_seconds', 2.0, 'Untimed seconds before each measurement.')
+flags.DEFINE_integer('floor_clips', 256, 'Clips held in memory for the floor.')
+flags.DEFINE_bool('naive', True, 'Also measure naive_tfds once, on the first dataset if it is '
+                  'TFDS records (slow: decodes every frame).')
 flags.DEFINE_integer('naive_shuffle_buffer', 4, 'Shuffle buffer (decoded videos) of naive_tfds.')
-flags.DEFINE_list('pipelines', ['pipeline', 'naive_tfds', 'decode_floor'],
-                  'Which to run (also: pipeline_deterministic).')
 
 
 def _cpu_seconds() -> float:
@@ -47,20 +65,46 @@ def _cpu_seconds() -> float:
   return usage.ru_utime + usage.ru_stime
 
 
-def measure(ds: tf.data.Dataset, seconds: float, warmup_batches: int) -> dict:
-  """Iterates `ds` (batches with a 'video' key) for `seconds`; returns clips/s and ms/clip/core."""
-  iterator = iter(ds)
-  for _ in range(warmup_batches):
+def measure(iterator, seconds: float, warmup_seconds: float) -> dict:
+  """Runs `iterator` (batches with 'label') untimed, then timed; clips/s, ms/clip/core, reads."""
+  t0 = time.perf_counter()
+  while time.perf_counter() - t0 < warmup_seconds:
     next(iterator)
-  clips, cpu0, t0 = 0, _cpu_seconds(), time.perf_counter()
+  clips, read_bytes, cpu0, t0 = 0, 0, _cpu_seconds(), time.perf_counter()
   while time.perf_counter() - t0 < seconds:
-    clips += int(next(iterator)['video'].shape[0])
+    batch = next(iterator)
+    clips += int(batch['label'].shape[0])
+    read_bytes += int(np.sum(batch.get('read_bytes', 0)))
   wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
   return {'clips_per_s': clips / wall, 'ms_per_clip_core': 1e3 * cpu / max(clips, 1),
-          'cpu_cores_busy': cpu / wall, 'clips': clips}
+          'cpu_cores_busy': cpu / wall, 'clips': clips,
+          'bytes_read_per_clip': read_bytes / max(clips, 1)}
 
 
-def naive_dataset(builder, config, batch: int) -> tf.data.Dataset:
+def floor_dataset(builder, config, num_clips: int) -> tf.data.Dataset:
+  """The pipeline's own decode of `num_clips` of its clips, from memory, one scalar per clip."""
+  split = datasets.resolve_split(config.dataset, 'train')
+  if isinstance(builder, frame_store.FrameStore):
+    reader = frame_store.FrameReader(builder)
+    clips = pipeline._frame_store_train_clips(  # pylint: disable=protected-access
+        builder, split, config, local_batch=1, process_index=0, process_count=1, start_step=0)
+    clips = clips.map(lambda clip: {'jpegs': reader.read(clip['row'], clip['frames'])})
+  else:
+    clips = pipeline._tfds_train_clips(  # pylint: disable=protected-access
+        builder, split, config, local_batch=1, process_index=0, process_count=1, start_step=0)
+  jpegs = np.stack([c['jpegs'] for c in clips.take(num_clips).as_numpy_iterator()])
+  frame_size = datasets.static_frame_size(builder)
+
+  def decode(clip_jpegs):
+    frames = stages.decode_frames(clip_jpegs, config.dataset.resize_size, frame_size)
+    return {'label': frames[-1, 0, 0, 0]}  # Depends on the pixels: nothing is optimised away.
+
+  ds = tf.data.Dataset.from_tensor_slices(jpegs).repeat()
+  ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+  return ds.batch(config.batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def naive_dataset(builder, config) -> tf.data.Dataset:
   """The textbook tf.data video pipeline: TFDS decodes every frame, then sample/crop/flip."""
   split = datasets.resolve_split(config.dataset, 'train')
   ds = builder.as_dataset(split=split, shuffle_files=True,
@@ -84,66 +128,78 @@ def naive_dataset(builder, config, batch: int) -> tf.data.Dataset:
     return {'video': frames, 'label': example['label']}
 
   ds = ds.map(clip, num_parallel_calls=tf.data.AUTOTUNE)
-  return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  return ds.batch(config.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
-def decode_floor_dataset(builder, config, batch: int) -> tf.data.Dataset:
-  """Read records and decode num_frames consecutive-at-stride JPEGs per clip at full size."""
-  split = datasets.resolve_split(config.dataset, 'train')
-  ds = builder.as_dataset(split=split, shuffle_files=True,
-                          read_config=tfds.ReadConfig(try_autocache=False),
-                          decoders={'video': tfds.decode.SkipDecoding()})
-  ds = ds.repeat()
-
-  def decode(example):
-    jpegs = example['video']
-    indices = stages.sample_eval_indices(tf.shape(jpegs)[0], config.num_frames,
-                                         config.frame_stride, 1, config.dataset.short_video)[0]
-    frames = tf.map_fn(lambda j: tf.io.decode_jpeg(j, channels=3), tf.gather(jpegs, indices),
-                       fn_output_signature=tf.uint8)
-    return {'video': frames, 'label': example['label']}
-
-  ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
-  return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+def _dataset_config(config, spec: str):
+  name, _, split = spec.partition(':')
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.dataset.name = name
+    config.dataset.train_split = split or config.dataset.train_split
+  return config
 
 
 def main(argv):
   del argv
-  config = FLAGS.config
+  base = FLAGS.config
   if FLAGS.data_dir:
-    config.dataset.data_dir = FLAGS.data_dir
-  builder = datasets.get_builder(config.dataset)
-  batch = config.batch_size
-  print(f'dataset={config.dataset.name} data_dir={config.dataset.data_dir} batch={batch} '
-        f'frames={config.num_frames}x{config.image_size}^2 stride={config.frame_stride} '
-        f'resize_size={config.dataset.resize_size} seconds={FLAGS.seconds}', flush=True)
-  makers = {
-      'pipeline': lambda: pipeline.create_train_dataset(builder, config, local_batch=batch),
-      'naive_tfds': lambda: naive_dataset(builder, config, batch),
-      'decode_floor': lambda: decode_floor_dataset(builder, config, batch),
-  }
-  results = {}
-  for name in FLAGS.pipelines:
-    if name == 'pipeline_deterministic':
-      with config.unlocked():
-        config.deterministic_data = True
-      ds = makers['pipeline']()
-      with config.unlocked():
-        config.deterministic_data = False
-    elif name in makers:
-      ds = makers[name]()
-    else:
-      raise app.UsageError(f'Unknown pipeline {name!r}; choose from {sorted(makers)} or '
-                           'pipeline_deterministic.')
-    results[name] = measure(ds, FLAGS.seconds, FLAGS.warmup_batches)
-    r = results[name]
-    print(f'{name}: {r["clips_per_s"]:.1f} clips/s, {r["ms_per_clip_core"]:.2f} ms/clip/core '
-          f'(host CPU), {r["cpu_cores_busy"]:.2f} cores busy, {r["clips"]} clips', flush=True)
-  rate = {name: r['clips_per_s'] for name, r in results.items()}
-  if 'pipeline' in rate and 'decode_floor' in rate:
-    print(f'ratio_vs_floor={rate["pipeline"] / rate["decode_floor"]:.2f}')
-  if 'pipeline' in rate and 'naive_tfds' in rate:
-    print(f'ratio_vs_naive={rate["pipeline"] / rate["naive_tfds"]:.2f}')
+    base.dataset.data_dir = FLAGS.data_dir
+  specs = FLAGS.datasets or [f'{base.dataset.name}:{base.dataset.train_split}']
+  print(f'data_dir={base.dataset.data_dir} batch={base.batch_size} '
+        f'frames={base.num_frames}x{base.image_size}^2 stride={base.frame_stride} '
+        f'resize_size={base.dataset.resize_size} rounds={FLAGS.rounds} seconds={FLAGS.seconds} '
+        f'cpus={os.cpu_count()} load_average_before={os.getloadavg()}', flush=True)
+  runs = {}  # (dataset, kind) -> iterator
+  for spec in specs:
+    config = _dataset_config(base, spec)
+    builder = datasets.get_builder(config.dataset)
+    layout = (f'frame store, frames {builder.frame_size}'
+              if isinstance(builder, frame_store.FrameStore) else
+              f'TFDS records, frames {datasets.static_frame_size(builder)}')
+    print(f'{spec}: {layout}', flush=True)
+    runs[spec, 'pipeline'] = iter(pipeline.create_train_dataset(
+        builder, config, local_batch=config.batch_size).as_numpy_iterator())
+    runs[spec, 'floor'] = iter(floor_dataset(builder, config, FLAGS.floor_clips)
+                               .as_numpy_iterator())
+  results = {key: [] for key in runs}
+  for r in range(FLAGS.rounds):
+    for key, iterator in runs.items():
+      result = measure(iterator, FLAGS.seconds, FLAGS.warmup_seconds)
+      results[key].append(result)
+      print(f'round {r + 1} {key[0]} {key[1]}: {result["clips_per_s"]:.1f} clips/s, '
+            f'{result["ms_per_clip_core"]:.2f} ms/clip/core, {result["cpu_cores_busy"]:.2f} '
+            f'cores busy', flush=True)
+  naive = None
+  config = _dataset_config(base, specs[0])
+  first = datasets.get_builder(config.dataset)
+  if FLAGS.naive and not isinstance(first, frame_store.FrameStore):
+    naive = measure(iter(naive_dataset(first, config).as_numpy_iterator()), FLAGS.seconds,
+                    FLAGS.warmup_seconds)
+    print(f'naive_tfds {specs[0]}: {naive["clips_per_s"]:.1f} clips/s, '
+          f'{naive["ms_per_clip_core"]:.2f} ms/clip/core', flush=True)
+  print(f'load_average_after={os.getloadavg()}', flush=True)
+
+  def median(key, field):
+    return statistics.median(x[field] for x in results[key])
+
+  first_floor = median((specs[0], 'floor'), 'ms_per_clip_core')
+  for spec in specs[1:] + specs[:1]:
+    ms, floor = median((spec, 'pipeline'), 'ms_per_clip_core'), median((spec, 'floor'),
+                                                                         'ms_per_clip_core')
+    print(f'{spec}: ms_per_clip_core={ms:.2f} '
+          f'clips_per_s={median((spec, "pipeline"), "clips_per_s"):.1f} '
+          f'clips_per_s_per_core={1e3 / ms:.1f} '
+          f'bytes_read_per_clip={median((spec, "pipeline"), "bytes_read_per_clip"):.0f} '
+          f'host_cores_per_1000_clips_per_s={ms:.2f} floor_ms_per_clip_core={floor:.2f} '
+          f'ratio_to_floor={ms / floor:.2f}', flush=True)
+    if spec != specs[0]:
+      print(f'vs_first_floor={ms / first_floor:.2f}  ({spec} pipeline / {specs[0]} floor)')
+  ms = median((specs[0], 'pipeline'), 'ms_per_clip_core')
+  print(f'ms_per_clip_core={ms:.2f} floor_ms_per_clip_core={first_floor:.2f} '
+        f'ratio_to_floor={ms / first_floor:.2f}')
+  if naive:
+    print(f'ratio_vs_naive={median((specs[0], "pipeline"), "clips_per_s") / naive["clips_per_s"]:.2f}')
 
 
 if __name__ == '__main__':

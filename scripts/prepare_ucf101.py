@@ -14,6 +14,15 @@ or ucf101_3 (full size), exactly as the stock TFDS configs.
 ucf101_meta adds per-video 'name', 'group', 'clip', 'num_frames', 'fps' features and group counts,
 which lets config.dataset.val_split hold out whole UCF101 groups (`ucf101_meta/<config>`).
 
+--short_side N writes the compact, random-access frame store `ucf101_frames/sN` instead
+(har_jax/data/frame_store.py): every video once, frames with the short side at N pixels and the
+aspect kept (171x128 at 128), one record per frame, so a clip reads only its own frames; the
+splits of all three official splits are 'train1', 'test1', ..., 'test3'. Train on it with
+configs/ucf101_frames.py. --config and --variant do not apply to it.
+
+  python scripts/prepare_ucf101.py --source ~/data/ucf101 --data_dir ~/tensorflow_datasets \
+      --short_side 128
+
 Needs ffmpeg. TFDS shows progress bars per split. An interrupted run leaves no readable partial
 dataset (TFDS writes into an `incomplete.*` folder and renames it at the end); rerun the same
 command to start that config over. A finished dataset is detected and left alone.
@@ -34,6 +43,10 @@ flags.DEFINE_list('config', ['ucf101_1_256'], f'One or more of {ucf101.CONFIG_NA
 flags.DEFINE_enum('variant', 'ucf101', sorted(ucf101.BUILDERS), 'Which builder to write.')
 flags.DEFINE_bool('allow_missing', False,
                   'Build without videos that the split lists name but the copy lacks.')
+flags.DEFINE_integer('short_side', 0,
+                     'N > 0: write the frame store ucf101_frames/sN (short side N pixels, aspect '
+                     'kept) instead of TFDS records.')
+flags.DEFINE_integer('num_workers', 4, '--short_side: videos extracted in parallel.')
 flags.mark_flags_as_required(['source', 'data_dir'])
 
 
@@ -42,6 +55,20 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
   try:
+    if FLAGS.short_side:
+      if FLAGS['config'].present or FLAGS['variant'].present:
+        raise ucf101.SourceError('--short_side writes the frame store of all three splits; do '
+                                 'not combine it with --config or --variant.')
+      result = ucf101.prepare_frames(FLAGS.source, FLAGS.data_dir, FLAGS.short_side,
+                                     allow_missing=FLAGS.allow_missing,
+                                     num_workers=FLAGS.num_workers)
+      verb = 'Already prepared' if result.reused else 'Prepared'
+      print(f'{verb} {result.name}: {result.split_sizes} in {result.data_dir}\n'
+            f'  train with --config=configs/ucf101_frames.py '
+            f'--config.dataset.name={result.name} --config.dataset.data_dir={FLAGS.data_dir}\n'
+            '  (split N of 3: --config.dataset.train_split=trainN '
+            '--config.dataset.eval_split=testN)', flush=True)
+      return
     for config in FLAGS.config:
       result = ucf101.prepare(FLAGS.source, FLAGS.data_dir, config, variant=FLAGS.variant,
                               allow_missing=FLAGS.allow_missing)

@@ -45,6 +45,22 @@ def synthetic_data_dir(tmp_path_factory):
   return data_dir
 
 
+SYNTHETIC_FRAMES = 'synthetic_frames/tiny'
+
+
+@pytest.fixture(scope='session')
+def synthetic_frames(synthetic_data_dir):
+  """The tiny synthetic set copied into a frame store, `synthetic_frames/tiny` in the same
+  data_dir (the JPEG frames byte for byte); returns that dataset name."""
+  from har_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  from har_jax.data import frame_store  # pylint: disable=g-import-not-at-top
+  path = os.path.join(str(synthetic_data_dir), SYNTHETIC_FRAMES)
+  if not frame_store.exists(path):
+    builder = datasets.get_builder(make_tiny_config(synthetic_data_dir).dataset)
+    frame_store.convert(builder, path, name=SYNTHETIC_FRAMES)
+  return SYNTHETIC_FRAMES
+
+
 @pytest.fixture
 def tiny_config(synthetic_data_dir):
   return lambda **overrides: make_tiny_config(synthetic_data_dir, **overrides)

@@ -12,6 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorboard.backend.event_processing import event_accumulator
 
+from har_jax import augment
 from har_jax import train
 from har_jax.data import datasets
 from har_jax.data import pipeline
@@ -105,16 +106,19 @@ def test_config_loads_and_builds(path, tmp_path):
   out = jax.eval_shape(lambda var, v: model.apply(var, v, train=False), variables, video)
   assert out.shape == (1, 101)
 
+  # On mock stock records (configs/ucf101_frames.py also trains on a real frame store in
+  # tests/test_ucf101.py).
   config.dataset.name = 'ucf101/ucf101_1_256'
   config.dataset.data_dir = str(tmp_path)
+  config.dataset.train_split, config.dataset.eval_split = 'train', 'test'
   config.dataset.val_split = 0.0
   with mock_ucf101(tmp_path, num_examples=3):
     builder = datasets.get_builder(config.dataset)
     batch = next(pipeline.create_train_dataset(builder, config, local_batch=2)
                  .as_numpy_iterator())
-    assert batch['video'].shape == (2, config.num_frames, config.image_size,
-                                    config.image_size, 3)
     assert batch['video'].dtype == np.uint8
+    assert augment.apply_to_batch(batch, config.image_size).shape == (
+        2, config.num_frames, config.image_size, config.image_size, 3)
     config.eval.batch_size = 2
     data = pipeline.create_eval_dataset(builder, config, 'test', local_batch=2)
     batch = next(data.dataset.as_numpy_iterator())

@@ -4,6 +4,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -134,6 +135,38 @@ def test_two_processes_match_one_process(synthetic_data_dir, tmp_path):
                       _env(1), tmp_path)
   assert codes == [0], logs2[0][-3000:]
   assert 'Resumed from checkpoint at step 4' in logs2[0]
+
+
+def _records_read(log: str) -> int:
+  return int(re.search(r'Input: process \d+ of \d+ read (\d+) records', log).group(1))
+
+
+@pytest.mark.slow
+def test_two_processes_on_a_frame_store_read_half_the_frames_each(synthetic_data_dir,
+                                                                   synthetic_frames, tmp_path):
+  """Two epochs from a frame store: each of 2 processes reads exactly the frames of its half of
+  every global batch, and the params equal those of 1 process x 4 devices."""
+  steps, batch, clip_frames = 10, 8, 4  # 10 steps of 8 clips: 2 epochs of the 40 train videos.
+  overrides = _overrides(synthetic_data_dir, **{'dataset.name': synthetic_frames,
+                                                'num_train_steps': steps, 'eval_every_steps': steps,
+                                                'checkpoint_every_steps': steps})
+  multi = tmp_path / 'multi'
+  port = _free_port()
+  commands = [_main(multi, overrides, f'--coordinator_address=127.0.0.1:{port}',
+                    '--num_processes=2', f'--process_id={i}', '--distributed_timeout=60')
+              for i in range(2)]
+  codes, logs = _run(commands, _env(2), tmp_path)
+  assert codes == [0, 0], '\n\n'.join(log[-3000:] for log in logs)
+  single = tmp_path / 'single'
+  codes, logs1 = _run([_main(single, overrides)], _env(4), tmp_path)
+  assert codes == [0], logs1[0][-3000:]
+
+  assert [_records_read(log) for log in logs] == [steps * batch // 2 * clip_frames] * 2
+  assert _records_read(logs1[0]) == steps * batch * clip_frames
+  flat_m = dict(_flatten(_final_params(str(multi))[1]))
+  flat_s = dict(_flatten(_final_params(str(single))[1]))
+  for k in flat_m:
+    np.testing.assert_allclose(flat_m[k], flat_s[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 def _wait_for_text(path, text, procs, timeout=TIMEOUT_S):

@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from har_jax import augment
 from har_jax.data import datasets
 from har_jax.data import pipeline
 
@@ -82,7 +83,8 @@ def test_training_skips_and_counts_corrupt_examples(bad_builder, tiny_config):
   skipped_at = []
   for batch in ds.take(8).as_numpy_iterator():  # 16 good examples: 2 2/3 epochs.
     assert batch['label'].tolist() == [0, 0], 'a corrupt example reached a batch'
-    assert batch['video'].shape == (2, 8, 24, 24, 3)
+    assert batch['video'].shape == (2, 8, 32, 32, 3)  # As stored; the device crops to 24.
+    assert augment.apply_to_batch(batch, 24).shape == (2, 8, 24, 24, 3)
     skipped_at.extend(batch['num_skipped'].tolist())
   expected, bad, good = [], 0, 0
   for label in stream:

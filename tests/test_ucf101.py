@@ -111,12 +111,53 @@ def test_prepare_script_then_train_end_to_end(source, tmp_path):
   assert ucf101.prepare(source['folder'], data_dir, 'ucf101_1_256').reused
 
 
-def _load_default_config():
-  spec = importlib.util.spec_from_file_location('default', os.path.join(REPO, 'configs',
-                                                                        'default.py'))
+def _load_default_config(name='default'):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'configs', f'{name}.py'))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def test_prepare_frames_then_train_with_a_group_validation_split(source, tmp_path):
+  """prepare_ucf101.py --short_side: one frame store for the three splits, short side 32 px with
+  the aspect kept (64x48 -> 43x32), trained with configs/ucf101_frames.py."""
+  data_dir = str(tmp_path / 'data')
+  command = [sys.executable, os.path.join(REPO, 'scripts', 'prepare_ucf101.py'),
+             f'--source={source["zips"]}', f'--data_dir={data_dir}', '--short_side=32',
+             '--num_workers=2']
+  run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert ("Prepared ucf101_frames/s32: {'train1': 6, 'test1': 2, 'train2': 2, 'test2': 6, "
+          "'train3': 8, 'test3': 0}") in run.stdout
+  assert '--config.dataset.name=ucf101_frames/s32' in run.stdout
+
+  config = _load_default_config('ucf101_frames')
+  config.dataset.name, config.dataset.data_dir = 'ucf101_frames/s32', data_dir
+  store = datasets.get_builder(config.dataset)
+  assert store.frame_size == (32, 43) and len(store.class_names) == 101
+  rows = store.split_rows('train1')
+  assert sorted(store.videos['group'][rows]) == [8, 8, 9, 9, 10, 10]
+  assert set(store.videos['num_frames']) == {NUM_FRAMES}
+  assert np.allclose(store.videos['fps'], 25.0)
+  quirk = list(store.videos['name']).index('v_HandStandPushups_g08_c01')
+  assert store.class_names[store.videos['label'][quirk]] == 'HandstandPushups'
+
+  config.model.encoder, config.model.lstm_size = 'small_cnn', 16
+  config.num_frames, config.frame_stride, config.image_size = 4, 2, 28
+  config.dataset.resize_size, config.dataset.val_split = 32, 0.34
+  config.batch_size = config.eval.batch_size = 4
+  config.eval.num_clips, config.eval.num_crops = 2, 3
+  config.num_train_steps, config.warmup_steps = 2, 1
+  config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
+  assert datasets.num_examples(store, datasets.resolve_split(config.dataset, 'val')) == 2
+  final = train.train_and_evaluate(config, str(tmp_path / 'workdir'))
+  assert final['num_videos'] == 2 and np.isfinite(final['loss'])
+
+  rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+  assert rerun.returncode == 0 and 'Already prepared ucf101_frames/s32' in rerun.stdout
+  mixed = subprocess.run(command + ['--config=ucf101_1'], capture_output=True, text=True,
+                         timeout=600)
+  assert mixed.returncode == 2 and 'do not combine it with --config' in mixed.stderr
 
 
 def test_meta_variant_from_zips_has_names_groups_and_counts(meta_dir):

@@ -6,14 +6,19 @@ import re
 from typing import Optional
 
 from absl import logging
+
+import numpy as np
 import tensorflow_datasets as tfds
 
+from har_jax.data import frame_store
 from har_jax.data import synthetic_actions  # Defines (and so registers) the TFDS builder.
 from har_jax.data import video_folder
 
 SYNTHETIC_NAME = 'synthetic_actions'
-# Datasets whose records carry a 'group' feature and metadata.json 'group_counts' (see ucf101.py).
-GROUPED_DATASETS = ('ucf101_meta',)
+# Datasets whose videos carry UCF101 groups (people): 'group' records and metadata.json
+# 'group_counts' (ucf101_meta, see ucf101.py), or a 'group' column (frame stores of UCF101).
+GROUPED_DATASETS = ('ucf101_meta', 'ucf101_frames')
+UCF101_FRAMES = 'ucf101_frames'  # Frame stores built by prepare_ucf101.py --short_side.
 UCF101_CONFIGS = ('ucf101_1_256', 'ucf101_1', 'ucf101_2', 'ucf101_3')
 _GROUP_SPLIT_RE = re.compile(r'(?P<base>[^|]+)\|(?P<part>train|val)_groups=(?P<fraction>[0-9.]+)')
 
@@ -34,6 +39,24 @@ class DatasetInfo:
     return len(self.class_names)
 
 
+class JpegFrames(tfds.decode.SkipDecoding):
+  """Keeps a video's JPEG frames encoded, as one `[num_frames] tf.string` tensor.
+
+  tfds.decode.SkipDecoding does the same through a tf.map_fn over the frames of a Sequence
+  feature, which costs ~4 ms per 180-frame video on a host core, most of a clip's decode budget;
+  this returns the parsed tensor as it is.
+  """
+
+  def decode_batch_example(self, serialized_example):
+    return serialized_example
+
+
+def jpeg_decoders(builder) -> dict:
+  """`decoders=` for builder.as_dataset: the video stays JPEG strings, the rest decodes."""
+  del builder  # Every dataset har_jax reads names its frames 'video'.
+  return {'video': JpegFrames()}
+
+
 def _split_name_and_config(name: str) -> tuple[str, Optional[str]]:
   base, _, config_name = name.partition('/')
   return base, (config_name or None)
@@ -48,6 +71,18 @@ def get_builder(dataset_config) -> tfds.core.DatasetBuilder:
   name = dataset_config.name
   data_dir = dataset_config.data_dir or None
   base, config_name = _split_name_and_config(name)
+  store_path = os.path.join(data_dir or _default_data_dir(), name)
+  if frame_store.exists(store_path):
+    try:
+      return frame_store.FrameStore(store_path)
+    except frame_store.FrameStoreError as e:
+      raise DatasetError(str(e)) from None
+  if base == UCF101_FRAMES:
+    raise DatasetError(
+        f'Frame store {name!r} is not prepared in {data_dir or _default_data_dir()!r} (no '
+        f'{store_path}). Build it from your UCF101 copy with: python scripts/prepare_ucf101.py '
+        f'--source <UCF101 folder or zips> --data_dir {data_dir or "<data_dir>"} '
+        f'--short_side {config_name.lstrip("s") if config_name else "128"}')
   if base == SYNTHETIC_NAME:
     return synthetic_actions.prepare(data_dir or _default_data_dir(), config_name or 'default')
   if base in ('ucf101',) + GROUPED_DATASETS and config_name not in UCF101_CONFIGS:
@@ -115,7 +150,10 @@ def _default_data_dir() -> str:
 
 
 def get_info(builder: tfds.core.DatasetBuilder) -> DatasetInfo:
-  """Class names and split sizes of a prepared builder."""
+  """Class names and split sizes of a prepared builder (or frame store)."""
+  if isinstance(builder, frame_store.FrameStore):
+    return DatasetInfo(name=builder.name, class_names=builder.class_names,
+                       split_sizes=builder.split_sizes)
   features = builder.info.features
   if 'label' not in features or 'video' not in features:
     raise DatasetError(
@@ -174,6 +212,13 @@ def parse_group_split(split) -> Optional[GroupSplit]:
 
 
 def _group_counts(builder, base: str) -> dict[int, int]:
+  if isinstance(builder, frame_store.FrameStore):
+    groups = builder.videos['group'][builder.split_rows(base)]
+    if np.any(groups < 0):
+      raise DatasetError(f'Frame store {builder.name!r} has no UCF101 groups in split {base!r}; '
+                         'validation holds out whole groups only on UCF101 stores.')
+    values, counts = np.unique(groups, return_counts=True)
+    return {int(g): int(n) for g, n in zip(values, counts)}
   metadata = builder.info.metadata or {}
   counts = metadata.get('group_counts', {}).get(base)
   if not counts:
@@ -195,8 +240,22 @@ def split_groups(builder, group_split: GroupSplit) -> list[int]:
   return groups[-num_val:] if group_split.part == 'val' else groups[:-num_val]
 
 
+def split_rows(store: frame_store.FrameStore, split: str) -> np.ndarray:
+  """Video rows of a frame store split, group splits ('train1|val_groups=0.1') included."""
+  group_split = parse_group_split(split)
+  if not group_split:
+    return store.split_rows(split)
+  rows = store.split_rows(group_split.base)
+  return rows[np.isin(store.videos['group'][rows], split_groups(store, group_split))]
+
+
 def num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
   """Number of examples in a split string such as 'train[:90%]' or 'train|val_groups=0.1'."""
+  if isinstance(builder, frame_store.FrameStore):
+    try:
+      return len(split_rows(builder, split))
+    except frame_store.FrameStoreError as e:
+      raise DatasetError(str(e)) from None
   group_split = parse_group_split(split)
   if group_split:
     counts = _group_counts(builder, group_split.base)
@@ -211,8 +270,19 @@ def num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
 
 def process_shard_sizes(builder, split: str, process_count: int) -> list[int]:
   """Examples each process reads of `split` (they are disjoint and cover the split)."""
-  if parse_group_split(split):  # Read whole, filtered, then ds.shard(process_count, index).
+  # Frame stores and group splits: process i takes examples i, i + process_count, ...
+  if parse_group_split(split) or isinstance(builder, frame_store.FrameStore):
     total = num_examples(builder, split)
     return [len(range(i, total, process_count)) for i in range(process_count)]
   return [num_examples(builder, tfds.split_for_jax_process(
       split, process_index=i, process_count=process_count)) for i in range(process_count)]
+
+
+def static_frame_size(builder) -> Optional[tuple[int, int]]:
+  """(height, width) of every stored frame when the dataset declares one size, else None."""
+  if isinstance(builder, frame_store.FrameStore):
+    return builder.frame_size
+  shape = tuple(builder.info.features['video'].shape)
+  if len(shape) == 4 and shape[1] and shape[2]:
+    return int(shape[1]), int(shape[2])
+  return None

@@ -1,24 +1,59 @@
-"""TFDS records -> tf.data batches of uint8 clips, sharded per host, prefetched to devices.
+"""Datasets -> tf.data batches of uint8 clips, sharded per host, prefetched to devices.
 
-Stages: read (JPEG strings, nothing decoded) -> sample frame indices -> gather + decode only those
-frames -> crop/flip -> batch. See `har_jax.data.stages` for the stage functions.
+Two kinds of dataset, one pipeline:
+- TFDS records (stock `ucf101`, `synthetic_actions`, `video_folder`, `ucf101_meta`): one record
+  per video holding all its JPEG frames. A clip reads and parses its video's record, then gathers
+  its frames.
+- Frame stores (`har_jax.data.frame_store`): one record per frame. A clip reads only its frames.
 
-Train batches: {'video': [local_batch, T, S, S, 3] uint8, 'label': [local_batch] int32,
-                'num_skipped': [local_batch] int64 (host only)}.
+Stages: read -> sample frame indices -> gather (or read) those JPEGs -> decode them, downscaled
+in the JPEG decoder where dataset.resize_size allows -> crop/flip -> batch. Nothing else of a
+video is decoded. See `har_jax.data.stages` for the stage functions.
+
+Training crops: where the dataset declares one frame size (`datasets.static_frame_size`: the stock
+256x256 records, the synthetic set, frame stores whose frames share a size), the host draws each
+clip's random-resized-crop window and flip and ships the decoded frames with them; the train step
+crops, resizes and flips on the accelerator (`har_jax.augment`), where it costs next to nothing.
+Otherwise the host crops and resizes each clip (`stages.crop_and_resize`).
+
+Train batches: {'video': [local_batch, T, H, W, 3] uint8, 'label': [local_batch] int32,
+                'crop': [local_batch, 4] float32 (y, x, h, w), 'flip': [local_batch] bool,
+                host only: 'tfds_id', 'num_skipped' [local_batch] int64, and 'read_records'
+                [local_batch] int32 / 'read_bytes' [local_batch] int64, the records and JPEG
+                bytes this process read for the clip (a frame store: its T frames; TFDS records:
+                its video, plus, with deterministic_data, the other processes' videos it read and
+                dropped before it)}, with H x W the decoded frame size; without a static frame
+               size, H = W = image_size and no 'crop' / 'flip'.
 Eval batches:  {'video': [local_batch, V, T, S, S, 3] uint8, 'label', 'mask': [local_batch] int32,
                 'tfds_id': [local_batch] string}, with V = eval.num_clips * eval.num_crops views per
 video. Eval datasets are padded (mask 0) to the same number of batches on every process and read
-each example of the split exactly once across processes.
+each example of the split exactly once across processes. 'tfds_id' names the example (a frame
+store's video name).
 
-Bad data: an example whose sampled frames fail to decode (corrupt or truncated JPEG, a video with no
-frames) is skipped in training and counted: 'num_skipped' is this process's cumulative number of
-skipped examples up to and including the batch (a bad video counts each time it is drawn), and each
-skip prints the example's tfds_id to stderr. In evaluation it raises tf.errors.InvalidArgumentError
-naming the example's tfds_id, because skipping would change the protocol.
+Training order:
+- Frame stores: the global example g of step s (g in [s * B, (s + 1) * B), B the global batch)
+  is video `perm_e(g mod N)` of the split's N videos, perm_e a seeded permutation of epoch
+  e = g // N; process p reads only its slice [s * B + p * b, s * B + (p + 1) * b) of each step.
+  The data of step s is a function of (seed, s) alone, on any topology, and each process reads
+  1/P of every epoch's records. `config.deterministic_data` also keeps tf.data's element order.
+- TFDS records, config.deterministic_data (exact resume, any topology): every process reads the
+  whole split in one seeded order and keeps its slice of each global batch (it parses P times
+  the records it decodes: use a frame store on many hosts).
+- TFDS records, the default: each process reads its own shard, every example once per epoch in
+  a fresh order; a resumed run gets a fresh shuffle.
+Clips are sampled before the shuffle buffer, so it holds num_frames JPEGs per clip, not videos.
+
+Bad data: an example whose sampled frames fail to read or decode (corrupt or truncated JPEG, a
+damaged frame-store record) is skipped in training and counted: 'num_skipped' is this process's
+cumulative number of skipped examples up to and including the batch (a bad video counts each
+time it is drawn), and each skip prints the example's tfds_id to stderr. In evaluation it raises
+tf.errors.InvalidArgumentError naming the example's tfds_id, because skipping would change the
+protocol.
 """
 
 import collections
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -31,12 +66,14 @@ import tensorflow_datasets as tfds
 
 from har_jax import parallel
 from har_jax.data import datasets
+from har_jax.data import frame_store
 from har_jax.data import stages
 
-HOST_ONLY_KEYS = ('tfds_id', 'num_skipped')
+HOST_ONLY_KEYS = ('tfds_id', 'num_skipped', 'read_records', 'read_bytes')
 BAD_EXAMPLE_MESSAGE = 'Corrupt example (a sampled frame failed to decode or preprocess). tfds_id:'
 MAX_SKIP_FRACTION = 0.5
 MIN_EXAMPLES_BEFORE_SKIP_CHECK = 64
+_FOREVER = 2**62
 
 
 def _options(dataset_config, deterministic: bool) -> tf.data.Options:
@@ -54,8 +91,8 @@ def _num_parallel_calls(dataset_config) -> int:
 
 
 def read_examples(builder, split: str, config, *, process_index: int, process_count: int,
-          shuffle: bool, deterministic: bool) -> tf.data.Dataset:
-  """Reads this process's share of a split, with the video left as JPEG strings.
+                  shuffle: bool, deterministic: bool) -> tf.data.Dataset:
+  """Reads this process's share of a TFDS split, with the video left as JPEG strings.
 
   Plain splits are divided with tfds.split_for_jax_process. Group splits ('train|val_groups=f')
   are filtered by the 'group' feature: training filters this process's share of the base split;
@@ -72,9 +109,8 @@ def read_examples(builder, split: str, config, *, process_index: int, process_co
       add_tfds_id=True,
       shuffle_seed=config.seed if shuffle else None,
       options=_options(config.dataset, deterministic))
-  ds = builder.as_dataset(
-      split=read_split, shuffle_files=shuffle, read_config=read_config,
-      decoders={'video': tfds.decode.SkipDecoding()})
+  ds = builder.as_dataset(split=read_split, shuffle_files=shuffle, read_config=read_config,
+                          decoders=datasets.jpeg_decoders(builder))
   if group_split:
     groups = tf.constant(datasets.split_groups(builder, group_split), tf.int32)
     ds = ds.filter(lambda ex: tf.reduce_any(tf.equal(tf.cast(ex['group'], tf.int32), groups)))
@@ -83,36 +119,93 @@ def read_examples(builder, split: str, config, *, process_index: int, process_co
   return ds
 
 
-def preprocess_train(example, seed, config) -> dict:
-  """One encoded example -> {'video': [T, S, S, 3] uint8, 'label': int32}."""
-  seeds = tf.random.experimental.stateless_split(seed, 3)
-  jpegs = example['video']
-  indices = stages.sample_train_indices(
-      tf.shape(jpegs)[0], config.num_frames, config.frame_stride, config.dataset.short_video,
-      seeds[0])
-  frames = stages.decode_frames(stages.gather_frames(jpegs, indices), config.dataset.resize_size)
+def _clip_seeds(seed: tf.Tensor) -> tf.Tensor:
+  """`[3, 2]` stateless seeds of one training clip: frame indices, crop window, flip."""
+  return tf.random.experimental.stateless_split(seed, 3)
+
+
+def sample_train_frames(num_available: tf.Tensor, seed: tf.Tensor, config) -> tf.Tensor:
+  """`[num_frames] int32` frame indices of the training clip with this `[2]` seed."""
+  return stages.sample_train_indices(num_available, config.num_frames, config.frame_stride,
+                                     config.dataset.short_video, _clip_seeds(seed)[0])
+
+
+def preprocess_train(clip: dict, config, frame_size: Optional[tuple[int, int]] = None,
+                     reader: Optional[frame_store.FrameReader] = None) -> dict:
+  """One sampled clip -> its decoded frames and label (plus the device crop, see the module doc).
+
+  Args:
+    clip: {'jpegs': [T] string, 'read_records', 'read_bytes' (TFDS records), or 'row' and
+      'frames' [T] int32 to read with `reader` (frame stores); 'label': int32; 'tfds_id';
+      'seed': [2] int64}.
+    frame_size: the stored (height, width) of every frame, or None when it varies.
+
+  Returns:
+    {'video': [T, H, W, 3] uint8, 'label', 'crop': [4] float32, 'flip': bool} when frame_size is
+    known (H x W: `stages.decoded_size`); else {'video': [T, S, S, 3] uint8, 'label'}; both with
+    the host-only 'tfds_id', 'read_records' and 'read_bytes'.
+  """
+  seeds = _clip_seeds(clip['seed'])
+  if reader is None:
+    jpegs = clip['jpegs']
+    out = {k: clip[k] for k in ('label', 'tfds_id', 'read_records', 'read_bytes')}
+  else:
+    jpegs = reader.read(clip['row'], clip['frames'])
+    out = {'label': clip['label'], 'tfds_id': clip['tfds_id'],
+           'read_records': tf.size(jpegs),
+           'read_bytes': tf.reduce_sum(tf.cast(tf.strings.length(jpegs), tf.int64))}
+  frames = stages.decode_frames(jpegs, config.dataset.resize_size, frame_size)
+  t, s = config.num_frames, config.image_size
   window = stages.random_crop_window(
-      tf.shape(frames)[1:3], config.image_size, config.augment.min_area,
-      config.augment.max_aspect_ratio, seeds[1])
-  frames = stages.crop_and_resize(frames, window, config.image_size)
+      tf.shape(frames)[1:3], s, config.augment.min_area, config.augment.max_aspect_ratio,
+      seeds[1])
+  if frame_size is not None:
+    height, width = stages.decoded_size(frame_size, config.dataset.resize_size)
+    flip = tf.random.stateless_uniform([], seeds[2]) < 0.5
+    return dict(out, video=tf.ensure_shape(frames, [t, height, width, 3]),
+                crop=tf.cast(window, tf.float32),
+                flip=tf.logical_and(flip, bool(config.augment.flip)))
+  frames = stages.crop_and_resize(frames, window, s)
   if config.augment.flip:
     frames = stages.maybe_flip(frames, seeds[2])
-  frames = tf.ensure_shape(frames, [config.num_frames, config.image_size, config.image_size, 3])
-  return {'video': frames, 'label': tf.cast(example['label'], tf.int32)}
+  return dict(out, video=tf.ensure_shape(frames, [t, s, s, 3]))
 
 
-def preprocess_eval(example, config) -> dict:
-  """One encoded example -> all its views: {'video': [V, T, S, S, 3] uint8, 'label', 'mask'}."""
-  num_clips, num_crops = config.eval.num_clips, config.eval.num_crops
-  t, s = config.num_frames, config.image_size
-  jpegs = example['video']
-  indices = stages.sample_eval_indices(
-      tf.shape(jpegs)[0], t, config.frame_stride, num_clips, config.dataset.short_video)
-  frames = stages.decode_frames(
-      stages.gather_frames(jpegs, tf.reshape(indices, [-1])), config.dataset.resize_size)
-  video = stages.eval_views(frames, num_clips, t, s, num_crops)
-  return {'video': video, 'label': tf.cast(example['label'], tf.int32),
-          'mask': tf.constant(1, tf.int32), 'tfds_id': example['tfds_id']}
+def _eval_frames(num_available: tf.Tensor, config) -> tf.Tensor:
+  """`[num_clips * num_frames] int32` frame indices of a video's evaluation clips, clip-major."""
+  indices = stages.sample_eval_indices(num_available, config.num_frames, config.frame_stride,
+                                       config.eval.num_clips, config.dataset.short_video)
+  return tf.reshape(indices, [-1])
+
+
+def _eval_jpegs(video: tf.Tensor, config) -> tf.Tensor:
+  """The JPEG frames of a video's evaluation clips, `[num_clips * num_frames] tf.string`."""
+  return stages.gather_frames(video, _eval_frames(tf.shape(video)[0], config))
+
+
+def _eval_views(jpegs: tf.Tensor, config, frame_size: Optional[tuple[int, int]]) -> tf.Tensor:
+  frames = stages.decode_frames(jpegs, config.dataset.resize_size, frame_size)
+  return stages.eval_views(frames, config.eval.num_clips, config.num_frames, config.image_size,
+                           config.eval.num_crops)
+
+
+def preprocess_eval(example, config, frame_size: Optional[tuple[int, int]] = None,
+                    reader: Optional[frame_store.FrameReader] = None) -> dict:
+  """One encoded example -> all its views: {'video': [V, T, S, S, 3] uint8, 'label', 'mask'}.
+
+  Args:
+    example: {'video': [N] JPEG strings of the whole video, or 'jpegs' those of its evaluation
+      clips only, or 'row' and 'num_frames' to read with `reader`; 'label', 'tfds_id'}.
+  """
+  if reader is not None:
+    jpegs = reader.read(example['row'], _eval_frames(example['num_frames'], config))
+  elif 'jpegs' in example:
+    jpegs = example['jpegs']
+  else:
+    jpegs = _eval_jpegs(example['video'], config)
+  return {'video': _eval_views(jpegs, config, frame_size),
+          'label': tf.cast(example['label'], tf.int32), 'mask': tf.constant(1, tf.int32),
+          'tfds_id': example['tfds_id']}
 
 
 def _zeros_like_spec(spec) -> dict:
@@ -120,39 +213,54 @@ def _zeros_like_spec(spec) -> dict:
           for k, v in spec.items()}
 
 
-def guarded(inputs: tf.data.Dataset, preprocess: Callable[..., dict], on_error: str, *,
-            num_parallel_calls: int, deterministic: bool) -> tf.data.Dataset:
-  """Applies `preprocess` to every element, catching decode errors per example.
+def guarded(examples: tf.data.Dataset, preprocess: Callable[[dict], dict], on_error: str, *,
+            group_size: int, num_parallel_calls: int, deterministic: bool) -> tf.data.Dataset:
+  """Applies `preprocess` to every example, so that a failure affects that example only.
 
-  Each element is mapped inside its own one-element dataset with ignore_errors, so a failure
-  affects that example only. on_error='mark': a failed example becomes a zero element with
-  'valid' False (a tfds_id is printed to stderr); every element gets a bool 'valid'.
-  on_error='raise': raises InvalidArgumentError with BAD_EXAMPLE_MESSAGE and the tfds_id.
+  Examples go in groups of `group_size`: a group is preprocessed in one call, inside a
+  one-element dataset with ignore_errors, so clean data pays for one small dataset per group.
+  When an example of the group fails, the group is preprocessed again example by example, each
+  in its own one-element dataset: on_error='mark' turns a failed example into a zero element with
+  'valid' False (its tfds_id is printed to stderr); on_error='raise' raises InvalidArgumentError
+  with BAD_EXAMPLE_MESSAGE and the tfds_id. Every output element gets a bool 'valid'. Errors
+  upstream of `preprocess` (a damaged record file) are not caught.
 
   Args:
-    inputs: elements that are tuples of preprocess args whose first is the example dict (with
-      'tfds_id').
+    examples: dicts of fixed-size tensors, with a 'tfds_id'.
+    preprocess: one example -> a dict of fixed-size tensors.
   """
-  output_spec = inputs.map(lambda *args: preprocess(*args)).element_spec
+  output_spec = examples.map(preprocess).element_spec
+  spec = dict(output_spec, valid=tf.TensorSpec([], tf.bool))
 
-  def one(*args):
-    tfds_id = args[0]['tfds_id']
-    element = tf.data.Dataset.from_tensors(args)
-    good = element.map(lambda *a: dict(preprocess(*a), valid=tf.constant(True))).ignore_errors()
+  def checked(example):
+    return dict(preprocess(example), valid=tf.constant(True))
 
-    def fallback(*_):
+  def one(example):
+    element = tf.data.Dataset.from_tensors(example)
+
+    def fallback(_):
       if on_error == 'raise':
-        check = tf.debugging.Assert(False, [BAD_EXAMPLE_MESSAGE, tfds_id])
+        check = tf.debugging.Assert(False, [BAD_EXAMPLE_MESSAGE, example['tfds_id']])
       else:
-        check = tf.print('Skipping training example', tfds_id, '(a sampled frame failed to '
-                         'decode); counted in num_skipped.', output_stream=sys.stderr)
+        check = tf.print('Skipping training example', example['tfds_id'], '(a sampled frame '
+                         'failed to read or decode); counted in num_skipped.',
+                         output_stream=sys.stderr)
       with tf.control_dependencies([check]):
         return dict(_zeros_like_spec(output_spec), valid=tf.constant(False))
 
-    return good.concatenate(element.map(fallback)).take(1)
+    return element.map(checked).ignore_errors().concatenate(element.map(fallback)).take(1)
 
-  return inputs.interleave(one, cycle_length=num_parallel_calls, block_length=1,
-                           num_parallel_calls=num_parallel_calls, deterministic=deterministic)
+  def group(batch):
+    element = tf.data.Dataset.from_tensors(batch)
+    fast = element.map(lambda b: tf.map_fn(checked, b, fn_output_signature=spec,
+                                           parallel_iterations=1)).ignore_errors()
+    slow = element.unbatch().flat_map(one).batch(group_size)
+    return fast.concatenate(slow).take(1)
+
+  groups = examples.batch(group_size).interleave(
+      group, cycle_length=num_parallel_calls, block_length=1,
+      num_parallel_calls=num_parallel_calls, deterministic=deterministic)
+  return groups.unbatch()
 
 
 def _count_and_drop_invalid(ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -181,49 +289,122 @@ def _count_and_drop_invalid(ds: tf.data.Dataset) -> tf.data.Dataset:
 
 
 def create_train_dataset(builder, config, *, local_batch: int, process_index: int = 0,
-                         process_count: int = 1, start_step: int = 0) -> tf.data.Dataset:
+                         process_count: int = 1, start_step: int = 0,
+                         reader: Optional[frame_store.FrameReader] = None) -> tf.data.Dataset:
   """An infinite dataset of training batches for this process (bad examples skipped, counted).
 
-  With config.deterministic_data, every process reads the whole split in one seeded order and keeps
-  its slice of each global batch (decoding only that slice), and per-example augmentation seeds come
-  from the global example index. The global batch of step s is then a function of (seed, s) alone:
-  the same on 1 host x 4 devices as on 2 hosts x 2 devices, and after a resume on any topology.
-  `start_step` skips the records of earlier steps without decoding them.
-
-  Otherwise (the fast default) each process reads its own disjoint shard in a non-deterministic
-  order, and a resumed run (start_step > 0) gets a fresh shuffle.
+  The order of the clips is described in the module docstring. `start_step` resumes there: a
+  frame store starts at that step's examples; TFDS records with config.deterministic_data skip
+  the clips of earlier steps without decoding them. A frame store's frames are read through
+  `reader` (pass one to count what this process reads; default: a new one).
   """
   split = datasets.resolve_split(config.dataset, 'train')
-  deterministic = bool(config.deterministic_data)
-  global_batch = local_batch * process_count
-  if deterministic:
-    ds = read_examples(builder, split, config, process_index=0, process_count=1, shuffle=True,
-                       deterministic=True)
-    shuffle_seed = config.seed
+  if isinstance(builder, frame_store.FrameStore):
+    reader = reader or frame_store.FrameReader(builder)
+    clips = _frame_store_train_clips(builder, split, config, local_batch=local_batch,
+                                     process_index=process_index, process_count=process_count,
+                                     start_step=start_step)
   else:
-    ds = read_examples(builder, split, config, process_index=process_index,
-                       process_count=process_count, shuffle=True, deterministic=False)
-    shuffle_seed = hash((config.seed, process_index, start_step)) % (2**31)
-  ds = ds.map(lambda ex: {'video': ex['video'], 'label': ex['label'], 'tfds_id': ex['tfds_id']})
-  if config.dataset.cache:
-    ds = ds.cache()
-  # Shuffle, then repeat: a new order every epoch, and every example once per epoch.
-  ds = ds.shuffle(config.dataset.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
-  ds = ds.repeat()
-  ds = ds.enumerate()
-  if deterministic:
-    ds = ds.skip(start_step * global_batch)
-    ds = ds.filter(lambda i, _: (i % global_batch) // local_batch == process_index)
-    base_seed = tf.constant([config.seed, 0], tf.int64)
-  else:
-    base_seed = tf.constant([shuffle_seed, process_index], tf.int64)
-  ds = ds.map(lambda i, ex: (ex, tf.random.experimental.stateless_fold_in(base_seed, i)))
-  ds = guarded(ds, lambda ex, seed: preprocess_train(ex, seed, config), 'mark',
+    reader = None
+    clips = _tfds_train_clips(builder, split, config, local_batch=local_batch,
+                              process_index=process_index, process_count=process_count,
+                              start_step=start_step)
+  preprocess = functools.partial(preprocess_train, config=config,
+                                 frame_size=datasets.static_frame_size(builder), reader=reader)
+  ds = guarded(clips, preprocess, 'mark', group_size=local_batch,
                num_parallel_calls=_num_parallel_calls(config.dataset),
-               deterministic=deterministic)
+               deterministic=bool(config.deterministic_data))
   ds = _count_and_drop_invalid(ds)
   ds = ds.batch(local_batch, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _tfds_train_clips(builder, split: str, config, *, local_batch: int, process_index: int,
+                      process_count: int, start_step: int) -> tf.data.Dataset:
+  """Sampled clips {'jpegs': [T] string, 'label', 'tfds_id', 'seed'} from TFDS records, forever.
+
+  Epoch e reads the records (whole split, or this process's shard), samples one clip of each
+  with seed (s, e, r) -- r the record's position in the epoch -- and shuffles the clips with a
+  buffer of config.dataset.shuffle_buffer.
+  """
+  deterministic = bool(config.deterministic_data)
+  if deterministic:
+    examples = read_examples(builder, split, config, process_index=0, process_count=1,
+                             shuffle=True, deterministic=True)
+    base_seed = tf.constant([config.seed, 0], tf.int64)
+  else:
+    examples = read_examples(builder, split, config, process_index=process_index,
+                             process_count=process_count, shuffle=True, deterministic=False)
+    base_seed = tf.constant([hash((config.seed, process_index, start_step)) % (2**31),
+                             process_index], tf.int64)
+  examples = examples.map(lambda ex: {'video': ex['video'],
+                                      'label': tf.cast(ex['label'], tf.int32),
+                                      'tfds_id': ex['tfds_id']})
+  if config.dataset.cache:
+    examples = examples.cache()
+
+  def sample(seed, ex):
+    frames = sample_train_frames(tf.shape(ex['video'])[0], seed, config)
+    return {'jpegs': stages.gather_frames(ex['video'], frames), 'label': ex['label'],
+            'tfds_id': ex['tfds_id'], 'seed': seed, 'read_records': tf.constant(1, tf.int32),
+            'read_bytes': tf.reduce_sum(tf.cast(tf.strings.length(ex['video']), tf.int64))}
+
+  def epoch(e):
+    epoch_seed = tf.random.experimental.stateless_fold_in(base_seed, e)
+    clips = examples.enumerate().map(
+        lambda r, ex: sample(tf.random.experimental.stateless_fold_in(epoch_seed, r), ex),
+        num_parallel_calls=_num_parallel_calls(config.dataset), deterministic=deterministic)
+    return clips.shuffle(config.dataset.shuffle_buffer, seed=epoch_seed[0])
+
+  clips = tf.data.Dataset.range(_FOREVER).flat_map(epoch)
+  if deterministic:
+    global_batch = local_batch * process_count
+    clips = clips.skip(start_step * global_batch).enumerate()
+
+    def keep_own(read, indexed):
+      """Charges the records this process read and dropped before its clip to that clip."""
+      i, clip = indexed
+      records = read[0] + clip['read_records']
+      num_bytes = read[1] + clip['read_bytes']
+      mine = tf.equal((i % global_batch) // local_batch, process_index)
+      carried = (tf.where(mine, 0, records), tf.where(mine, tf.constant(0, tf.int64), num_bytes))
+      return carried, dict(clip, read_records=records, read_bytes=num_bytes, mine=mine)
+
+    clips = clips.scan((tf.constant(0, tf.int32), tf.constant(0, tf.int64)), keep_own)
+    clips = clips.filter(lambda clip: clip['mine'])
+    clips = clips.map(lambda clip: {k: v for k, v in clip.items() if k != 'mine'})
+  return clips
+
+
+def _frame_store_train_clips(store: frame_store.FrameStore, split: str, config, *,
+                             local_batch: int, process_index: int, process_count: int,
+                             start_step: int) -> tf.data.Dataset:
+  """This process's clips {'row', 'frames': [T] int32, 'label', 'tfds_id', 'seed'}, forever.
+
+  Nothing is read here: preprocess_train reads the clip's frames.
+  """
+  rows = datasets.split_rows(store, split)
+  num_videos = len(rows)
+  if not num_videos:
+    raise datasets.DatasetError(f'Split {split!r} of {store.name!r} has no videos.')
+  global_batch = local_batch * process_count
+  table = {k: tf.constant(store.videos[k][rows]) for k in ('num_frames', 'label', 'name')}
+  rows = tf.constant(rows)
+  seed = tf.constant(config.seed, tf.int64)
+
+  def clip(k):  # k: this process's k-th clip since step 0.
+    g = k // local_batch * global_batch + process_index * local_batch + k % local_batch
+    epoch, position = g // num_videos, g % num_videos
+    video = tf.random.experimental.index_shuffle(position, tf.stack([seed, epoch]),
+                                                 num_videos - 1)
+    clip_seed = tf.random.experimental.stateless_fold_in(tf.stack([seed, 1]), g)
+    return {'row': tf.gather(rows, video),
+            'frames': sample_train_frames(tf.gather(table['num_frames'], video), clip_seed,
+                                          config),
+            'label': tf.gather(table['label'], video), 'tfds_id': tf.gather(table['name'], video),
+            'seed': clip_seed}
+
+  return tf.data.Dataset.range(start_step * local_batch, _FOREVER).map(clip)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,12 +427,22 @@ def create_eval_dataset(builder, config, split: str, *, local_batch: int, proces
     shard_sizes = [min(n, per_process_cap) for n in shard_sizes]
   per_process = max(shard_sizes)
   num_batches = max(1, math.ceil(per_process / local_batch))
-  ds = read_examples(builder, split, config, process_index=process_index,
-                     process_count=process_count, shuffle=False, deterministic=True)
+  reader = None
+  if isinstance(builder, frame_store.FrameStore):
+    reader = frame_store.FrameReader(builder)
+    rows = datasets.split_rows(builder, split)[process_index::process_count]
+    ds = tf.data.Dataset.from_tensor_slices({
+        'row': rows, 'num_frames': builder.videos['num_frames'][rows],
+        'label': builder.videos['label'][rows], 'tfds_id': builder.videos['name'][rows]})
+  else:
+    ds = read_examples(builder, split, config, process_index=process_index,
+                       process_count=process_count, shuffle=False, deterministic=True)
+    ds = ds.map(lambda ex: {'jpegs': _eval_jpegs(ex['video'], config), 'label': ex['label'],
+                            'tfds_id': ex['tfds_id']})
   ds = ds.take(shard_sizes[process_index])
-  ds = ds.map(lambda ex: ({'video': ex['video'], 'label': ex['label'],
-                           'tfds_id': ex['tfds_id']},))
-  ds = guarded(ds, lambda ex: preprocess_eval(ex, config), 'raise',
+  preprocess = functools.partial(preprocess_eval, config=config,
+                                 frame_size=datasets.static_frame_size(builder), reader=reader)
+  ds = guarded(ds, preprocess, 'raise', group_size=local_batch,
                num_parallel_calls=_num_parallel_calls(config.dataset), deterministic=True)
   ds = ds.map(lambda element: {k: v for k, v in element.items() if k != 'valid'})
   ds = ds.concatenate(_padding(ds.element_spec).repeat()).take(num_batches * local_batch)

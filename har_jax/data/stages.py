@@ -4,6 +4,9 @@ Every function here works eagerly and inside `tf.data` (tests check both). Video
 JPEG strings `[num_frames] tf.string`; decoded frames are `[time, height, width, 3] uint8`.
 """
 
+from typing import Optional
+
+import numpy as np
 import tensorflow as tf
 
 SHORT_VIDEO_MODES = ('loop', 'pad')
@@ -74,23 +77,58 @@ def jpeg_ratio_index(stored_short_side: tf.Tensor, target_short_side: int) -> tf
   return index
 
 
-def decode_frames(jpegs: tf.Tensor, resize_size: int) -> tf.Tensor:
+def decoded_size(stored_size: tuple[int, int], resize_size: int) -> tuple[int, int]:
+  """(height, width) that decode_frames gives for frames stored at `stored_size` (pixels).
+
+  The JPEG decoder scales by the ratio `jpeg_ratio_index` picks (rounding up, as libjpeg does);
+  the short side is then resized to resize_size, the long side in proportion (float32, rounded
+  half to even, as resize_short_side computes it).
+  """
+  height, width = stored_size
+  if resize_size <= 0:
+    return height, width
+  ratio = max(r for r in JPEG_RATIOS if min(height, width) // r >= resize_size or r == 1)
+  height, width = -(-height // ratio), -(-width // ratio)
+  short = min(height, width)
+  if short == resize_size:
+    return height, width
+  scale = np.float32(resize_size) / np.float32(short)
+  return (max(resize_size, int(np.round(np.float32(height) * scale))),
+          max(resize_size, int(np.round(np.float32(width) * scale))))
+
+
+def decode_frames(jpegs: tf.Tensor, resize_size: int,
+                  stored_size: Optional[tuple[int, int]] = None) -> tf.Tensor:
   """Decodes JPEG frames, downscaling in the decoder where the target size allows.
 
   Args:
     jpegs: `[n] tf.string` JPEG frames of one video (already gathered to the frames needed).
     resize_size: target short side in pixels; 0 keeps the stored size.
+    stored_size: (height, width) of every frame, when the dataset says (e.g. 256x256 records):
+      the decoder's ratio is then chosen here, once, and the output has the static shape
+      `decoded_size(stored_size, resize_size)`. None: read from the first frame's header.
 
   Returns:
     `[n, height, width, 3] uint8`, short side == resize_size when resize_size > 0.
   """
+  if stored_size is not None:
+    height, width = decoded_size(stored_size, resize_size)
+    ratio = max(r for r in JPEG_RATIOS if min(stored_size) // r >= resize_size or r == 1)
+    frames = tf.map_fn(lambda x: tf.io.decode_jpeg(x, channels=3, ratio=ratio), jpegs,
+                       fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8),
+                       parallel_iterations=1)
+    shape = tf.shape(frames)
+    same = tf.logical_and(tf.equal(shape[1], height), tf.equal(shape[2], width))
+    frames = tf.cond(same, lambda: frames,
+                     lambda: resize_bilinear(frames, tf.constant([height, width])))
+    return tf.ensure_shape(frames, [None, height, width, 3])
   shape = tf.io.extract_jpeg_shape(jpegs[0])
   index = jpeg_ratio_index(tf.minimum(shape[0], shape[1]), resize_size)
 
   def decode_with(ratio):
     return lambda: tf.map_fn(
         lambda x: tf.io.decode_jpeg(x, channels=3, ratio=ratio), jpegs,
-        fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
+        fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8), parallel_iterations=1)
 
   frames = tf.switch_case(index, [decode_with(r) for r in JPEG_RATIOS])
   if resize_size > 0:

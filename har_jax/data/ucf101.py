@@ -10,16 +10,27 @@ Two builders, both with the stock TFDS `ucf101` configs (ucf101_1_256, ucf101_1/
   whole groups (people) for validation without reading the records. Read it with
   `config.dataset.name = 'ucf101_meta/ucf101_1_256'`.
 
+And a compact, random-access layout: `prepare_frames` writes a frame store
+(har_jax.data.frame_store) `ucf101_frames/s<short_side>` holding every video once, its frames
+scaled so the short side is `short_side` pixels with the aspect kept (171x128 for UCF101's
+320x240 at 128), extracted by ffmpeg with the stock builder's JPEG settings, and the official
+split lists of all three splits ('train1', 'test1', ... 'test3').
+
 The source is what users have: the extracted official `UCF-101/<Class>/*.avi` (from UCF101.rar)
 or the flat `UCF101/*.avi` (from the TFDS zip), plus `ucfTrainTestlist/`; or the zip files
 themselves (`UCF101_videos.zip`, `UCF101TrainTestSplits-RecognitionTask.zip`), read in place.
 """
 
+import collections
+import concurrent.futures
 import dataclasses
 import io
 import os
 import re
 import shutil
+import subprocess
+import tempfile
+import time
 import zipfile
 from typing import Optional, Union
 
@@ -28,7 +39,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.video import ucf101 as tfds_ucf101
 
+from har_jax.data import frame_store
+
 CONFIG_NAMES = tuple(c.name for c in tfds_ucf101.Ucf101.BUILDER_CONFIGS)
+FRAMES_NAME = 'ucf101_frames'
+SPLIT_NUMBERS = (1, 2, 3)
 LIST_DIR = 'ucfTrainTestlist'
 VIDEO_DIRS = ('UCF-101', 'UCF101')
 GROUP_COUNTS_KEY = 'group_counts'
@@ -300,3 +315,148 @@ def prepare(source: Union[str, list[str]], data_dir: str, config: str = 'ucf101_
 
 def _sizes(builder) -> dict:
   return {k: v.num_examples for k, v in builder.info.splits.items()}
+
+
+def frames_name(short_side: int) -> str:
+  """The config.dataset.name of the frame store prepare_frames writes, e.g. 'ucf101_frames/s128'."""
+  return f'{FRAMES_NAME}/s{short_side}'
+
+
+def extract_frames(video: Union[str, bytes], short_side: int) -> list[bytes]:
+  """Every frame of a video file as JPEG, short side `short_side` pixels, aspect kept.
+
+  The same ffmpeg call as the stock TFDS builder (`ffmpeg -i <video> -vf scale=... %010d.jpeg`,
+  ffmpeg's default JPEG settings), with a scale that keeps the aspect ratio (the other side is
+  rounded to the nearest pixel).
+  """
+  ffmpeg = check_ffmpeg()
+  scale = (f"scale='if(gte(iw,ih),-1,{short_side})':'if(gte(iw,ih),{short_side},-1)'")
+  with tempfile.TemporaryDirectory() as tmp:
+    path = video
+    if isinstance(video, bytes):
+      path = os.path.join(tmp, 'video.avi')
+      with open(path, 'wb') as f:
+        f.write(video)
+    result = subprocess.run(
+        [ffmpeg, '-nostdin', '-loglevel', 'error', '-i', path, '-vf', scale,
+         os.path.join(tmp, '%010d.jpeg')], capture_output=True, check=False)
+    names = sorted(f for f in os.listdir(tmp) if f.endswith('.jpeg'))
+    if result.returncode or not names:
+      detail = result.stderr.decode(errors='replace').strip().splitlines()
+      raise ValueError(f'ffmpeg extracted no frames ({detail[-1] if detail else "no output"})')
+    frames = []
+    for name in names:
+      with open(os.path.join(tmp, name), 'rb') as f:
+        frames.append(f.read())
+    return frames
+
+
+def _video_fps(video: Union[str, bytes]) -> float:
+  """Frames per second a video file declares (0 when it does not); decodes nothing."""
+  import av  # pylint: disable=g-import-not-at-top
+  with av.open(io.BytesIO(video) if isinstance(video, bytes) else video) as container:
+    stream = container.streams.video[0]
+    return float(stream.average_rate or stream.guessed_rate or 0)
+
+
+def _split_entries(source: UcfSource, allow_missing: bool) -> dict[str, list[tuple[str, str]]]:
+  """{'train1': [(class, file)], 'test1': ..., 'test3': ...}, without videos the copy lacks."""
+  splits = {}
+  for number in SPLIT_NUMBERS:
+    for split, list_name in _list_names(number).items():
+      entries = source.entries(list_name)
+      missing = [f for _, f in entries if not source.has_video(f)]
+      if missing:
+        message = (f'{len(missing)} of {len(entries)} videos listed in {LIST_DIR}/{list_name} '
+                   f'are missing from {source.description}, e.g. {missing[:3]}.')
+        if not allow_missing:
+          raise SourceError(message + ' Fix the copy, or pass --allow_missing to build without '
+                            'them.')
+        logging.warning('%s Building without them (--allow_missing).', message)
+      splits[f'{split}{number}'] = [(c, f) for c, f in entries if source.has_video(f)]
+  return splits
+
+
+def prepare_frames(source: Union[str, list[str]], data_dir: str, short_side: int = 128, *,
+                   allow_missing: bool = False, num_workers: int = 4,
+                   progress_every_s: float = 10.0) -> PrepareResult:
+  """Writes the frame store `ucf101_frames/s<short_side>` into data_dir (idempotent).
+
+  Every video named by the split lists is extracted once (ffmpeg, num_workers at a time) and
+  stored with its label, name, UCF101 group and fps; splits 'train1', 'test1' ... 'test3' list
+  the videos of the official splits. The store is written into a `.incomplete-*` folder and
+  renamed when complete: an interrupted run leaves nothing readable, and a rerun starts over.
+  """
+  if short_side <= 0:
+    raise SourceError(f'short_side={short_side} must be a positive number of pixels.')
+  name = frames_name(short_side)
+  path = os.path.join(os.path.expanduser(data_dir), FRAMES_NAME, f's{short_side}')
+  if frame_store.exists(path):
+    store = frame_store.FrameStore(path)
+    logging.info('%s is already prepared in %s; nothing to do.', name, path)
+    return PrepareResult(name, path, store.split_sizes, reused=True)
+  check_ffmpeg()
+  ucf_source = UcfSource(source)
+  splits = _split_entries(ucf_source, allow_missing)
+  videos = sorted({_video_key(f): (c, f) for entries in splits.values()
+                   for c, f in entries}.values(), key=lambda cf: _video_key(cf[1]))
+  class_names = LocalUcf101(config='ucf101_1').info.features['label'].names
+  unknown = sorted({c for c, _ in videos} - set(class_names))
+  if unknown:
+    raise SourceError(f'The split lists of {ucf_source.description} name classes that UCF101 '
+                      f'does not have: {unknown[:5]}.')
+  frame_store.remove_incomplete(path)
+  writer = frame_store.Writer(path, name=name, class_names=class_names, settings={
+      'source': ucf_source.description, 'short_side': short_side,
+      'frames': 'ffmpeg, the stock TFDS ucf101 JPEG settings, short side scaled, aspect kept'})
+  logging.info('Extracting the frames of %d videos from %s into %s (short side %d px).',
+               len(videos), ucf_source.description, path, short_side)
+  try:
+    rows = _write_videos(writer, ucf_source, videos, class_names, short_side, num_workers,
+                         progress_every_s)
+    for split, entries in splits.items():
+      writer.add_split(split, [rows[_video_key(f)] for _, f in entries])
+    store = writer.finish()
+  except BaseException:
+    writer.abort()
+    raise
+  return PrepareResult(name, path, store.split_sizes, reused=False)
+
+
+def _write_videos(writer: frame_store.Writer, source: UcfSource, videos, class_names,
+                  short_side: int, num_workers: int, progress_every_s: float) -> dict[str, int]:
+  """Extracts and writes every video in order; returns {video key: row}."""
+
+  def extract(file_name):
+    video = source.video(file_name)
+    try:
+      return extract_frames(video, short_side), _video_fps(video)
+    except (ValueError, OSError) as e:
+      raise SourceError(f'Video {file_name} of {source.description} cannot be read: {e}. Replace '
+                        'the file, or remove it and pass --allow_missing.') from None
+
+  rows, start, last = {}, time.monotonic(), time.monotonic()
+  remaining, pending = iter(videos), collections.deque()
+  with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
+
+    def submit_next():
+      item = next(remaining, None)
+      if item:
+        pending.append((item, pool.submit(extract, item[1])))
+
+    for _ in range(2 * max(1, num_workers)):
+      submit_next()
+    while pending:
+      (class_name, file_name), future = pending.popleft()
+      jpegs, fps = future.result()
+      info = parse_video_name(file_name)
+      rows[_video_key(file_name)] = writer.add_video(
+          jpegs, label=class_names.index(class_name), name=info['name'], group=info['group'],
+          fps=fps)
+      submit_next()
+      if time.monotonic() - last > progress_every_s or not pending:
+        last = time.monotonic()
+        done, elapsed = len(rows), time.monotonic() - start
+        logging.info('%d/%d videos written (%.1f videos/s, %.0f s left).', done, len(videos),
+                     done / elapsed, (len(videos) - done) * elapsed / done)
+  return rows

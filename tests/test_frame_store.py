@@ -1,0 +1,186 @@
+"""Frame stores: one random-access record per frame; global batches from (seed, step) alone."""
+
+import io
+import os
+import re
+
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from har_jax.data import datasets
+from har_jax.data import frame_store
+from har_jax.data import pipeline
+
+NUM_TRAIN, NUM_TEST, FRAMES = 40, 20, 8  # The tiny synthetic set: 8 frames of 32x32 per video.
+CLIP = 4  # Frames per clip in the tiny config.
+
+
+@pytest.fixture
+def store_config(tiny_config, synthetic_frames):
+  def make(**overrides):
+    config = tiny_config(**overrides)
+    config.dataset.name = synthetic_frames
+    return config
+  return make
+
+
+def test_store_holds_the_tfds_frames_byte_for_byte(tiny_config, synthetic_frames):
+  config = tiny_config()
+  records = datasets.get_builder(config.dataset)
+  config.dataset.name = synthetic_frames
+  store = datasets.get_builder(config.dataset)
+  assert isinstance(store, frame_store.FrameStore)
+  assert store.split_sizes == {'train': NUM_TRAIN, 'test': NUM_TEST}
+  assert store.frame_size == (32, 32) == datasets.static_frame_size(records)
+  assert datasets.get_info(store).class_names == datasets.get_info(records).class_names
+  reader = frame_store.FrameReader(store)
+  ds = records.as_dataset(split='test', decoders=datasets.jpeg_decoders(records),
+                          read_config=tfds.ReadConfig(add_tfds_id=True))
+  rows = store.split_rows('test')
+  for row, example in zip(rows, ds.as_numpy_iterator()):
+    assert store.videos['name'][row] == example['tfds_id'].decode()
+    assert store.videos['label'][row] == example['label']
+    frames = reader.read(tf.constant(row), tf.range(FRAMES)).numpy()
+    assert list(frames) == list(example['video'])
+  assert reader.records_read == NUM_TEST * FRAMES
+  assert reader.bytes_read == sum(len(j) for ex in ds.as_numpy_iterator() for j in ex['video'])
+
+
+def test_split_slices_follow_tfds_and_unknown_splits_are_named(store_config):
+  store = datasets.get_builder(store_config().dataset)
+  train = store.split_rows('train')
+  np.testing.assert_array_equal(store.split_rows('train[:25%]'), train[:10])
+  np.testing.assert_array_equal(store.split_rows('train[10:12]'), train[10:12])
+  assert datasets.num_examples(store, 'train[75%:]') == 10
+  with pytest.raises(datasets.DatasetError, match=r"'valid'.*\['test', 'train'\]"):
+    datasets.num_examples(store, 'valid')
+
+
+def _batches(config, process_index, process_count, local_batch, steps, start_step=0):
+  store = datasets.get_builder(config.dataset)
+  ds = pipeline.create_train_dataset(store, config, local_batch=local_batch,
+                                     process_index=process_index, process_count=process_count,
+                                     start_step=start_step)
+  return [b for _, b in zip(range(steps), ds.as_numpy_iterator())]
+
+
+def test_global_batches_depend_on_seed_and_step_only(store_config):
+  """1 process x 8 == 2 processes x 4, step by step; a resume at step 3 continues exactly."""
+  config = store_config(deterministic_data=True)
+  single = _batches(config, 0, 1, 8, steps=6)
+  halves = [_batches(config, p, 2, 4, steps=6) for p in range(2)]
+  for step in range(6):
+    for key in ('video', 'label', 'crop', 'flip', 'tfds_id'):
+      np.testing.assert_array_equal(
+          single[step][key], np.concatenate([halves[0][step][key], halves[1][step][key]]),
+          err_msg=f'{key} of step {step}')
+  resumed = _batches(config, 1, 2, 4, steps=3, start_step=3)
+  for step in range(3):
+    np.testing.assert_array_equal(resumed[step]['video'], halves[1][step + 3]['video'])
+  assert _batches(store_config(seed=1, deterministic_data=True), 0, 1, 8, steps=1)[0][
+      'tfds_id'].tolist() != single[0]['tfds_id'].tolist()
+
+
+def test_each_process_reads_its_share_of_every_epoch(store_config):
+  """Two epochs of a 2-process run: each process reads half the clips of each epoch, and
+  exactly their frames: NUM_TRAIN / 2 clips x CLIP records per epoch."""
+  config = store_config()
+  steps_per_epoch = NUM_TRAIN // 8
+  for epoch in range(2):
+    seen = []
+    for p in range(2):
+      batches = _batches(config, p, 2, 4, steps=steps_per_epoch,
+                         start_step=epoch * steps_per_epoch)
+      ids = [i for b in batches for i in b['tfds_id']]
+      assert sum(int(np.sum(b['read_records'])) for b in batches) == NUM_TRAIN // 2 * CLIP
+      assert len(set(ids)) == len(ids) == NUM_TRAIN // 2
+      seen.append(set(ids))
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == NUM_TRAIN
+
+
+def test_tfds_records_with_deterministic_data_are_all_read_by_every_process(tiny_config):
+  """The contrast: with TFDS records each process reads the whole split (P records per clip)."""
+  config = tiny_config(deterministic_data=True)
+  batches = _batches(config, 1, 2, 4, steps=NUM_TRAIN // 8)
+  assert sum(int(np.sum(b['read_records'])) for b in batches) == NUM_TRAIN
+
+
+def test_eval_covers_every_video_exactly_once_across_processes(store_config):
+  config = store_config(**{'eval.num_clips': 2, 'eval.num_crops': 3})
+  store = datasets.get_builder(config.dataset)
+  ids, num_batches = [], set()
+  for p in range(3):
+    data = pipeline.create_eval_dataset(store, config, 'test', local_batch=4, process_index=p,
+                                        process_count=3)
+    batches = list(data.dataset.as_numpy_iterator())
+    num_batches.add(len(batches))
+    assert batches[0]['video'].shape == (4, 6, 4, 28, 28, 3)
+    ids += [i.decode() for b in batches for i, m in zip(b['tfds_id'], b['mask']) if m]
+  assert len(num_batches) == 1 and data.num_examples == NUM_TEST
+  assert sorted(ids) == sorted(store.videos['name'][store.split_rows('test')])
+
+
+def _jpeg(value):
+  buffer = io.BytesIO()
+  Image.fromarray(np.full((16, 16, 3), value, np.uint8)).save(buffer, format='JPEG')
+  return buffer.getvalue()
+
+
+@pytest.fixture
+def bad_store(tmp_path):
+  """Videos of 4 solid-grey frames; 'bad' has a truncated frame 2."""
+  writer = frame_store.Writer(str(tmp_path / 'bad_frames' / 'v1'), name='bad_frames/v1',
+                              class_names=['good', 'bad'], settings={})
+  good = [_jpeg(40 * i) for i in range(4)]
+  bad = list(good)
+  bad[2] = bad[2][:len(bad[2]) // 2]
+  rows = [writer.add_video(good, label=0, name=f'good_{i}') for i in range(5)]
+  rows.append(writer.add_video(bad, label=1, name='bad'))
+  writer.add_split('train', rows)
+  writer.add_split('test', rows)
+  writer.finish()
+  return tmp_path
+
+
+def test_bad_frames_are_skipped_in_training_and_named_in_evaluation(tiny_config, bad_store):
+  config = tiny_config(num_frames=4, image_size=16, deterministic_data=True,
+                       **{'dataset.name': 'bad_frames/v1', 'dataset.data_dir': str(bad_store),
+                          'dataset.resize_size': 0})
+  store = datasets.get_builder(config.dataset)
+  batches = _batches(config, 0, 1, 2, steps=6)  # 12 good clips: at least 2 epochs of 6 videos.
+  assert all(b['label'].tolist() == [0, 0] for b in batches)
+  assert batches[-1]['num_skipped'][-1] >= 1
+  data = pipeline.create_eval_dataset(store, config, 'test', local_batch=2)
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=re.escape(pipeline.BAD_EXAMPLE_MESSAGE) + '.*bad'):
+    list(data.dataset.as_numpy_iterator())
+
+
+def test_interrupted_write_leaves_nothing_readable(tmp_path):
+  path = str(tmp_path / 'x' / 'y')
+  writer = frame_store.Writer(path, name='x/y', class_names=['a'], settings={})
+  writer.add_video([_jpeg(0)], label=0, name='v')
+  assert not frame_store.exists(path)  # Not finished: nothing at `path`.
+  assert frame_store.remove_incomplete(path) and not os.listdir(tmp_path / 'x')
+  with pytest.raises(frame_store.FrameStoreError, match='label 3'):
+    frame_store.Writer(path, name='x/y', class_names=['a'], settings={}).add_video(
+        [_jpeg(0)], label=3, name='v')
+
+
+def test_missing_or_damaged_store_files_are_clear_errors(bad_store, tiny_config):
+  config = tiny_config(**{'dataset.name': 'bad_frames/v1', 'dataset.data_dir': str(bad_store)})
+  folder = bad_store / 'bad_frames' / 'v1'
+  frames = next(f for f in os.listdir(folder) if f.endswith('.bin'))
+  os.rename(folder / frames, folder / 'moved')
+  with pytest.raises(datasets.DatasetError, match=f'incomplete.*{frames}'):
+    datasets.get_builder(config.dataset)
+  os.rename(folder / 'moved', folder / frames)
+  (folder / frame_store.INFO_FILE).write_text('{"format": "something else"}')
+  with pytest.raises(datasets.DatasetError, match='not a version-1'):
+    datasets.get_builder(config.dataset)
+  config.dataset.name = 'ucf101_frames/s64'
+  with pytest.raises(datasets.DatasetError, match='prepare_ucf101.py.*--short_side 64'):
+    datasets.get_builder(config.dataset)
