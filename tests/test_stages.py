@@ -96,12 +96,16 @@ def test_crop_identical_across_frames(min_area):
 
 def test_flip_is_shared_by_all_frames():
   frames = tf.constant(_numbered_frames())
+  flips = []
   for i in range(8):
-    out = stages.maybe_flip(frames, tf.constant([i, 0], tf.int64)).numpy().astype(int)
-    flipped = np.array_equal(out[0], _numbered_frames()[0, :, ::-1])
+    flip = stages.random_flip(tf.constant([i, 0], tf.int64))
+    out = stages.flip_if(frames, flip).numpy().astype(int)
+    flipped = bool(flip)
+    flips.append(flipped)
     for k in range(6):
       expected = _numbered_frames()[k, :, ::-1] if flipped else _numbered_frames()[k]
       np.testing.assert_array_equal(out[k], expected)
+  assert 0 < sum(flips) < len(flips)
 
 
 def test_eval_three_crops_along_long_side():

@@ -280,28 +280,30 @@ class FrameReader:
             self._maps[index] = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
     return self._maps[index]
 
-  def read_numpy(self, file_index: np.ndarray, frames: np.ndarray) -> np.ndarray:
-    """`[n]` bytes objects: frames `frames` (rows of frames.npz) of frames file `file_index`."""
-    data = self._map(int(file_index))
+  def read_numpy(self, file_indices: np.ndarray, frames: np.ndarray) -> np.ndarray:
+    """Bytes objects shaped like `frames` (int64 rows of frames.npz); `file_indices` (int32, the
+    shape of `frames` without its last axis) says which frames file holds each row of frames."""
     offsets, sizes, crcs = (self.store.frames[c][frames] for c in ('offset', 'size', 'crc32'))
-    jpegs = []
-    for frame, offset, size, crc in zip(frames, offsets, sizes, crcs):
+    jpegs = np.empty(frames.shape, dtype=object)
+    for index in np.ndindex(frames.shape):
+      data = self._map(int(file_indices[index[:-1]]))
+      offset, size = offsets[index], sizes[index]
       jpeg = data[offset:offset + size]
-      if len(jpeg) != size or zlib.crc32(jpeg) != crc:
-        raise ValueError(f'Frame {frame} of frame store {self.store.path} fails its CRC-32: the '
-                         'file changed after it was written. Rebuild the store.')
-      jpegs.append(jpeg)
-    self.records_read += len(jpegs)
+      if len(jpeg) != size or zlib.crc32(jpeg) != crcs[index]:
+        raise ValueError(f'Frame {frames[index]} of frame store {self.store.path} fails its '
+                         'CRC-32: the file changed after it was written. Rebuild the store.')
+      jpegs[index] = jpeg
+    self.records_read += frames.size
     self.bytes_read += int(sizes.sum())
-    return np.asarray(jpegs, dtype=object)
+    return jpegs
 
-  def read(self, row: tf.Tensor, frame_indices: tf.Tensor) -> tf.Tensor:
-    """The JPEG frames `frame_indices` (`[n] int32`) of video `row`: `[n] tf.string`."""
-    files = tf.constant(self.store.videos['file_index'])
-    firsts = tf.constant(self.store.videos['first'])
-    frames = tf.gather(firsts, row) + tf.cast(frame_indices, tf.int64)
-    jpegs = tf.numpy_function(self.read_numpy, [tf.gather(files, row), frames], tf.string,
-                              stateful=False)
+  def read(self, rows: tf.Tensor, frame_indices: tf.Tensor) -> tf.Tensor:
+    """The JPEG frames `frame_indices` (`[..., n] int32`) of videos `rows` (`[...]` int64):
+    `[..., n] tf.string`."""
+    files = tf.gather(tf.constant(self.store.videos['file_index']), rows)
+    firsts = tf.gather(tf.constant(self.store.videos['first']), rows)
+    frames = firsts[..., None] + tf.cast(frame_indices, tf.int64)
+    jpegs = tf.numpy_function(self.read_numpy, [files, frames], tf.string, stateful=False)
     return tf.ensure_shape(jpegs, frame_indices.shape)
 
 

@@ -130,45 +130,61 @@ def sample_train_frames(num_available: tf.Tensor, seed: tf.Tensor, config) -> tf
                                      config.dataset.short_video, _clip_seeds(seed)[0])
 
 
-def preprocess_train(clip: dict, config, frame_size: Optional[tuple[int, int]] = None,
+def preprocess_train(clips: dict, config, frame_size: Optional[tuple[int, int]] = None,
                      reader: Optional[frame_store.FrameReader] = None) -> dict:
-  """One sampled clip -> its decoded frames and label (plus the device crop, see the module doc).
+  """A group of K sampled clips -> their decoded frames (plus the device crops, see the module
+  doc) and labels.
+
+  With a static frame size the K * T frames decode in one tf.map_fn, straight into the group's
+  `[K, T, H, W, 3]` tensor (one copy of the pixels, not one per clip and one per group).
 
   Args:
-    clip: {'jpegs': [T] string, 'read_records', 'read_bytes' (TFDS records), or 'row' and
-      'frames' [T] int32 to read with `reader` (frame stores); 'label': int32; 'tfds_id';
-      'seed': [2] int64}.
+    clips: batched `[K]`: {'jpegs': [K, T] string, 'read_records', 'read_bytes' (TFDS records),
+      or 'row' [K] and 'frames' [K, T] int32 to read with `reader` (frame stores); 'label';
+      'tfds_id'; 'seed': [K, 2] int64}.
     frame_size: the stored (height, width) of every frame, or None when it varies.
 
   Returns:
-    {'video': [T, H, W, 3] uint8, 'label', 'crop': [4] float32, 'flip': bool} when frame_size is
-    known (H x W: `stages.decoded_size`); else {'video': [T, S, S, 3] uint8, 'label'}; both with
-    the host-only 'tfds_id', 'read_records' and 'read_bytes'.
+    {'video': [K, T, H, W, 3] uint8, 'label', 'crop': [K, 4] float32, 'flip': [K] bool} when
+    frame_size is known (H x W: `stages.decoded_size`); else {'video': [K, T, S, S, 3] uint8,
+    'label'}; both with the host-only 'tfds_id', 'read_records' and 'read_bytes' `[K]`.
   """
-  seeds = _clip_seeds(clip['seed'])
-  if reader is None:
-    jpegs = clip['jpegs']
-    out = {k: clip[k] for k in ('label', 'tfds_id', 'read_records', 'read_bytes')}
-  else:
-    jpegs = reader.read(clip['row'], clip['frames'])
-    out = {'label': clip['label'], 'tfds_id': clip['tfds_id'],
-           'read_records': tf.size(jpegs),
-           'read_bytes': tf.reduce_sum(tf.cast(tf.strings.length(jpegs), tf.int64))}
-  frames = stages.decode_frames(jpegs, config.dataset.resize_size, frame_size)
   t, s = config.num_frames, config.image_size
-  window = stages.random_crop_window(
-      tf.shape(frames)[1:3], s, config.augment.min_area, config.augment.max_aspect_ratio,
-      seeds[1])
-  if frame_size is not None:
-    height, width = stages.decoded_size(frame_size, config.dataset.resize_size)
-    flip = tf.random.stateless_uniform([], seeds[2]) < 0.5
-    return dict(out, video=tf.ensure_shape(frames, [t, height, width, 3]),
-                crop=tf.cast(window, tf.float32),
-                flip=tf.logical_and(flip, bool(config.augment.flip)))
-  frames = stages.crop_and_resize(frames, window, s)
-  if config.augment.flip:
-    frames = stages.maybe_flip(frames, seeds[2])
-  return dict(out, video=tf.ensure_shape(frames, [t, s, s, 3]))
+  if reader is None:
+    jpegs = clips['jpegs']
+    out = {k: clips[k] for k in ('label', 'tfds_id', 'read_records', 'read_bytes')}
+  else:
+    jpegs = reader.read(clips['row'], clips['frames'])
+    out = {'label': clips['label'], 'tfds_id': clips['tfds_id'],
+           'read_records': tf.fill(tf.shape(clips['label']), t),
+           'read_bytes': tf.reduce_sum(tf.cast(tf.strings.length(jpegs), tf.int64), axis=1)}
+  seeds = clips['seed']
+  if frame_size is None:
+
+    def host_crop(args):
+      clip_jpegs, seed = args
+      frames = stages.decode_frames(clip_jpegs, config.dataset.resize_size)
+      window, flip = _crop_and_flip(tf.shape(frames)[1:3], seed, config)
+      return stages.flip_if(stages.crop_and_resize(frames, window, s), flip)
+
+    video = tf.map_fn(host_crop, (jpegs, seeds), parallel_iterations=1,
+                      fn_output_signature=tf.TensorSpec([t, s, s, 3], tf.uint8))
+    return dict(out, video=video)
+  height, width = stages.decoded_size(frame_size, config.dataset.resize_size)
+  frames = stages.decode_frames(tf.reshape(jpegs, [-1]), config.dataset.resize_size, frame_size)
+  windows, flips = tf.map_fn(
+      lambda seed: _crop_and_flip(tf.constant([height, width]), seed, config), seeds,
+      fn_output_signature=(tf.TensorSpec([4], tf.int32), tf.TensorSpec([], tf.bool)))
+  return dict(out, video=tf.reshape(frames, [-1, t, height, width, 3]),
+              crop=tf.cast(windows, tf.float32), flip=flips)
+
+
+def _crop_and_flip(frame_shape: tf.Tensor, seed: tf.Tensor, config) -> tuple[tf.Tensor, tf.Tensor]:
+  """One clip's random-resized-crop window `[4] int32` (y, x, h, w) and flip decision."""
+  seeds = _clip_seeds(seed)
+  window = stages.random_crop_window(frame_shape, config.image_size, config.augment.min_area,
+                                     config.augment.max_aspect_ratio, seeds[1])
+  return window, tf.logical_and(stages.random_flip(seeds[2]), bool(config.augment.flip))
 
 
 def _eval_frames(num_available: tf.Tensor, config) -> tf.Tensor:
@@ -209,34 +225,40 @@ def preprocess_eval(example, config, frame_size: Optional[tuple[int, int]] = Non
 
 
 def _zeros_like_spec(spec) -> dict:
-  return {k: tf.zeros(v.shape, v.dtype) if v.dtype != tf.string else tf.constant('')
+  return {k: tf.zeros(v.shape, v.dtype) if v.dtype != tf.string else tf.fill(v.shape, '')
           for k, v in spec.items()}
 
 
 def guarded(examples: tf.data.Dataset, preprocess: Callable[[dict], dict], on_error: str, *,
             group_size: int, num_parallel_calls: int, deterministic: bool) -> tf.data.Dataset:
-  """Applies `preprocess` to every example, so that a failure affects that example only.
+  """Preprocesses examples in groups, so that a failure affects the failing example only.
 
-  Examples go in groups of `group_size`: a group is preprocessed in one call, inside a
-  one-element dataset with ignore_errors, so clean data pays for one small dataset per group.
-  When an example of the group fails, the group is preprocessed again example by example, each
-  in its own one-element dataset: on_error='mark' turns a failed example into a zero element with
-  'valid' False (its tfds_id is printed to stderr); on_error='raise' raises InvalidArgumentError
-  with BAD_EXAMPLE_MESSAGE and the tfds_id. Every output element gets a bool 'valid'. Errors
-  upstream of `preprocess` (a damaged record file) are not caught.
+  A group of `group_size` examples is preprocessed in one call, inside a one-element dataset with
+  ignore_errors: clean data pays for one small dataset per group, and the group comes out as one
+  batch (no per-example stages or copies). When an example of the group fails, the group is
+  preprocessed again example by example (as groups of one), each in its own one-element dataset:
+  on_error='mark' turns a failed example into a zero element with 'valid' False (its tfds_id is
+  printed to stderr); on_error='raise' raises InvalidArgumentError with BAD_EXAMPLE_MESSAGE and
+  the tfds_id. Errors upstream of `preprocess` (a damaged record file) are not caught.
 
   Args:
     examples: dicts of fixed-size tensors, with a 'tfds_id'.
-    preprocess: one example -> a dict of fixed-size tensors.
-  """
-  output_spec = examples.map(preprocess).element_spec
-  spec = dict(output_spec, valid=tf.TensorSpec([], tf.bool))
+    preprocess: a group of examples, batched `[n, ...]` -> a dict of fixed-size tensors, each
+      `[n, ...]`.
 
-  def checked(example):
-    return dict(preprocess(example), valid=tf.constant(True))
+  Returns:
+    Groups: the outputs of `preprocess`, `[n, ...]` (n = group_size, less for the last group),
+    with 'valid' `[n] bool`.
+  """
+
+  def checked(batch):
+    out = preprocess(batch)
+    return dict(out, valid=tf.fill(tf.shape(batch['tfds_id']), True))
+
+  output_spec = examples.batch(1, drop_remainder=True).map(preprocess).element_spec
 
   def one(example):
-    element = tf.data.Dataset.from_tensors(example)
+    element = tf.data.Dataset.from_tensors(example).batch(1)
 
     def fallback(_):
       if on_error == 'raise':
@@ -246,34 +268,42 @@ def guarded(examples: tf.data.Dataset, preprocess: Callable[[dict], dict], on_er
                          'failed to read or decode); counted in num_skipped.',
                          output_stream=sys.stderr)
       with tf.control_dependencies([check]):
-        return dict(_zeros_like_spec(output_spec), valid=tf.constant(False))
+        return dict(_zeros_like_spec(output_spec), valid=tf.constant([False]))
 
     return element.map(checked).ignore_errors().concatenate(element.map(fallback)).take(1)
 
   def group(batch):
     element = tf.data.Dataset.from_tensors(batch)
-    fast = element.map(lambda b: tf.map_fn(checked, b, fn_output_signature=spec,
-                                           parallel_iterations=1)).ignore_errors()
-    slow = element.unbatch().flat_map(one).batch(group_size)
+    fast = element.map(checked).ignore_errors()
+    slow = element.unbatch().flat_map(one).unbatch().batch(group_size)
     return fast.concatenate(slow).take(1)
 
-  groups = examples.batch(group_size).interleave(
+  return examples.batch(group_size).interleave(
       group, cycle_length=num_parallel_calls, block_length=1,
       num_parallel_calls=num_parallel_calls, deterministic=deterministic)
-  return groups.unbatch()
 
 
-def _count_and_drop_invalid(ds: tf.data.Dataset) -> tf.data.Dataset:
-  """Drops elements with 'valid' False; adds 'num_skipped', the cumulative number dropped.
+def per_example(preprocess: Callable[[dict], dict], output_spec) -> Callable[[dict], dict]:
+  """Lifts a one-example function to a group function (a tf.map_fn over the group)."""
+  return lambda batch: tf.map_fn(preprocess, batch, fn_output_signature=output_spec,
+                                 parallel_iterations=1)
 
-  Fails when more than MAX_SKIP_FRACTION of at least MIN_EXAMPLES_BEFORE_SKIP_CHECK examples were
-  skipped: that is a config or data problem, not a few corrupt frames.
+
+def _drop_invalid_and_count(groups: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
+  """Groups from `guarded` -> batches of `batch_size` valid examples, with 'num_skipped'.
+
+  'num_skipped' `[batch_size] int64`: the number of examples dropped so far, up to the end of
+  each example's group. A group without failures passes as it is; after a drop, later batches
+  are re-sliced across groups. Fails when more than MAX_SKIP_FRACTION of at least
+  MIN_EXAMPLES_BEFORE_SKIP_CHECK examples were skipped: that is a config or data problem, not a
+  few corrupt frames.
   """
 
-  def step(state, element):
+  def step(state, group):
     skipped, seen = state
-    skipped += tf.cast(tf.logical_not(element['valid']), tf.int64)
-    seen += 1
+    valid = group.pop('valid')
+    seen += tf.size(valid, out_type=tf.int64)
+    skipped += tf.size(valid, out_type=tf.int64) - tf.math.count_nonzero(valid)
     check = tf.debugging.Assert(
         tf.logical_or(seen < MIN_EXAMPLES_BEFORE_SKIP_CHECK, tf.cast(skipped, tf.float32)
                       <= MAX_SKIP_FRACTION * tf.cast(seen, tf.float32)),
@@ -281,11 +311,13 @@ def _count_and_drop_invalid(ds: tf.data.Dataset) -> tf.data.Dataset:
          'preprocess. Check config.dataset (name, resize_size, image_size) and the records; '
          'evaluating the split names the first bad example.'])
     with tf.control_dependencies([check]):
-      return (skipped, seen), dict(element, num_skipped=tf.identity(skipped))
+      kept = tf.cond(tf.reduce_all(valid), lambda: group,
+                     lambda: {k: tf.boolean_mask(v, valid) for k, v in group.items()})
+    kept['num_skipped'] = tf.fill(tf.shape(kept['label']), skipped)
+    return (skipped, seen), kept
 
-  ds = ds.scan((tf.constant(0, tf.int64), tf.constant(0, tf.int64)), step)
-  ds = ds.filter(lambda element: element['valid'])
-  return ds.map(lambda element: {k: v for k, v in element.items() if k != 'valid'})
+  groups = groups.scan((tf.constant(0, tf.int64), tf.constant(0, tf.int64)), step)
+  return groups.rebatch(batch_size, drop_remainder=True)
 
 
 def create_train_dataset(builder, config, *, local_batch: int, process_index: int = 0,
@@ -311,12 +343,10 @@ def create_train_dataset(builder, config, *, local_batch: int, process_index: in
                               start_step=start_step)
   preprocess = functools.partial(preprocess_train, config=config,
                                  frame_size=datasets.static_frame_size(builder), reader=reader)
-  ds = guarded(clips, preprocess, 'mark', group_size=local_batch,
-               num_parallel_calls=_num_parallel_calls(config.dataset),
-               deterministic=bool(config.deterministic_data))
-  ds = _count_and_drop_invalid(ds)
-  ds = ds.batch(local_batch, drop_remainder=True)
-  return ds.prefetch(tf.data.AUTOTUNE)
+  groups = guarded(clips, preprocess, 'mark', group_size=local_batch,
+                   num_parallel_calls=_num_parallel_calls(config.dataset),
+                   deterministic=bool(config.deterministic_data))
+  return _drop_invalid_and_count(groups, local_batch).prefetch(tf.data.AUTOTUNE)
 
 
 def _tfds_train_clips(builder, split: str, config, *, local_batch: int, process_index: int,
@@ -442,9 +472,10 @@ def create_eval_dataset(builder, config, split: str, *, local_batch: int, proces
   ds = ds.take(shard_sizes[process_index])
   preprocess = functools.partial(preprocess_eval, config=config,
                                  frame_size=datasets.static_frame_size(builder), reader=reader)
+  preprocess = per_example(preprocess, ds.map(preprocess).element_spec)
   ds = guarded(ds, preprocess, 'raise', group_size=local_batch,
                num_parallel_calls=_num_parallel_calls(config.dataset), deterministic=True)
-  ds = ds.map(lambda element: {k: v for k, v in element.items() if k != 'valid'})
+  ds = ds.unbatch().map(lambda element: {k: v for k, v in element.items() if k != 'valid'})
   ds = ds.concatenate(_padding(ds.element_spec).repeat()).take(num_batches * local_batch)
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   return EvalData(dataset=ds, num_batches=num_batches, num_examples=sum(shard_sizes))

@@ -234,9 +234,13 @@ def eval_views(frames: tf.Tensor, num_clips: int, num_frames: int, crop_size: in
                          [num_clips * num_crops, num_frames, crop_size, crop_size, 3])
 
 
-def maybe_flip(frames: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-  """Flips all frames of a clip left-right together, with probability 1/2."""
-  flip = tf.random.stateless_uniform([], seed) < 0.5
+def random_flip(seed: tf.Tensor) -> tf.Tensor:
+  """Whether to flip a clip left-right: a bool scalar, True with probability 1/2."""
+  return tf.random.stateless_uniform([], seed) < 0.5
+
+
+def flip_if(frames: tf.Tensor, flip: tf.Tensor) -> tf.Tensor:
+  """Flips all frames `[t, h, w, 3]` of a clip left-right together when `flip` is True."""
   return tf.cond(flip, lambda: tf.reverse(frames, axis=[2]), lambda: frames)
 
 
