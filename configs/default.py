@@ -34,7 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
   # pixels, then cropped to image_size. 0 -> keep the stored size.
   config.dataset.resize_size = 128
   config.dataset.short_video = 'loop'  # 'loop' | 'pad': clips longer than the video.
-  config.dataset.cache = False  # Cache the encoded records in memory (small datasets only).
+  config.dataset.cache = False  # Cache the encoded records in memory (small TFDS datasets only).
+  # Clips (num_frames JPEGs each) in the shuffle buffer of TFDS records. Frame stores need neither
+  # (their order is a seeded permutation; the OS caches their files).
   config.dataset.shuffle_buffer = 512
   config.dataset.num_parallel_calls = -1  # -1 -> tf.data.AUTOTUNE.
   config.dataset.threadpool_size = 0  # 0 -> number of host CPUs.

@@ -2,7 +2,7 @@ r"""Times the project's pmapped train step on synthetic input, against the measu
 
   python scripts/benchmark_train.py --config=configs/default.py --batch_size=8 --num_frames=16 \
       --image_size=112 --steps=3 [--conv_impl=auto|xla|patches] [--remat] [--dtype=bfloat16] \
-      [--compare_conv_impl=xla]
+      [--compare_conv_impl=xla] [--device_crop_from=128]
 
 Builds the model, state and step with har_jax.train (build_model, create_train_state, train_step,
 parallel.replicate), compiles once (compile time reported), runs one warm-up step and then times
@@ -60,6 +60,10 @@ _CONV = flags.DEFINE_enum('conv_impl', None, list(models.CONV_IMPLS),
 _REMAT = flags.DEFINE_bool('remat', None, 'Overrides config.model.remat.')
 _DTYPE = flags.DEFINE_string('dtype', None, 'Overrides config.dtype.')
 _MATMUL = flags.DEFINE_integer('matmul_size', 2048, 'Side of the square peak matmul.')
+_CROP_FROM = flags.DEFINE_integer(
+    'device_crop_from', 0, 'N > 0: frames arrive N x N with a random-resized-crop window and a '
+    'flip per clip, and the step crops them to image_size on the device (as the input pipeline '
+    'ships them for datasets of one frame size).')
 _COMPARE = flags.DEFINE_enum(
     'compare_conv_impl', None, list(models.CONV_IMPLS),
     'Also compile the step with this conv_impl and alternate the two step by step in this process '
@@ -86,14 +90,22 @@ def _num_classes(config) -> int:
 
 
 def _batch(config, num_classes: int, seed: int = 0) -> dict:
-  """`{'video': [devices, per_device, T, S, S, 3] uint8, 'label': [devices, per_device]}`."""
+  """`{'video': [devices, per_device, T, S, S, 3] uint8, 'label': [devices, per_device]}`, with
+  --device_crop_from=N frames N x N and 'crop' `[devices, per_device, 4]`, 'flip'."""
   n = jax.local_device_count()
   train.global_batch_check(config.batch_size, n)
   per_device = config.batch_size // n
   rng = np.random.default_rng(seed)
-  shape = (n, per_device, config.num_frames, config.image_size, config.image_size, 3)
-  return {'video': rng.integers(0, 256, shape, dtype=np.uint8),
-          'label': rng.integers(0, num_classes, (n, per_device), dtype=np.int32)}
+  size = _CROP_FROM.value or config.image_size
+  shape = (n, per_device, config.num_frames, size, size, 3)
+  batch = {'video': rng.integers(0, 256, shape, dtype=np.uint8),
+           'label': rng.integers(0, num_classes, (n, per_device), dtype=np.int32)}
+  if _CROP_FROM.value:
+    sides = rng.uniform(0.6 * size, size, (n, per_device, 2))
+    corners = rng.uniform(0, 1, (n, per_device, 2)) * (size - sides)
+    batch['crop'] = np.concatenate([corners, sides], axis=-1).astype(np.float32)
+    batch['flip'] = rng.uniform(size=(n, per_device)) < 0.5
+  return batch
 
 
 def _flops(stage) -> float:
@@ -167,7 +179,7 @@ def main(argv):
         f'conv_impl={conv_impl}->{models.resolve_conv_impl(conv_impl)} '
         f'remat={config.model.get("remat", False)} dtype={config.dtype} '
         f'batch={config.batch_size} frames={config.num_frames} size={config.image_size} '
-        f'encoder={config.model.encoder}', flush=True)
+        f'encoder={config.model.encoder} device_crop_from={_CROP_FROM.value}', flush=True)
   print(hostmem.status(), flush=True)
 
   learning_rate_fn = optim.create_learning_rate_fn(config)

@@ -59,8 +59,8 @@ import os
 import sys
 from typing import Callable, Iterator, Optional
 
+from absl import logging
 import jax
-import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -359,6 +359,11 @@ def _tfds_train_clips(builder, split: str, config, *, local_batch: int, process_
   """
   deterministic = bool(config.deterministic_data)
   if deterministic:
+    if process_count > 1:
+      logging.warning(
+          'config.deterministic_data on TFDS records: each of the %d processes reads and parses '
+          'every record of %r and keeps 1/%d. A frame store reads only its share (see README, '
+          '"Input speed").', process_count, split, process_count)
     examples = read_examples(builder, split, config, process_index=0, process_count=1,
                              shuffle=True, deterministic=True)
     base_seed = tf.constant([config.seed, 0], tf.int64)
