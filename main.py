@@ -22,6 +22,7 @@ from ml_collections import config_flags
 import tensorflow as tf
 
 from har_jax import checkpoints
+from har_jax import cli
 from har_jax import config_validation
 from har_jax import evaluate
 from har_jax import platform
@@ -72,4 +73,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
