@@ -2,9 +2,9 @@
 
   app.run(main, flags_parser=cli.parse_flags)
 
-ml_collections' config flags raise from inside absl's flag parsing, before main() runs: a misspelt
-override (`--config.batch_sise=16`) is a KeyError/AttributeError traceback, and a missing config file
-only fails when the config is first read. `parse_flags` loads every config flag while parsing and
+ml_collections' config flags raise from inside absl's flag parsing, before main() runs: a
+misspelt override (`--config.batch_sise=16`) is a KeyError/AttributeError traceback, and a missing
+config file only fails when the config is first read. `parse_flags` loads every config flag while parsing and
 turns any failure into `error: <what is wrong and the closest valid name>` on stderr, exit code 1.
 """
 
