@@ -3,6 +3,7 @@
 import logging
 import os
 import signal
+import time
 
 import jax
 import jax.numpy as jnp
@@ -180,3 +181,20 @@ def test_preemption_notice_turns_sigterm_into_a_flag():
     assert notice.reached(2)
     assert notice.reached(3)
   assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_preemption_notice_turns_ctrl_c_into_a_flag(caplog):
+  """Issue 16.8: Ctrl-C is a request to save and stop, like SIGTERM, not a KeyboardInterrupt."""
+  previous = signal.getsignal(signal.SIGINT)
+  caplog.set_level(logging.WARNING)
+  with checkpoints.PreemptionNotice(initial_step=0) as notice:
+    assert not notice.reached(1)
+    os.kill(os.getpid(), signal.SIGINT)
+    for _ in range(100):  # The notice is logged by a watcher thread.
+      if 'Received SIGINT' in caplog.text:
+        break
+      time.sleep(0.01)
+    assert notice.reached(2)
+    assert notice.cause == 'Interrupted'
+  assert 'Received SIGINT' in caplog.text and 'Ctrl-C again' in caplog.text
+  assert signal.getsignal(signal.SIGINT) is previous
