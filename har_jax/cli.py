@@ -4,8 +4,9 @@
 
 ml_collections' config flags raise from inside absl's flag parsing, before main() runs: a
 misspelt override (`--config.batch_sise=16`) is a KeyError/AttributeError traceback, and a missing
-config file only fails when the config is first read. `parse_flags` loads every config flag while parsing and
-turns any failure into `error: <what is wrong and the closest valid name>` on stderr, exit code 1.
+config file only fails when the config is first read. `parse_flags` loads every config flag
+while parsing and turns any failure into `error: <what is wrong and the closest valid name>` on
+stderr, exit code 1.
 """
 
 import difflib

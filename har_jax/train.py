@@ -243,8 +243,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from `workdir` if it holds checkpoints), evaluating periodically and at the end.
 
   On SIGTERM or Ctrl-C (SIGINT), finishes the current step, saves a checkpoint synchronously and
-  returns {}; the same call resumes from it. A second Ctrl-C exits at once without saving. With config.deterministic_data, a resumed run reads exactly the batches
-  an uninterrupted run would have (and ends with bitwise identical params on CPU).
+  returns {}; the same call resumes from it. A second Ctrl-C exits at once without saving. With
+  config.deterministic_data, a resumed run reads exactly the batches an uninterrupted run would
+  have (and ends with bitwise identical params on CPU).
 
   Returns:
     The final evaluation metrics (on config.dataset.eval_split), or {} when preempted.
