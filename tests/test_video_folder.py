@@ -14,6 +14,7 @@ import pytest
 
 from har_jax.data import datasets
 from har_jax.data import pipeline
+from har_jax.data import video_files
 from har_jax.data import video_folder as vf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,9 +167,9 @@ def test_decode_video_short_side_fps_and_rotation(tmp_path):
   assert Image.open(io.BytesIO(faster.jpegs[0])).size == (64, 48)
   assert Image.open(io.BytesIO(half.jpegs[0])).size == (32, 24)
   image = np.arange(6, dtype=np.uint8).reshape(2, 3, 1).repeat(3, axis=2)
-  clockwise = vf._upright(image, -90)  # pylint: disable=protected-access
+  clockwise = video_files.upright(image, -90)
   assert clockwise.shape == (3, 2, 3) and clockwise[0, 1, 0] == image[0, 0, 0]
-  np.testing.assert_array_equal(vf._upright(image, 0), image)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(video_files.upright(image, 0), image)
 
 
 def _touch(root, names):

@@ -52,6 +52,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from har_jax.data import ucf101
+from har_jax.data import video_files
 
 NAME = 'video_folder'
 DATASET_VERSION = '1.0.0'
@@ -373,12 +374,6 @@ def _checked(plan: Plan, root: str) -> Plan:
   return plan
 
 
-def _upright(image: np.ndarray, rotation: int) -> np.ndarray:
-  """Applies a display rotation (degrees counter-clockwise, as PyAV reports it) to [H, W, 3]."""
-  quarter_turns = int(round(rotation / 90.0)) % 4
-  return np.ascontiguousarray(np.rot90(image, quarter_turns)) if quarter_turns else image
-
-
 def _scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
   """(width, height) with min(width, height) = short_side and the aspect kept."""
   if short_side <= 0:
@@ -407,10 +402,11 @@ def decode_video(path: str, short_side: int = 128, fps: float = 0.0,
     The JPEG frames and their rate.
 
   Raises:
-    av.error.FFmpegError, ValueError: the file cannot be read or holds no decodable frame.
+    av.error.FFmpegError, ValueError: the file cannot be read (a VideoFileError: not a plain video
+      file) or holds no decodable frame.
   """
   jpegs = []
-  with av.open(path) as container:
+  with video_files.open_video(path) as container:
     if not container.streams.video:
       raise ValueError('no video stream')
     stream = container.streams.video[0]
@@ -431,7 +427,7 @@ def decode_video(path: str, short_side: int = 128, fps: float = 0.0,
       shrink = width * height < frame.width * frame.height
       image = frame.reformat(width=width, height=height, format='rgb24',
                              interpolation='AREA' if shrink else 'BILINEAR').to_ndarray()
-      jpegs.append(_encode_jpeg(_upright(image, getattr(frame, 'rotation', 0))))
+      jpegs.append(_encode_jpeg(video_files.upright(image, getattr(frame, 'rotation', 0))))
       if max_frames and len(jpegs) >= max_frames:
         break
   if not jpegs:
