@@ -61,6 +61,13 @@ class _Main:
     self._reader.join(10)
     return rc
 
+  def signal_and_finish(self, signum: int, timeout: float) -> tuple[int, float]:
+    """Sends `signum`; returns (exit code, seconds from the signal to the exit)."""
+    sent = time.monotonic()
+    self.proc.send_signal(signum)
+    rc = self.finish(timeout)
+    return rc, time.monotonic() - sent
+
   def kill(self):
     """Kills the process group if it still runs; closes the output pipe."""
     if self.proc.poll() is None:
@@ -70,15 +77,27 @@ class _Main:
     self.proc.stdout.close()
 
 
+def _signal_during_the_first_compile(run: _Main, signum: int) -> tuple[float, float]:
+  """Sends `signum` while the first train step compiles; waits for it to be logged.
+
+  Returns:
+    (when it was sent, when the log line came), time.monotonic() seconds.
+  """
+  run.wait_for('Training from step 0')
+  time.sleep(1.0)
+  sent = time.monotonic()
+  run.proc.send_signal(signum)
+  logged, _ = run.wait_for(f'Received {signal.Signals(signum).name}', timeout=5)
+  assert run.first(r'train/loss=') is None, 'the first step finished too soon to test this'
+  return sent, logged
+
+
 @pytest.mark.slow
 def test_ctrl_c_finishes_the_step_saves_and_exits(tmp_path, synthetic_data_dir):
   run = _Main(tmp_path, synthetic_data_dir)
   try:
     run.wait_for(r'\] \[3\] .*train/loss=')
-    sent = time.monotonic()
-    run.proc.send_signal(signal.SIGINT)
-    rc = run.finish(timeout=120)
-    took = time.monotonic() - sent
+    rc, took = run.signal_and_finish(signal.SIGINT, timeout=120)
   finally:
     run.kill()
   text = run.text()
@@ -94,12 +113,7 @@ def test_signal_during_the_first_compile_is_logged_at_once(tmp_path, synthetic_d
   """SIGTERM while the first step compiles: logged when it arrives; then the usual save and exit."""
   run = _Main(tmp_path, synthetic_data_dir, **SLOW_COMPILE)
   try:
-    run.wait_for('Training from step 0')
-    time.sleep(1.0)
-    sent = time.monotonic()
-    run.proc.send_signal(signal.SIGTERM)
-    logged, _ = run.wait_for('Received SIGTERM', timeout=5)
-    assert run.first(r'train/loss=') is None, 'the first step finished too soon to test this'
+    sent, logged = _signal_during_the_first_compile(run, signal.SIGTERM)
     rc = run.finish()
   finally:
     run.kill()
@@ -112,18 +126,12 @@ def test_signal_during_the_first_compile_is_logged_at_once(tmp_path, synthetic_d
 def test_second_ctrl_c_exits_at_once(tmp_path, synthetic_data_dir):
   run = _Main(tmp_path, synthetic_data_dir, **SLOW_COMPILE)
   try:
-    run.wait_for('Training from step 0')
-    time.sleep(1.0)
-    run.proc.send_signal(signal.SIGINT)
-    run.wait_for('Received SIGINT', timeout=5)
-    sent = time.monotonic()
-    run.proc.send_signal(signal.SIGINT)
-    rc = run.finish(timeout=30)
-    took = time.monotonic() - sent
+    _signal_during_the_first_compile(run, signal.SIGINT)
+    rc, took = run.signal_and_finish(signal.SIGINT, timeout=30)
   finally:
     run.kill()
   text = run.text()
-  assert run.first(r'train/loss=') is None, 'the first step finished too soon to test this'
+  assert run.first(r'train/loss=') is None, 'the first step finished before the second Ctrl-C'
   assert rc == 128 + signal.SIGINT, text[-4000:]
   assert 'exiting now without saving' in text and 'Traceback' not in text, text[-4000:]
   assert took < 10, f'took {took:.0f} s to exit after the second Ctrl-C'

@@ -95,16 +95,19 @@ def test_unreadable_files_raise_video_error_naming_the_file(tiny_config, tmp_pat
     predict.read_clip_frames(str(path), config)
 
 
+def _save_fresh_state(workdir, config, num_classes: int, class_names: str, step: int = 3):
+  """Saves checkpoint `step` of a fresh `num_classes`-way state, with `class_names` as metadata."""
+  state = train.create_train_state(jax.random.PRNGKey(0), config, num_classes,
+                                   optim.create_learning_rate_fn(config))
+  info = datasets.DatasetInfo(name='fresh', class_names=tuple(class_names), split_sizes={})
+  manager = checkpoints.CheckpointManager(str(workdir), config, info)
+  manager.save_now(step, state)
+  manager.close()
+
+
 def test_checkpoint_not_matching_its_metadata_is_refused(tiny_config, tmp_path):
   """Saved with 10-class weights but 5 class names: a clear PredictError, not a shape crash."""
-  config = tiny_config()
-  state = train.create_train_state(jax.random.PRNGKey(0), config, 10,
-                                   optim.create_learning_rate_fn(config))
-  info = datasets.DatasetInfo(name='five', class_names=tuple('abcde'), split_sizes={})
-  manager = checkpoints.CheckpointManager(str(tmp_path), config, info)
-  manager.save(3, state, force=True)
-  manager.wait_until_finished()
-  manager.close()
+  _save_fresh_state(tmp_path, tiny_config(), 10, 'abcde')
   with pytest.raises(predict.PredictError, match='Checkpoint 3 .* does not match its saved '
                                                  'config \\(5 classes'):
     predict.load_predictor(str(tmp_path), 'latest')
@@ -293,13 +296,7 @@ def test_directories_and_playlists_are_refused_by_name(tiny_config, tmp_path):
 
 def test_corrupt_checkpoint_is_called_corrupt(tiny_config, tmp_path):
   """Issue 16.14: a CRC failure was reported as 'does not match its saved config'."""
-  config = tiny_config()
-  state = train.create_train_state(jax.random.PRNGKey(0), config, 10,
-                                   optim.create_learning_rate_fn(config))
-  info = datasets.DatasetInfo(name='ten', class_names=tuple('abcdefghij'), split_sizes={})
-  manager = checkpoints.CheckpointManager(str(tmp_path), config, info)
-  manager.save_now(3, state)
-  manager.close()
+  _save_fresh_state(tmp_path, tiny_config(), 10, 'abcdefghij')
   folder = tmp_path / 'checkpoints' / '3' / 'state'
   largest = max((p for p in folder.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
   data = bytearray(largest.read_bytes())
