@@ -110,6 +110,14 @@ class _SignalWatcher:
     os.close(self._read_fd)
 
 
+def _exit_at_once(signum: int, what: str):
+  """Logs 'Received <signal><what>' and ends the process now, exit code 128 + signum."""
+  logging.warning('Received %s%s The checkpoints already committed are kept; rerun the same '
+                  'command to resume.', signal.Signals(signum).name, what)
+  logging.flush()
+  os._exit(128 + signum)  # pylint: disable=protected-access
+
+
 @contextlib.contextmanager
 def exit_on_interrupt():
   """Within this context, Ctrl-C exits at once (exit code 130), for phases with nothing to save.
@@ -122,14 +130,8 @@ def exit_on_interrupt():
     yield
     return
 
-  def on_signal(signum):
-    logging.warning('Received %s: exiting now. The checkpoints already committed are kept; rerun '
-                    'the same command to resume.', signal.Signals(signum).name)
-    logging.flush()
-    os._exit(128 + signum)  # pylint: disable=protected-access
-
   previous = signal.signal(signal.SIGINT, lambda *_: None)
-  watcher = _SignalWatcher(on_signal, [signal.SIGINT])
+  watcher = _SignalWatcher(lambda signum: _exit_at_once(signum, ': exiting now.'), [signal.SIGINT])
   try:
     yield
   finally:
@@ -184,10 +186,7 @@ class PreemptionNotice:
     name = signal.Signals(signum).name
     self._received.append(signum)
     if self._received.count(signal.SIGINT) > 1:
-      logging.error('Received SIGINT again: exiting now without saving. The checkpoints already '
-                    'committed are kept; rerun the same command to resume.')
-      logging.flush()
-      os._exit(128 + signum)  # pylint: disable=protected-access
+      _exit_at_once(signum, ' again: exiting now without saving.')
     if len(self._received) > 1:
       logging.warning('Received %s again; still finishing the step to save a checkpoint.', name)
       return
@@ -413,8 +412,11 @@ class CheckpointManager:
           'config:\n  ' + '\n  '.join(problems) +
           '\nUse a new --workdir, or restore the original values of these fields.')
     target_dict = flax.serialization.to_state_dict(target)
-    differences = checkpoint_files.layout_differences(
-        self._manager.item_metadata(step)['state'], target_dict)
+    saved_tree = self._manager.item_metadata(step)['state']
+    if not jax.tree.leaves(saved_tree):
+      raise CorruptCheckpointError(f'Checkpoint {step} in {self.directory} is incomplete: its '
+                                   'state has no tree metadata (state/_METADATA).')
+    differences = checkpoint_files.layout_differences(saved_tree, target_dict)
     if differences:
       raise ConfigMismatchError(
           f'Checkpoint {step} in {self.directory} holds a state of a different layout than this '

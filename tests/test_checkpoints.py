@@ -64,12 +64,15 @@ def test_checksum_changes_with_any_byte():
   assert checkpoints.state_checksum(changed) != checkpoints.state_checksum(state)
 
 
-@pytest.mark.parametrize('damage', ['garble', 'truncate', 'delete_manifest', 'garble_meta'])
+@pytest.mark.parametrize('damage', ['garble', 'truncate', 'delete_manifest', 'garble_meta',
+                                    'delete_tree_metadata'])
 def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, tiny_config, caplog, damage):
   saved = _save_steps(tmp_path, tiny_config)
   newest = os.path.join(tmp_path, 'checkpoints', '3')
   if damage == 'delete_manifest':
     os.remove(os.path.join(newest, 'state', 'manifest.ocdbt'))
+  elif damage == 'delete_tree_metadata':
+    os.remove(os.path.join(newest, 'state', '_METADATA'))
   elif damage == 'garble_meta':
     with open(os.path.join(newest, 'meta', 'metadata'), 'w') as f:
       f.write('{"config": {"model": ')
