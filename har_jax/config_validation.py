@@ -151,13 +151,13 @@ def _dataset_problems(config) -> tuple[list[str], Optional[Any]]:
   return [], builder
 
 
-def _split_size(builder, field: str, split: str) -> tuple[list[str], int]:
-  """([problem], 0) when `split` does not exist or is empty, else ([], its number of examples)."""
+def _split_problem(builder, field: str, split: str) -> list[str]:
+  """[why] when `split` (the value of `field`) does not exist or holds no examples, else []."""
   try:
     size = datasets.num_examples(builder, split)
   except datasets.DatasetError as e:
-    return [f'{field}={split!r}: {e}'], 0
-  return ([f'{field}={split!r}: holds no examples.'] if not size else []), size
+    return [f'{field}={split!r}: {e}']
+  return [] if size else [f'{field}={split!r}: holds no examples.']
 
 
 def _val_split_problems(config, builder) -> list[str]:
@@ -188,10 +188,10 @@ def _split_problems(config, builder, mode: str, split: Optional[str]) -> list[st
   """Splits named by the config (or --split in eval mode) that do not exist or are empty."""
   if mode == 'eval':
     field = '--split' if split else 'dataset.eval_split'
-    return _split_size(builder, field, split or config.dataset.eval_split)[0]
+    return _split_problem(builder, field, split or config.dataset.eval_split)
   problems = []
   for field in ('dataset.train_split', 'dataset.eval_split'):
-    problems += _split_size(builder, field, _get(config, field))[0]
+    problems += _split_problem(builder, field, _get(config, field))
   return problems or _val_split_problems(config, builder)
 
 
