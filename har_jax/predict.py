@@ -21,7 +21,6 @@ import os
 from typing import Callable, Optional, Sequence
 
 from absl import logging
-import av
 import jax
 import ml_collections
 import numpy as np
@@ -151,7 +150,7 @@ def _short_side(config, resize_short_side: Optional[int]) -> int:
   return max(int(size or 0), 0)
 
 
-def decode_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+def _decode_size(width: int, height: int, short_side: int) -> tuple[int, int]:
   """(width, height) after the largest power-of-two reduction that keeps the short side >=
   short_side (0: no reduction), rounded up as the JPEG decoder's ratio decoding does."""
   ratio = 1
@@ -172,7 +171,7 @@ def _reduced_rgb(frame, short_side: int, config) -> np.ndarray:
   """An av.VideoFrame -> upright [h, w, 3] uint8, scaled down in the decoder's scaler when
   short_side > 0, else cut to the crop band: never much larger than the views need."""
   rotation = frame.rotation
-  width, height = decode_size(frame.width, frame.height, short_side)
+  width, height = _decode_size(frame.width, frame.height, short_side)
   if (width, height) != (frame.width, frame.height):
     frame = frame.reformat(width=width, height=height, format='rgb24', interpolation='AREA')
   rgb = video_files.upright(frame.to_ndarray(format='rgb24'), rotation)
