@@ -22,6 +22,7 @@ from ml_collections import config_flags
 import tensorflow as tf
 
 from har_jax import checkpoints
+from har_jax import cli
 from har_jax import config_validation
 from har_jax import evaluate
 from har_jax import platform
@@ -53,23 +54,24 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   tf.config.set_visible_devices([], 'GPU')  # TF only reads data; keep the accelerators for JAX.
-  platform.initialize(platform.DistributedSpec.from_env(
-      coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
-      process_id=FLAGS.process_id, timeout_s=FLAGS.distributed_timeout))
-  logging.info('JAX devices: %s', jax.devices())
-  logging.info('%s', hostmem.status())
-  try:
-    if FLAGS.mode == 'train':
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    else:
-      evaluate.evaluate(FLAGS.config, FLAGS.workdir, checkpoint=FLAGS.checkpoint,
-                        split=FLAGS.split,
-                        config_name=config_flags.get_config_filename(FLAGS['config']))
-  except USER_ERRORS as e:  # Bad input: a clear message, no traceback, a non-zero exit.
-    logging.error('%s: %s', type(e).__name__, e)
-    print(f'error: {type(e).__name__}: {e}', file=sys.stderr)
-    sys.exit(1)
+  with checkpoints.exit_on_interrupt():  # Ctrl-C exits at once; the train loop saves first.
+    platform.initialize(platform.DistributedSpec.from_env(
+        coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id, timeout_s=FLAGS.distributed_timeout))
+    logging.info('JAX devices: %s', jax.devices())
+    logging.info('%s', hostmem.status())
+    try:
+      if FLAGS.mode == 'train':
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+      else:
+        evaluate.evaluate(FLAGS.config, FLAGS.workdir, checkpoint=FLAGS.checkpoint,
+                          split=FLAGS.split,
+                          config_name=config_flags.get_config_filename(FLAGS['config']))
+    except USER_ERRORS as e:  # Bad input: a clear message, no traceback, a non-zero exit.
+      logging.error('%s: %s', type(e).__name__, e)
+      print(f'error: {type(e).__name__}: {e}', file=sys.stderr)
+      sys.exit(1)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -155,15 +155,62 @@ def _dataset_problems(config) -> tuple[list[str], Optional[Any]]:
   return [], builder
 
 
+def _split_problem(builder, field: str, split: str) -> list[str]:
+  """[why] when `split` (the value of `field`) does not exist or holds no examples, else []."""
+  try:
+    size = datasets.num_examples(builder, split)
+  except datasets.DatasetError as e:
+    return [f'{field}={split!r}: {e}']
+  return [] if size else [f'{field}={split!r}: holds no examples.']
+
+
+def _val_split_problems(config, builder) -> list[str]:
+  """An empty validation or training part of dataset.train_split under dataset.val_split."""
+  fraction = _get(config, 'dataset.val_split') or 0.0
+  train = config.dataset.train_split
+  if not _is_number(fraction) or not 0 < fraction < 1:
+    return []  # No hold-out, or already reported as a range problem.
+  try:
+    splits = {p: datasets.resolve_split(config.dataset, p) for p in ('train', 'val')}
+    sizes = {p: datasets.num_examples(builder, s) for p, s in splits.items()}
+  except datasets.DatasetError as e:
+    return [f'dataset.val_split={fraction!r}: {e}']
+  total = datasets.num_examples(builder, train)
+  if not sizes['train']:
+    return [f'dataset.val_split={fraction!r}: holding out this fraction of the {total} examples '
+            f'of {train!r} leaves no training examples; use a smaller fraction.']
+  if sizes['val']:
+    return []
+  smallest = next(f / 100 for f in range(1, 100)
+                  if datasets.num_examples(builder, datasets.percent_split(train, f / 100, 'val')))
+  return [f'dataset.val_split={fraction!r}: the validation split {splits["val"]!r} of the {total} '
+          f'examples of {train!r} is empty, and periodic evaluation would fail on it; use '
+          f'dataset.val_split={smallest:g} or more, or 0 to evaluate on dataset.eval_split.']
+
+
+def _split_problems(config, builder, mode: str, split: Optional[str]) -> list[str]:
+  """Splits named by the config (or --split in eval mode) that do not exist or are empty."""
+  if mode == 'eval':
+    field = '--split' if split else 'dataset.eval_split'
+    return _split_problem(builder, field, split or config.dataset.eval_split)
+  problems = []
+  for field in ('dataset.train_split', 'dataset.eval_split'):
+    problems += _split_problem(builder, field, _get(config, field))
+  return problems or _val_split_problems(config, builder)
+
+
 def find_problems(config: ml_collections.ConfigDict, *, num_devices: Optional[int] = None,
-                  mode: str = 'train', check_dataset: bool = True) -> list[str]:
+                  mode: str = 'train', check_dataset: bool = True,
+                  split: Optional[str] = None) -> list[str]:
   """Every problem of `config`, one line each naming the field (empty if it is fine).
 
   Args:
     num_devices: the global device count batches must divide (default: jax.device_count()).
     mode: 'train' checks the train and eval batches; 'eval' only the eval batch.
-    check_dataset: resolve config.dataset (prepares the built-in synthetic set on first use) and
-      check the crop against the stored frames.
+    check_dataset: resolve config.dataset (prepares the built-in synthetic set on first use),
+      check that the splits exist and hold examples (train, eval and validation in 'train' mode;
+      `split` or the eval split in 'eval' mode), and the crop against the stored frames.
+    split: 'eval' mode: the split to evaluate (--split), default dataset.eval_split.
   """
   problems = _range_problems(config) + _choice_problems(config)
   problems += _device_problems(config, num_devices or jax.device_count(), mode)
@@ -171,6 +218,7 @@ def find_problems(config: ml_collections.ConfigDict, *, num_devices: Optional[in
     dataset_problems, builder = _dataset_problems(config)
     problems += dataset_problems
     if builder is not None:
+      problems += _split_problems(config, builder, mode, split)
       problems += _crop_problems(config, stored_frame_size(builder))
   return problems
 

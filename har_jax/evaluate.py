@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from har_jax import checkpoints
+from har_jax import config_validation
 from har_jax import eval_lib
 from har_jax import optim
 from har_jax import parallel
@@ -247,13 +248,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str
   Returns:
     The reports written, one per checkpoint, in step order; each has 'report_path'.
   """
+  devices = devices or jax.local_devices()
+  config_validation.validate(config, mode='eval', split=split,
+                             num_devices=len(devices) * jax.process_count())
   split = split or config.dataset.eval_split
   builder = datasets.get_builder(config.dataset)
   info = datasets.get_info(builder)
-  datasets.num_examples(builder, split)  # A clear error for an unknown split.
-  devices = devices or jax.local_devices()
-  train.global_batch_check(config.eval.batch_size, len(devices) * jax.process_count(),
-                           'config.eval.batch_size')
   manager = open_checkpoints(workdir, config, info)
   steps = resolve_steps(manager, checkpoint)
   logging.info('Evaluating checkpoint(s) %s of %s on %s (%d videos) with %d device(s).', steps,

@@ -8,8 +8,11 @@ top-k classes are returned with their probabilities. Class names come from the c
   for r in results:
     print(r['path'], r['top_k'][0] if r['ok'] else r['error'])
 
-The training frames went through JPEG; frames decoded from a video file do not. That, and JPEG's
-in-decoder downscaling used by the training pipeline, are the only differences.
+Frames are downscaled as they are decoded (by powers of two, as the JPEG decoder does in
+training), or cut to the band the crops use when the config keeps the stored size, so memory holds
+about what the model input needs, whatever the video's resolution. The training frames went
+through JPEG; frames decoded from a video file do not, and the decoder's downscaling filter is
+FFmpeg's area filter, not JPEG's DCT scaling: those are the only differences.
 """
 
 import dataclasses
@@ -18,17 +21,18 @@ import os
 from typing import Callable, Optional, Sequence
 
 from absl import logging
-import av
 import jax
 import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from har_jax import checkpoint_files
 from har_jax import checkpoints
 from har_jax import evaluate
 from har_jax import train
 from har_jax.data import datasets
 from har_jax.data import stages
+from har_jax.data import video_files
 
 
 class PredictError(RuntimeError):
@@ -96,11 +100,13 @@ def load_predictor(workdir: str, checkpoint: str = 'best') -> Predictor:
   try:
     template = evaluate.restore_template(config, num_classes)
     state = manager.restore(step, template)
-  except Exception as e:  # pylint: disable=broad-except
+  except checkpoints.ConfigMismatchError as e:
     raise PredictError(
         f'Checkpoint {step} in {workdir} does not match its saved config ({num_classes} classes, '
         f'encoder {config.model.encoder!r}, lstm_size {config.model.lstm_size}): '
-        f'{type(e).__name__}: {str(e)[:400]}') from None
+        f'{str(e)[:400]}') from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise PredictError(_restore_failure(step, workdir, e)) from None
   finally:
     manager.close()
   model = train.build_model(config, num_classes)
@@ -111,6 +117,26 @@ def load_predictor(workdir: str, checkpoint: str = 'best') -> Predictor:
                    apply=apply)
 
 
+@dataclasses.dataclass
+class Clip:
+  """The frames of one video file that its evaluation views need."""
+  frames: np.ndarray  # [num_clips * num_frames, h, w, 3] uint8 in clip order, reduced (see below).
+  num_available: int  # Frames in the video.
+  frame_size: tuple[int, int]  # (height, width) of the upright video frames, pixels.
+
+
+def _restore_failure(step: int, workdir: str, error: Exception) -> str:
+  """Why checkpoint `step` could not be restored: corrupt, unreachable (I/O) or unreadable."""
+  others = f"pass --checkpoint=<step> to use another one in {os.path.join(workdir, 'checkpoints')}"
+  if isinstance(error, checkpoints.CorruptCheckpointError):
+    return f'{error} Its bytes changed on disk; {others}.'
+  reason = f'{type(error).__name__}: {str(error)[:400]}'
+  if checkpoint_files.is_io_error(error):
+    return (f'Checkpoint {step} in {workdir} could not be read ({reason}): an I/O problem (access, '
+            'disk or network). Fix access to the folder and try again.')
+  return f'Checkpoint {step} in {workdir} is damaged or unreadable ({reason}); {others}.'
+
+
 def _video_frames(container):
   """Yields the decoded av.VideoFrames of the first video stream."""
   if not container.streams.video:
@@ -118,43 +144,72 @@ def _video_frames(container):
   yield from container.decode(video=0)
 
 
-def _to_rgb(frame) -> np.ndarray:
-  """An av.VideoFrame -> [H, W, 3] uint8, turned upright by its display rotation (phones)."""
-  rgb = frame.to_ndarray(format='rgb24')
-  quarter_turns = int(round((frame.rotation or 0) / 90.0)) % 4
-  return np.ascontiguousarray(np.rot90(rgb, k=quarter_turns)) if quarter_turns else rgb
+def _short_side(config, resize_short_side: Optional[int]) -> int:
+  """The short side frames are resized to before cropping (0: kept as decoded)."""
+  size = config.dataset.resize_size if resize_short_side is None else resize_short_side
+  return max(int(size or 0), 0)
 
 
-def read_clip_frames(path: str, config) -> tuple[np.ndarray, int]:
+def _decode_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+  """(width, height) after the largest power-of-two reduction that keeps the short side >=
+  short_side (0: no reduction), rounded up as the JPEG decoder's ratio decoding does."""
+  ratio = 1
+  while short_side > 0 and min(width, height) // (2 * ratio) >= short_side:
+    ratio *= 2
+  return -(-width // ratio), -(-height // ratio)
+
+
+def _crop_band(image: np.ndarray, crop_size: int, num_crops: int) -> np.ndarray:
+  """The part of [H, W, 3] that the eval crop windows cover (their bounding box)."""
+  windows = stages.eval_crop_windows(image.shape[:2], crop_size, num_crops).numpy()
+  y0, x0 = windows[:, :2].min(axis=0)
+  y1, x1 = (windows[:, :2] + windows[:, 2:]).max(axis=0)
+  return np.ascontiguousarray(image[y0:y1, x0:x1])
+
+
+def _reduced_rgb(frame, short_side: int, config) -> np.ndarray:
+  """An av.VideoFrame -> upright [h, w, 3] uint8, scaled down in the decoder's scaler when
+  short_side > 0, else cut to the crop band: never much larger than the views need."""
+  rotation = frame.rotation
+  width, height = _decode_size(frame.width, frame.height, short_side)
+  if (width, height) != (frame.width, frame.height):
+    frame = frame.reformat(width=width, height=height, format='rgb24', interpolation='AREA')
+  rgb = video_files.upright(frame.to_ndarray(format='rgb24'), rotation)
+  return rgb if short_side else _crop_band(rgb, config.image_size, config.eval.num_crops)
+
+
+def read_clip_frames(path: str, config, resize_short_side: Optional[int] = None) -> Clip:
   """Decodes the frames that the eval views of `config` need from a video file.
 
   Two passes: the first counts the frames (decoding without converting), the second keeps only the
-  sampled ones, so memory holds num_clips x num_frames frames whatever the video length.
+  sampled ones, each reduced as it is decoded (see `_reduced_rgb`), so memory holds
+  num_clips x num_frames small frames whatever the video's length and resolution.
 
-  Returns:
-    ([num_clips * num_frames, H, W, 3] uint8 frames in clip order, frames in the video).
+  Args:
+    resize_short_side: see `eval_views`.
 
   Raises:
     VideoError: the file is missing, not a video, corrupt, or has no decodable frame.
   """
-  if not os.path.isfile(path):
-    raise VideoError(f'{path}: no such file.')
+  short_side = _short_side(config, resize_short_side)
   try:
-    with av.open(path) as container:
+    with video_files.open_video(path) as container:
       num_available = sum(1 for _ in _video_frames(container))
     if num_available == 0:
       raise VideoError('it has no decodable video frame')
     indices = stages.sample_eval_indices(
         num_available, config.num_frames, config.frame_stride, config.eval.num_clips,
         config.dataset.short_video).numpy().reshape(-1)
-    wanted, kept = set(indices.tolist()), {}
-    with av.open(path) as container:
+    wanted, kept, sizes = set(indices.tolist()), {}, set()
+    with video_files.open_video(path) as container:
       for i, frame in enumerate(_video_frames(container)):
         if i in wanted:
-          kept[i] = _to_rgb(frame)
+          turned = int(round((frame.rotation or 0) / 90.0)) % 2
+          sizes.add((frame.width, frame.height) if turned else (frame.height, frame.width))
+          kept[i] = _reduced_rgb(frame, short_side, config)
         if len(kept) == len(wanted):
           break
-  except VideoError as e:
+  except (VideoError, video_files.VideoFileError) as e:
     raise VideoError(f'{path}: {e}') from None
   except Exception as e:  # pylint: disable=broad-except
     # Any demuxer/decoder failure (av.FFmpegError, UnicodeDecodeError...) means unreadable.
@@ -163,10 +218,9 @@ def read_clip_frames(path: str, config) -> tuple[np.ndarray, int]:
   if missing:
     raise VideoError(f'{path}: frames {missing[:5]} could not be decoded on the second pass; '
                      'the file is damaged.')
-  shapes = {f.shape for f in kept.values()}
-  if len(shapes) != 1:
-    raise VideoError(f'{path}: frame size changes within the video ({sorted(shapes)}).')
-  return np.stack([kept[i] for i in indices]), num_available
+  if len(sizes) != 1:
+    raise VideoError(f'{path}: frame size changes within the video ({sorted(sizes)}).')
+  return Clip(np.stack([kept[i] for i in indices]), num_available, sizes.pop())
 
 
 def eval_views(frames: np.ndarray, config, resize_short_side: Optional[int] = None) -> np.ndarray:
@@ -185,9 +239,9 @@ def eval_views(frames: np.ndarray, config, resize_short_side: Optional[int] = No
   t, s = config.num_frames, config.image_size
   if frames.shape[0] != num_clips * t:
     raise ValueError(f'Expected {num_clips} x {t} frames, got {frames.shape[0]}.')
-  short_side = config.dataset.resize_size if resize_short_side is None else resize_short_side
+  short_side = _short_side(config, resize_short_side)
   frames = tf.convert_to_tensor(frames)
-  if short_side and short_side > 0:
+  if short_side:
     frames = stages.resize_short_side(frames, short_side)
   return stages.eval_views(frames, num_clips, t, s, num_crops).numpy()
 
@@ -202,15 +256,15 @@ def predict_video(predictor: Predictor, path: str, *, top_k: int = 5,
                   resize_short_side: Optional[int] = None) -> dict:
   """Top-k classes of one video file. Raises VideoError when the file cannot be read."""
   config = predictor.config
-  frames, num_available = read_clip_frames(path, config)
-  height, width = frames.shape[1:3]
-  if not (resize_short_side or config.dataset.resize_size) and min(height, width) > 2 * max(
+  clip = read_clip_frames(path, config, resize_short_side)
+  height, width = clip.frame_size
+  if not _short_side(config, resize_short_side) and min(height, width) > 2 * max(
       config.image_size, 1):
     logging.warning('%s is %dx%d but the checkpoint config keeps frames at their stored size '
                     '(dataset.resize_size=0): the %dx%d crops see only the centre. Pass '
                     '--resize_short_side (the short side of the training frames) to match.',
                     path, width, height, config.image_size, config.image_size)
-  views = eval_views(frames, config, resize_short_side)
+  views = eval_views(clip.frames, config, resize_short_side)
   logits = predictor.video_logits(views)
   probs = _softmax(logits)
   order = np.argsort(-probs, kind='stable')[:max(1, min(top_k, len(probs)))]
@@ -219,7 +273,7 @@ def predict_video(predictor: Predictor, path: str, *, top_k: int = 5,
       'top_k': [{'class': predictor.class_names[i], 'index': int(i),
                  'probability': float(probs[i])} for i in order],
       'logits': logits.tolist(),
-      'num_frames': int(num_available), 'frame_size': [int(height), int(width)],
+      'num_frames': int(clip.num_available), 'frame_size': [int(height), int(width)],
       'views': int(views.shape[0]), 'checkpoint_step': predictor.step,
   }
 

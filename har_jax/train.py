@@ -269,9 +269,10 @@ class NonFiniteGuard:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from `workdir` if it holds checkpoints), evaluating periodically and at the end.
 
-  On SIGTERM, finishes the current step, saves a checkpoint synchronously and returns {}; the same
-  call resumes from it. With config.deterministic_data, a resumed run reads exactly the batches
-  an uninterrupted run would have (and ends with bitwise identical params on CPU).
+  On SIGTERM or Ctrl-C (SIGINT), finishes the current step, saves a checkpoint synchronously and
+  returns {}; the same call resumes from it. A second Ctrl-C exits at once without saving. With
+  config.deterministic_data, a resumed run reads exactly the batches an uninterrupted run would
+  have (and ends with bitwise identical params on CPU).
 
   Returns:
     The final evaluation metrics (on config.dataset.eval_split), or {} when preempted.
@@ -351,8 +352,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if preempted:
         writer.flush()
         reads.log()
-        logging.warning('Preempted: saved checkpoint %d in %s; run the same command to resume.',
-                        step, manager.directory)
+        logging.warning('%s: saved checkpoint %d in %s; run the same command to resume.',
+                        preemption.cause, step, manager.directory)
         return {}
   guard.flush()
   reads.log()

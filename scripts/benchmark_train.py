@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from har_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from har_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from har_jax import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
 from har_jax import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -236,4 +237,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -56,6 +56,10 @@ def main(argv):
   verb = 'Already prepared' if result.reused else 'Prepared'
   print(f'{verb} {result.name}: {result.split_sizes} videos of {len(result.class_names)} '
         f'classes {list(result.class_names)} in {result.data_dir}', flush=True)
+  if result.skipped_links:
+    print(f'Did not follow {len(result.skipped_links)} directory link(s):', flush=True)
+    for name, reason in result.skipped_links:
+      print(f'  {name}: it {reason}', flush=True)
   if result.skipped:
     print(f'Skipped {len(result.skipped)} unreadable file(s):', flush=True)
     for name, reason in result.skipped:

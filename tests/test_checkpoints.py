@@ -3,6 +3,7 @@
 import logging
 import os
 import signal
+import time
 
 import jax
 import jax.numpy as jnp
@@ -63,12 +64,15 @@ def test_checksum_changes_with_any_byte():
   assert checkpoints.state_checksum(changed) != checkpoints.state_checksum(state)
 
 
-@pytest.mark.parametrize('damage', ['garble', 'truncate', 'delete_manifest', 'garble_meta'])
+@pytest.mark.parametrize('damage', ['garble', 'truncate', 'delete_manifest', 'garble_meta',
+                                    'delete_tree_metadata'])
 def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, tiny_config, caplog, damage):
   saved = _save_steps(tmp_path, tiny_config)
   newest = os.path.join(tmp_path, 'checkpoints', '3')
   if damage == 'delete_manifest':
     os.remove(os.path.join(newest, 'state', 'manifest.ocdbt'))
+  elif damage == 'delete_tree_metadata':
+    os.remove(os.path.join(newest, 'state', '_METADATA'))
   elif damage == 'garble_meta':
     with open(os.path.join(newest, 'meta', 'metadata'), 'w') as f:
       f.write('{"config": {"model": ')
@@ -180,3 +184,20 @@ def test_preemption_notice_turns_sigterm_into_a_flag():
     assert notice.reached(2)
     assert notice.reached(3)
   assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_preemption_notice_turns_ctrl_c_into_a_flag(caplog):
+  """Issue 16.8: Ctrl-C is a request to save and stop, like SIGTERM, not a KeyboardInterrupt."""
+  previous = signal.getsignal(signal.SIGINT)
+  caplog.set_level(logging.WARNING)
+  with checkpoints.PreemptionNotice(initial_step=0) as notice:
+    assert not notice.reached(1)
+    os.kill(os.getpid(), signal.SIGINT)
+    for _ in range(100):  # The notice is logged by a watcher thread.
+      if 'Received SIGINT' in caplog.text:
+        break
+      time.sleep(0.01)
+    assert notice.reached(2)
+    assert notice.cause == 'Interrupted'
+  assert 'Received SIGINT' in caplog.text and 'Ctrl-C again' in caplog.text
+  assert signal.getsignal(signal.SIGINT) is previous

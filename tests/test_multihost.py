@@ -226,6 +226,29 @@ def test_sigterm_to_one_process_checkpoints_every_process_at_one_step(synthetic_
   assert _committed_steps(workdir)[-1] == saved[0] + 2
 
 
+@pytest.mark.slow
+def test_ctrl_c_to_one_process_checkpoints_every_process_at_one_step(synthetic_data_dir, tmp_path):
+  """Issue 16.8: Ctrl-C is passed to the preemption sync service like SIGTERM."""
+  workdir = tmp_path / 'wd'
+  overrides = _overrides(synthetic_data_dir, num_train_steps=5000, log_every_steps=1,
+                         checkpoint_every_steps=100000, eval_every_steps=100000)
+  port = _free_port()
+  commands = [_main(workdir, overrides, f'--coordinator_address=127.0.0.1:{port}',
+                    '--num_processes=2', f'--process_id={i}', '--distributed_timeout=60')
+              for i in range(2)]
+  with _processes(commands, _env(2), tmp_path) as procs:
+    for i in range(2):
+      _wait_for_text(tmp_path / f'process_{i}.log', '] [5] ', procs)
+    procs[1].send_signal(signal.SIGINT)
+    for p in procs:
+      p.wait(timeout=TIMEOUT_S)
+  logs = [(tmp_path / f'process_{i}.log').read_text() for i in range(2)]
+  assert [p.returncode for p in procs] == [0, 0], '\n\n'.join(log[-3000:] for log in logs)
+  saved = [int(log.split('saved checkpoint ')[1].split()[0]) for log in logs]
+  assert 5 <= saved[0] == saved[1] < 5000 and _committed_steps(workdir) == [saved[0]]
+  assert 'Received SIGINT' in logs[1] and 'Traceback' not in logs[1], logs[1][-3000:]
+
+
 def _first_clips(data_dir, process_index, num_steps=4):
   """Hashes of the training clips a process of 2 reads in its first steps."""
   import hashlib  # pylint: disable=g-import-not-at-top

@@ -66,16 +66,17 @@ def test_read_clip_frames_avi_mp4_portrait_short(tiny_config, tmp_path):
   config = _views_config(tiny_config)  # 2 clips x 3 frames at stride 2: span 5 frames.
   rng = np.random.default_rng(1)
   frames = rng.integers(0, 256, (11, 33, 45, 3), dtype=np.uint8)
-  got, n = predict.read_clip_frames(write_video(tmp_path / 'odd.avi', frames), config)
+  clip = predict.read_clip_frames(write_video(tmp_path / 'odd.avi', frames), config)
   indices = stages.sample_eval_indices(11, 3, 2, 2, 'loop').numpy().reshape(-1)
-  assert n == 11
-  np.testing.assert_array_equal(got, frames[indices])  # Lossless: exactly the sampled frames.
+  assert clip.num_available == 11 and clip.frame_size == (33, 45)
+  np.testing.assert_array_equal(clip.frames, frames[indices])  # Lossless: the sampled frames.
 
   portrait = np.repeat(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None, None],
                        4, axis=0) * np.ones((1, 1, 40, 3), np.uint8)
-  got, n = predict.read_clip_frames(write_video(tmp_path / 'tall.mp4', portrait,
-                                                lossless=False), config)
-  assert n == 4 and got.shape == (6, 64, 40, 3)  # Short video: indices loop.
+  clip = predict.read_clip_frames(write_video(tmp_path / 'tall.mp4', portrait,
+                                               lossless=False), config)
+  got = clip.frames
+  assert clip.num_available == 4 and got.shape == (6, 64, 40, 3)  # Short video: indices loop.
   assert abs(int(got[0, 60, 20, 0]) - int(portrait[0, 60, 20, 0])) < 12
   views = predict.eval_views(got, config)
   assert views.shape == (6, 3, 16, 16, 3)
@@ -94,16 +95,19 @@ def test_unreadable_files_raise_video_error_naming_the_file(tiny_config, tmp_pat
     predict.read_clip_frames(str(path), config)
 
 
+def _save_fresh_state(workdir, config, num_classes: int, class_names: str, step: int = 3):
+  """Saves checkpoint `step` of a fresh `num_classes`-way state, with `class_names` as metadata."""
+  state = train.create_train_state(jax.random.PRNGKey(0), config, num_classes,
+                                   optim.create_learning_rate_fn(config))
+  info = datasets.DatasetInfo(name='fresh', class_names=tuple(class_names), split_sizes={})
+  manager = checkpoints.CheckpointManager(str(workdir), config, info)
+  manager.save_now(step, state)
+  manager.close()
+
+
 def test_checkpoint_not_matching_its_metadata_is_refused(tiny_config, tmp_path):
   """Saved with 10-class weights but 5 class names: a clear PredictError, not a shape crash."""
-  config = tiny_config()
-  state = train.create_train_state(jax.random.PRNGKey(0), config, 10,
-                                   optim.create_learning_rate_fn(config))
-  info = datasets.DatasetInfo(name='five', class_names=tuple('abcde'), split_sizes={})
-  manager = checkpoints.CheckpointManager(str(tmp_path), config, info)
-  manager.save(3, state, force=True)
-  manager.wait_until_finished()
-  manager.close()
+  _save_fresh_state(tmp_path, tiny_config(), 10, 'abcde')
   with pytest.raises(predict.PredictError, match='Checkpoint 3 .* does not match its saved '
                                                  'config \\(5 classes'):
     predict.load_predictor(str(tmp_path), 'latest')
@@ -200,3 +204,105 @@ def test_predict_script_json_and_exit_codes(trained, tmp_path):
   assert no_step.returncode == 2 and 'No checkpoint at step 12345' in no_step.stderr
   no_dir = _run_script([f'--workdir={tmp_path / "nope"}', good])
   assert no_dir.returncode == 2 and 'is not a directory' in no_dir.stderr
+
+
+def _gradient_video(path, num_frames, height, width, lossless=False):
+  """A moving gradient (compresses well, so large sizes encode fast)."""
+  y, x = np.mgrid[:height, :width]
+  frames = np.stack([np.stack([(x + 8 * t) % 256, (y + 4 * t) % 256, (x + y) % 256], -1)
+                     for t in range(num_frames)]).astype(np.uint8)
+  return write_video(path, frames, lossless=lossless), frames
+
+
+def test_frames_are_downscaled_while_decoding(tiny_config, tmp_path):
+  """Issue 16.13: full-resolution frames were kept; now the decoder scales them down by powers
+  of two while the short side stays >= the resize target, as the JPEG decoder does in training."""
+  config = _views_config(tiny_config, **{'dataset.resize_size': 32})
+  path, _ = _gradient_video(tmp_path / 'hd.mp4', 6, 720, 1280)
+  clip = predict.read_clip_frames(path, config)
+  assert clip.frame_size == (720, 1280) and clip.num_available == 6
+  assert clip.frames.shape == (6, 45, 80, 3)  # 720 / 16 = 45 >= 32 > 720 / 32.
+  views = predict.eval_views(clip.frames, config)
+  assert views.shape == (6, 3, 16, 16, 3)
+
+
+def test_without_resize_only_the_crop_band_is_kept(tiny_config, tmp_path):
+  """dataset.resize_size=0 crops at the stored size: keep only the rows or columns the crops use,
+  and get exactly the views of the full frames."""
+  config = _views_config(tiny_config, **{'dataset.resize_size': 0})
+  for name, (height, width) in (('wide.avi', (40, 90)), ('tall.avi', (90, 40))):
+    path, frames = _gradient_video(tmp_path / name, 11, height, width, lossless=True)
+    clip = predict.read_clip_frames(path, config)
+    assert min(clip.frames.shape[1:3]) == config.image_size and clip.frame_size == (height, width)
+    indices = stages.sample_eval_indices(11, 3, 2, 2, 'loop').numpy().reshape(-1)
+    np.testing.assert_array_equal(predict.eval_views(clip.frames, config),
+                                  predict.eval_views(frames[indices], config))
+
+
+_PEAK_RSS = '''
+import resource, sys
+sys.path[:0] = [{tests!r}, {repo!r}]
+import conftest
+from har_jax import predict
+config = conftest.make_tiny_config({data!r}, **{{
+    'num_frames': 16, 'frame_stride': 2, 'image_size': 112, 'dataset.resize_size': 128,
+    'eval.num_clips': 5, 'eval.num_crops': 3}})
+for path in sys.argv[1:]:
+  clip = predict.read_clip_frames(path, config)
+  predict.eval_views(clip.frames, config)
+  print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, flush=True)
+'''
+
+
+def test_peak_memory_does_not_grow_with_the_resolution(synthetic_data_dir, tmp_path):
+  """Issue 16.13: a 2-second 4K clip took 6.8 GB. Here 1080p (24 frames) against 128x128 in one
+  process: the peak RSS may grow by what the model input needs, not by 80 full-HD frames."""
+  small, _ = _gradient_video(tmp_path / 'small.mp4', 24, 128, 160)
+  large, _ = _gradient_video(tmp_path / 'large.mp4', 24, 1080, 1920)
+  script = _PEAK_RSS.format(tests=os.path.join(REPO, 'tests'), repo=REPO,
+                            data=str(synthetic_data_dir))
+  out = subprocess.run([sys.executable, '-c', script, small, large], capture_output=True,
+                       text=True, timeout=600, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  after_small, after_large = (int(x) for x in out.stdout.split())
+  assert after_large - after_small < 300, f'peak RSS grew by {after_large - after_small} MiB'
+
+
+def test_file_names_are_never_read_as_protocols(tiny_config, tmp_path, monkeypatch):
+  """Issue 16.14: FFmpeg read the relative path 'a:b.mp4' as protocol 'a'."""
+  config = _views_config(tiny_config)
+  _gradient_video(tmp_path / 'a:b.mp4', 4, 32, 48)
+  monkeypatch.chdir(tmp_path)
+  assert predict.read_clip_frames('a:b.mp4', config).num_available == 4
+
+
+def test_directories_and_playlists_are_refused_by_name(tiny_config, tmp_path):
+  """Issue 16.14: a directory was 'no such file'; a playlist was followed to the files it names."""
+  config = _views_config(tiny_config)
+  (tmp_path / 'folder.mp4').mkdir()
+  with pytest.raises(predict.VideoError, match='folder.mp4: is a directory'):
+    predict.read_clip_frames(str(tmp_path / 'folder.mp4'), config)
+  _gradient_video(tmp_path / 'segment.ts.mp4', 4, 32, 48)
+  segment = tmp_path / 'segment.ts'
+  subprocess.run(['ffmpeg', '-v', 'error', '-y', '-i', str(tmp_path / 'segment.ts.mp4'), '-c',
+                  'copy', str(segment)], check=True)
+  playlist = tmp_path / 'list.m3u8'
+  playlist.write_text('#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\n'
+                      'segment.ts\n#EXT-X-ENDLIST\n')
+  with pytest.raises(predict.VideoError, match='list.m3u8: not a video container'):
+    predict.read_clip_frames(str(playlist), config)
+  assert predict.read_clip_frames(str(segment), config).num_available == 4  # MPEG-TS is fine.
+
+
+def test_corrupt_checkpoint_is_called_corrupt(tiny_config, tmp_path):
+  """Issue 16.14: a CRC failure was reported as 'does not match its saved config'."""
+  _save_fresh_state(tmp_path, tiny_config(), 10, 'abcdefghij')
+  folder = tmp_path / 'checkpoints' / '3' / 'state'
+  largest = max((p for p in folder.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+  data = bytearray(largest.read_bytes())
+  data[len(data) // 2:len(data) // 2 + 64] = bytes(b ^ 0xFF for b in data[len(data) // 2:
+                                                                          len(data) // 2 + 64])
+  largest.write_bytes(bytes(data))
+  with pytest.raises(predict.PredictError, match='Checkpoint 3 .* is corrupt') as error:
+    predict.load_predictor(str(tmp_path), 'latest')
+  assert 'does not match' not in str(error.value)

@@ -70,3 +70,58 @@ def test_training_rejects_a_bad_config_before_any_compute(tiny_config, tmp_path)
   with pytest.raises(config_validation.ConfigError, match='num_frames=0'):
     train.train_and_evaluate(tiny_config(num_frames=0), str(tmp_path / 'workdir'))
   assert not os.path.exists(tmp_path / 'workdir')
+
+
+# Issue 16.3 and 16.9: split names and sizes are checked before any compute. The tiny dataset has
+# 'train' (40 videos) and 'test' (20).
+BAD_SPLITS = [
+    ({'dataset.eval_split': 'tset'}, "dataset.eval_split='tset': .*'test', 'train'"),
+    ({'dataset.train_split': 'trian'}, "dataset.train_split='trian': .*'test', 'train'"),
+    ({'dataset.eval_split': 'test[:0]'}, r"dataset.eval_split='test\[:0\]': holds no examples"),
+    ({'dataset.val_split': 0.01},
+     r'dataset.val_split=0.01: the validation split .* is empty.*val_split=0.02'),
+    ({'dataset.val_split': 0.999}, r'dataset.val_split=0.999: .*leaves no training examples'),
+    ({'dataset.name': 'synthetic_actions/tyni'},
+     r"dataset.name='synthetic_actions/tyni': .*'tiny'"),
+]
+
+
+@pytest.mark.parametrize('overrides,expected', BAD_SPLITS)
+def test_bad_split_names_and_sizes_are_named(tiny_config, overrides, expected):
+  with pytest.raises(config_validation.ConfigError, match=expected):
+    config_validation.validate(tiny_config(**overrides))
+
+
+def test_eval_mode_checks_the_requested_split(tiny_config):
+  config = tiny_config(**{'dataset.eval_split': 'tset'})
+  assert config_validation.find_problems(config, mode='eval', split='test') == []
+  with pytest.raises(config_validation.ConfigError, match="--split='vla': .*'test', 'train'"):
+    config_validation.validate(tiny_config(), mode='eval', split='vla')
+
+
+def test_training_rejects_a_misspelt_eval_split_before_any_compute(tiny_config, tmp_path):
+  with pytest.raises(config_validation.ConfigError, match="dataset.eval_split='tset'"):
+    train.train_and_evaluate(tiny_config(**{'dataset.eval_split': 'tset'}),
+                             str(tmp_path / 'workdir'))
+  assert not os.path.exists(tmp_path / 'workdir')
+
+
+@pytest.mark.parametrize('overrides,expected', [
+    ({'eval.batch_size': 6}, 'eval.batch_size=6: must be a multiple'),
+    ({'image_size': 40, 'dataset.resize_size': 0}, 'image_size=40: larger than the stored'),
+    ({'dataset.eval_split': 'tset'}, "dataset.eval_split='tset'"),
+])
+def test_eval_mode_runs_the_same_validation(tiny_config, tmp_path, overrides, expected):
+  """Issue 16.10: --mode=eval gave a raw ValueError or an 84-line orbax shape error."""
+  from har_jax import evaluate  # pylint: disable=g-import-not-at-top
+  with pytest.raises(config_validation.ConfigError, match=expected):
+    evaluate.evaluate(tiny_config(**overrides), str(tmp_path))
+
+
+def test_unknown_dataset_names_the_closest_few(tiny_config):
+  """Issue 16.12: the message listed all ~900 TFDS dataset names."""
+  with pytest.raises(config_validation.ConfigError) as error:
+    config_validation.validate(tiny_config(**{'dataset.name': 'ucf10/ucf101_1_256'}))
+  message = str(error.value)
+  assert "'ucf101'" in message and 'synthetic_actions' in message and 'video_folder' in message
+  assert 'mnist' not in message and len(message) < 1200, message

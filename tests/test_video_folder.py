@@ -14,6 +14,7 @@ import pytest
 
 from har_jax.data import datasets
 from har_jax.data import pipeline
+from har_jax.data import video_files
 from har_jax.data import video_folder as vf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,9 +167,9 @@ def test_decode_video_short_side_fps_and_rotation(tmp_path):
   assert Image.open(io.BytesIO(faster.jpegs[0])).size == (64, 48)
   assert Image.open(io.BytesIO(half.jpegs[0])).size == (32, 24)
   image = np.arange(6, dtype=np.uint8).reshape(2, 3, 1).repeat(3, axis=2)
-  clockwise = vf._upright(image, -90)  # pylint: disable=protected-access
+  clockwise = video_files.upright(image, -90)
   assert clockwise.shape == (3, 2, 3) and clockwise[0, 1, 0] == image[0, 0, 0]
-  np.testing.assert_array_equal(vf._upright(image, 0), image)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(video_files.upright(image, 0), image)
 
 
 def _touch(root, names):
@@ -339,3 +340,84 @@ def test_prepare_script_reports_progress_skips_and_errors(source, tmp_path):
                                         '--name=empty'],
                          capture_output=True, text=True, timeout=600, cwd=REPO)
   assert empty.returncode == 2 and 'error: No class folders in' in empty.stderr
+
+
+def test_symlink_loop_neither_duplicates_nor_mislabels(tmp_path, caplog):
+  """Issue 16.1: `ln -s .. s/c1/loop` made 6 videos 246 records, c2's labelled c1."""
+  root, data_dir = str(tmp_path / 's'), str(tmp_path / 'd')
+  written = make_source(root, classes=('c1', 'c2'), per_class=3, corrupt=False)
+  os.symlink('..', os.path.join(root, 'c1', 'loop'))
+  caplog.set_level(logging.WARNING)
+  result = vf.prepare(vf.VideoFolderConfig(name='x', source=root, short_side=16), data_dir)
+  assert sum(result.split_sizes.values()) == 6
+  assert 'c1/loop' in caplog.text and 'back up' in caplog.text
+  assert [name for name, _ in result.skipped_links] == ['c1/loop']
+  builder = vf.load(data_dir, 'x')
+  seen = {}
+  for split in ('train', 'test'):
+    for ex in builder.as_dataset(split=split).as_numpy_iterator():
+      name = ex['name'].decode()
+      assert name not in seen, f'{name} is in {seen.get(name)} and {split}'
+      seen[name] = split
+      assert ('c1', 'c2')[ex['label']] == written[name][1]
+  assert sorted(seen) == sorted(written)
+
+
+def test_directory_links_inside_a_class_are_reported_not_followed(tmp_path, caplog):
+  root, elsewhere = str(tmp_path / 's'), str(tmp_path / 'elsewhere')
+  _touch(root, ['run/a.avi', 'run/sub/b.avi', 'sit/c.avi', 'sit/d.avi'])
+  _touch(elsewhere, ['e.avi'])
+  os.symlink(os.path.join(root, 'run', 'sub'), os.path.join(root, 'run', 'alias'))
+  os.symlink(os.path.join(root, 'sit'), os.path.join(root, 'run', 'other_class'))
+  os.symlink(elsewhere, os.path.join(root, 'run', 'outside'))
+  caplog.set_level(logging.WARNING)
+  plan = vf.plan_splits(vf.VideoFolderConfig(name='x', source=root, test_fraction=0.5))
+  videos = sorted((v.name, v.label) for s in plan.splits.values() for v in s)
+  assert videos == [('run/a.avi', 'run'), ('run/sub/b.avi', 'run'), ('sit/c.avi', 'sit'),
+                    ('sit/d.avi', 'sit')]
+  assert [n for n, _ in plan.skipped_links] == ['run/alias', 'run/other_class', 'run/outside']
+  for name in ('run/alias', 'run/other_class', 'run/outside'):
+    assert name in caplog.text
+
+
+def test_linked_class_folder_works_and_one_file_never_counts_twice(tmp_path, caplog):
+  store, root = str(tmp_path / 'store'), str(tmp_path / 's')
+  _touch(store, ['walking/a.avi', 'walking/b.avi'])
+  _touch(root, ['sit/c.avi', 'sit/d.avi'])
+  os.symlink(os.path.join(store, 'walking'), os.path.join(root, 'walk'))  # A linked class: fine.
+  os.symlink(os.path.join(root, 'sit', 'c.avi'), os.path.join(root, 'sit', 'c_again.avi'))
+  caplog.set_level(logging.WARNING)
+  plan = vf.plan_splits(vf.VideoFolderConfig(name='x', source=root, test_fraction=0.5))
+  names = sorted(v.name for s in plan.splits.values() for v in s)
+  assert names == ['sit/c.avi', 'sit/d.avi', 'walk/a.avi', 'walk/b.avi']
+  assert 'sit/c_again.avi' in caplog.text and 'same file' in caplog.text
+  # The same file in two classes, or in train/ and test/, has no right label or split.
+  os.symlink(os.path.join(root, 'sit', 'd.avi'), os.path.join(root, 'walk', 'd.avi'))
+  with pytest.raises(vf.VideoFolderError, match=r'same file.*sit/d\.avi.*walk/d\.avi'):
+    vf.plan_splits(vf.VideoFolderConfig(name='x', source=root))
+  split_root = str(tmp_path / 'split')
+  _touch(split_root, ['train/a/1.avi', 'train/b/2.avi', 'test/a/3.avi', 'test/b/4.avi'])
+  os.symlink(os.path.join(split_root, 'train', 'a', '1.avi'),
+             os.path.join(split_root, 'test', 'a', 'leak.avi'))
+  with pytest.raises(vf.VideoFolderError, match=r'same file.*test/a/leak\.avi.*train/a/1\.avi'):
+    vf.plan_splits(vf.VideoFolderConfig(name='x', source=split_root))
+
+
+def test_class_link_back_up_the_tree_is_skipped(tmp_path, caplog):
+  root = str(tmp_path / 's')
+  _touch(root, ['run/a.avi', 'run/b.avi', 'sit/c.avi', 'sit/d.avi'])
+  os.symlink('..', os.path.join(root, 'up'))  # A "class" that would scan everything above.
+  caplog.set_level(logging.WARNING)
+  plan = vf.plan_splits(vf.VideoFolderConfig(name='x', source=root, test_fraction=0.5))
+  assert plan.class_names == ('run', 'sit')
+  assert [n for n, _ in plan.skipped_links] == ['up']
+
+
+@pytest.mark.parametrize('bad', ['two\nlines', 'carriage\rreturn', ' padded', 'trailing\t'])
+def test_class_names_that_a_label_file_cannot_hold_are_refused(tmp_path, bad):
+  """Issue 16.2: ClassLabel stores one name per line, stripped; such a name shifts every label."""
+  root = str(tmp_path / 's')
+  _touch(root, ['a/1.avi', 'a/2.avi', f'{bad}/3.avi', f'{bad}/4.avi', 'z/5.avi', 'z/6.avi'])
+  with pytest.raises(vf.VideoFolderError, match='Class folder .*' + repr(bad)[1:-1].replace(
+      '\\', '\\\\') + '.*rename'):
+    vf.plan_splits(vf.VideoFolderConfig(name='x', source=root))

@@ -1,6 +1,7 @@
 """Dataset resolution: config.dataset -> a prepared TFDS builder, splits and class names."""
 
 import dataclasses
+import difflib
 import os
 import re
 from typing import Optional
@@ -84,6 +85,7 @@ def get_builder(dataset_config) -> tfds.core.DatasetBuilder:
         f'--source <UCF101 folder or zips> --data_dir {data_dir or "<data_dir>"} '
         f'--short_side {config_name.lstrip("s") if config_name else "128"}')
   if base == SYNTHETIC_NAME:
+    _check_synthetic_config(name, config_name or 'default')
     return synthetic_actions.prepare(data_dir or _default_data_dir(), config_name or 'default')
   if base in ('ucf101',) + GROUPED_DATASETS and config_name not in UCF101_CONFIGS:
     raise DatasetError(
@@ -98,12 +100,8 @@ def get_builder(dataset_config) -> tfds.core.DatasetBuilder:
       raise DatasetError(str(e)) from None
   try:
     builder = tfds.builder(name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError as e:
-    raise DatasetError(
-        f'Unknown dataset {name!r} in config.dataset.name. Use {SYNTHETIC_NAME!r}, '
-        f"'ucf101/<config>' (ucf101_1_256, ucf101_1, ucf101_2, ucf101_3), "
-        f"'video_folder/<name>' (scripts/prepare_video_folder.py) or another TFDS video "
-        f'dataset. ({e})') from None
+  except tfds.core.registered.DatasetNotFoundError:
+    raise DatasetError(_unknown_dataset_message(name)) from None
   except ValueError as e:  # Unknown builder config, e.g. 'ucf101/ucf101_9'.
     raise DatasetError(f'Bad config.dataset.name {name!r}: {e}') from None
   if not builder.info.splits or not builder.info.splits.total_num_examples:
@@ -112,6 +110,25 @@ def get_builder(dataset_config) -> tfds.core.DatasetBuilder:
         f'Dataset {name!r} is not prepared in {builder.data_dir_root!r} '
         f'(config.dataset.data_dir={dataset_config.data_dir!r}).{hint}')
   return builder
+
+
+def _check_synthetic_config(name: str, config_name: str):
+  configs = sorted(synthetic_actions.SyntheticActions.builder_configs)
+  if config_name not in configs:
+    raise DatasetError(f'Unknown synthetic_actions config {config_name!r} in '
+                       f'config.dataset.name={name!r}; use one of {configs}.')
+
+
+def _unknown_dataset_message(name: str) -> str:
+  """What to use instead of an unknown dataset: the closest TFDS names and the project's own."""
+  base, _ = _split_name_and_config(name)
+  close = difflib.get_close_matches(base, tfds.list_builders(with_community_datasets=False), n=4)
+  closest = f' The closest TFDS names: {close}.' if close else ''
+  return (f'Unknown dataset {name!r} in config.dataset.name.{closest} This project reads '
+          f"{SYNTHETIC_NAME!r} (built in, generated on first use), 'ucf101/<config>' or "
+          f"'ucf101_meta/<config>' with <config> one of {list(UCF101_CONFIGS)} "
+          "(scripts/prepare_ucf101.py), 'video_folder/<name>' (your own videos, "
+          'scripts/prepare_video_folder.py), or another prepared TFDS video dataset.')
 
 
 def _prepare_hint(data_dir: Optional[str], config_name: str, variant: str) -> str:
@@ -191,6 +208,11 @@ def resolve_split(dataset_config, purpose: str) -> str:
       '%d%% split of %r and the same person may appear in train and val. Use '
       "'ucf101_meta/<config>' (prepare_ucf101.py --variant ucf101_meta) for a split by group.",
       fraction, dataset_config.name, round(100 * fraction), train)
+  return percent_split(train, fraction, purpose)
+
+
+def percent_split(train: str, fraction: float, purpose: str) -> str:
+  """'train[:N%]' ('train') or 'train[N%:]' ('val') with N = round(100 (1 - fraction))."""
   cut = round(100 * (1 - fraction))
   return f'{train}[:{cut}%]' if purpose == 'train' else f'{train}[{cut}%:]'
 
@@ -262,7 +284,7 @@ def num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
     return sum(counts[g] for g in split_groups(builder, group_split))
   try:
     return builder.info.splits[split].num_examples
-  except KeyError:
+  except (KeyError, ValueError):  # TFDS: ValueError('Unknown split ...') or a bad slice.
     raise DatasetError(
         f'Split {split!r} does not exist in {builder.info.full_name!r}; it has '
         f'{sorted(builder.info.splits.keys())}.') from None

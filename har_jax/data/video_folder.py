@@ -11,6 +11,12 @@ The `test_fraction` split is stratified and deterministic: within each class, vi
 by a hash of their path relative to <root>, and the first round(n * test_fraction) (at least one,
 and never all) go to test.
 
+Each real file counts once: directory links below a class folder are not followed (a link back up
+the tree would loop, one elsewhere in the class folder would count its videos twice, one outside
+would give foreign videos this label); each is reported. File links are kept, but the same file
+in two classes or splits is an error. A class folder name with a line break or leading/trailing
+whitespace is refused (the label file stores one stripped name per line).
+
 Videos are decoded with PyAV (no ffmpeg binary), turned upright, resized so the short side is
 `short_side` pixels (aspect kept; 0 keeps the size), optionally subsampled to `fps` frames per
 second, and stored as JPEG frames, the feature layout the pipeline reads:
@@ -46,6 +52,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from har_jax.data import ucf101
+from har_jax.data import video_files
 
 NAME = 'video_folder'
 DATASET_VERSION = '1.0.0'
@@ -103,6 +110,7 @@ class Plan:
   class_names: tuple[str, ...]
   splits: dict  # split name -> [VideoFile], sorted by name.
   layout: str  # 'folders' (train/ and test/), 'lists' or 'fraction'.
+  skipped_links: tuple = ()  # (relative name, reason) of each directory link not followed.
 
 
 @dataclasses.dataclass
@@ -120,11 +128,41 @@ def _subdirs(folder: str) -> list[str]:
                 if not d.startswith('.') and os.path.isdir(os.path.join(folder, d)))
 
 
-def _class_videos(root: str, class_dir: str, prefix: str) -> list[VideoFile]:
-  """Every video file under root/class_dir (recursively), sorted by relative name."""
-  out = []
-  for folder, dirs, files in os.walk(os.path.join(root, class_dir), followlinks=True):
+def _inside(path: str, folder: str) -> bool:
+  """True when real path `path` is `folder` or below it."""
+  return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _link_reason(link: str, class_root: str) -> str:
+  """Why a directory link below a class folder is not followed (its real target decides)."""
+  target = os.path.realpath(link)
+  if _inside(os.path.realpath(os.path.dirname(link)), target):
+    return f'leads back up the tree to {target} (a loop)'
+  if _inside(target, class_root):
+    return f'leads to {target}, which is scanned anyway'
+  return f'leads outside its class folder, to {target}'
+
+
+def _class_videos(root: str, class_dir: str, prefix: str,
+                  skipped_links: list) -> list[VideoFile]:
+  """Every video file under root/class_dir (recursively), sorted by relative name.
+
+  Directory links below the class folder are not followed (each is appended to `skipped_links`
+  as (relative name, reason)): one leading inside the class folder would count its videos twice
+  or loop, one leading outside would label foreign videos with this class. File links are kept.
+  """
+  out, class_root = [], os.path.realpath(os.path.join(root, class_dir))
+
+  def unreadable(error: OSError):
+    logging.warning('Cannot list folder %s (%s); its videos are left out.', error.filename,
+                    error.strerror)
+
+  for folder, dirs, files in os.walk(os.path.join(root, class_dir), onerror=unreadable):
     dirs[:] = [d for d in dirs if not d.startswith('.')]
+    for d in sorted(dirs):
+      if os.path.islink(os.path.join(folder, d)):
+        rel = os.path.relpath(os.path.join(folder, d), root).replace(os.sep, '/')
+        skipped_links.append((prefix + rel, _link_reason(os.path.join(folder, d), class_root)))
     for f in files:
       if _is_video(f):
         rel = os.path.relpath(os.path.join(folder, f), root).replace(os.sep, '/')
@@ -136,9 +174,29 @@ def _class_videos(root: str, class_dir: str, prefix: str) -> list[VideoFile]:
   return sorted(out, key=lambda v: v.name)
 
 
-def _scan_classes(root: str, prefix: str = '') -> dict[str, list[VideoFile]]:
-  """{class name: videos} of a <root>/<class>/... folder, checked for >= 2 classes."""
-  classes = _subdirs(root)
+def _check_class_name(root: str, class_dir: str):
+  """Refuses a folder name that TFDS's ClassLabel file (one stripped name per line) would alter."""
+  if '\n' in class_dir or '\r' in class_dir or class_dir != class_dir.strip():
+    raise VideoFolderError(
+        f'Class folder {class_dir!r} in {root!r} has a line break or leading/trailing whitespace '
+        'in its name; the dataset stores one class name per line, so every later label would '
+        'shift. Please rename the folder.')
+
+
+def _scan_classes(root: str, skipped_links: list,
+                  prefix: str = '') -> dict[str, list[VideoFile]]:
+  """{class name: videos} of a <root>/<class>/... folder, checked for >= 2 classes.
+
+  A class folder that is a link back up to `root` or above it is skipped and reported in
+  `skipped_links` (it would scan every class again); other linked class folders are used.
+  """
+  classes = []
+  for c in _subdirs(root):
+    if os.path.islink(os.path.join(root, c)) and _inside(os.path.realpath(root),
+                                                          os.path.realpath(os.path.join(root, c))):
+      skipped_links.append((prefix + c, _link_reason(os.path.join(root, c), root)))
+    else:
+      classes.append(c)
   layouts = (f'<root>/<class>/<video>{{{",".join(VIDEO_EXTENSIONS)}}} or '
              '<root>/train/<class>/... and <root>/test/<class>/...')
   if not classes:
@@ -147,11 +205,45 @@ def _scan_classes(root: str, prefix: str = '') -> dict[str, list[VideoFile]]:
     raise VideoFolderError(
         f'{root!r} has one class folder ({classes[0]!r}); a classifier needs at least two '
         f'classes. Expected {layouts}.')
+  for c in classes:
+    _check_class_name(root, c)
   loose = [f for f in os.listdir(root) if _is_video(f)]
   if loose:
     logging.warning('Ignoring %d video files directly in %s (not in a class folder), e.g. %s.',
                     len(loose), root, sorted(loose)[:3])
-  return {c: _class_videos(root, c, prefix) for c in classes}
+  return {c: _class_videos(root, c, prefix, skipped_links) for c in classes}
+
+
+def _unique_files(per_split: dict) -> dict:
+  """{split: {class: [VideoFile]}} with each real file once (file links can alias a file).
+
+  A file reached under two names of one class and split is kept under the first name, with a
+  warning. The same file in two classes or two splits has no right label or split: an error.
+  """
+  by_real = collections.defaultdict(list)
+  for split, by_class in per_split.items():
+    for videos in by_class.values():
+      for v in videos:
+        by_real[os.path.realpath(v.path)].append((split, v))
+  drop = set()
+  for real, uses in by_real.items():
+    if len(uses) < 2:
+      continue
+    names = sorted(v.name for _, v in uses)
+    if len({(split, v.label) for split, v in uses}) > 1:
+      raise VideoFolderError(
+          f'The same file ({real}) is in more than one class or split, as {names}; it cannot '
+          'have one label and one split. Remove all but one of these names.')
+    logging.warning('Counting the same file once: %s are one file (%s); using %s.',
+                    names, real, names[0])
+    drop.update(names[1:])
+  return {split: {c: [v for v in videos if v.name not in drop] for c, videos in by_class.items()}
+          for split, by_class in per_split.items()}
+
+
+def _report_links(skipped_links: list):
+  for name, reason in skipped_links:
+    logging.warning('Not following directory link %s: it %s.', name, reason)
 
 
 def _read_list(path: str, root: str) -> set[str]:
@@ -198,6 +290,7 @@ def plan_splits(config: VideoFolderConfig, readable=None) -> Plan:
   if not 0.0 < config.test_fraction < 1.0:
     raise VideoFolderError(f'test_fraction={config.test_fraction} must be in (0, 1).')
   top = set(_subdirs(root))
+  links = []  # (relative name, reason) of the directory links not followed.
   has_lists = bool(config.train_list or config.test_list)
   if top & set(SPLIT_DIRS):
     if not set(SPLIT_DIRS) <= top:
@@ -210,26 +303,30 @@ def plan_splits(config: VideoFolderConfig, readable=None) -> Plan:
     if top - set(SPLIT_DIRS):
       logging.warning('Ignoring folders %s next to train/ and test/ in %s.',
                       sorted(top - set(SPLIT_DIRS)), root)
-    per_split = {s: _scan_classes(os.path.join(root, s), prefix=s + '/') for s in SPLIT_DIRS}
+    per_split = _unique_files({s: _scan_classes(os.path.join(root, s), links, prefix=s + '/')
+                               for s in SPLIT_DIRS})
+    _report_links(links)
     extra = sorted(set(per_split['test']) - set(per_split['train']))
     if extra:
       raise VideoFolderError(f'Test classes {extra} have no folder in {root}/train/; every test '
                              'class needs training videos.')
     class_names = tuple(sorted(per_split['train']))
-    return _checked(Plan(class_names, _filter(per_split, readable), 'folders'), root)
-  scanned = _scan_classes(root)
+    return _checked(Plan(class_names, _filter(per_split, readable), 'folders', tuple(links)),
+                    root)
+  scanned = _unique_files({'all': _scan_classes(root, links)})['all']
+  _report_links(links)
   class_names = tuple(sorted(scanned))
   by_class = _filter({'all': scanned}, readable)['all']
   if has_lists:
     splits = _list_splits(config, root, by_class)
-    return _checked(Plan(class_names, splits, 'lists'), root)
+    return _checked(Plan(class_names, splits, 'lists', tuple(links)), root)
   splits = {'train': [], 'test': []}
   for c in class_names:
     videos = [v for v in by_class if v.label == c]
     if videos:
       for split, part in _fraction_split(videos, config.test_fraction, config.split_seed).items():
         splits[split].extend(part)
-  return _checked(Plan(class_names, splits, 'fraction'), root)
+  return _checked(Plan(class_names, splits, 'fraction', tuple(links)), root)
 
 
 def _filter(per_split: dict, readable) -> dict:
@@ -277,12 +374,6 @@ def _checked(plan: Plan, root: str) -> Plan:
   return plan
 
 
-def _upright(image: np.ndarray, rotation: int) -> np.ndarray:
-  """Applies a display rotation (degrees counter-clockwise, as PyAV reports it) to [H, W, 3]."""
-  quarter_turns = int(round(rotation / 90.0)) % 4
-  return np.ascontiguousarray(np.rot90(image, quarter_turns)) if quarter_turns else image
-
-
 def _scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
   """(width, height) with min(width, height) = short_side and the aspect kept."""
   if short_side <= 0:
@@ -311,10 +402,11 @@ def decode_video(path: str, short_side: int = 128, fps: float = 0.0,
     The JPEG frames and their rate.
 
   Raises:
-    av.error.FFmpegError, ValueError: the file cannot be read or holds no decodable frame.
+    av.error.FFmpegError, ValueError: the file cannot be read (a VideoFileError: not a plain video
+      file) or holds no decodable frame.
   """
   jpegs = []
-  with av.open(path) as container:
+  with video_files.open_video(path) as container:
     if not container.streams.video:
       raise ValueError('no video stream')
     stream = container.streams.video[0]
@@ -335,7 +427,7 @@ def decode_video(path: str, short_side: int = 128, fps: float = 0.0,
       shrink = width * height < frame.width * frame.height
       image = frame.reformat(width=width, height=height, format='rgb24',
                              interpolation='AREA' if shrink else 'BILINEAR').to_ndarray()
-      jpegs.append(_encode_jpeg(_upright(image, getattr(frame, 'rotation', 0))))
+      jpegs.append(_encode_jpeg(video_files.upright(image, getattr(frame, 'rotation', 0))))
       if max_frames and len(jpegs) >= max_frames:
         break
   if not jpegs:
@@ -413,6 +505,7 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.info.metadata['settings'] = self.builder_config.settings()
     self.info.metadata['layout'] = plan.layout
     self.info.metadata['skipped'] = self.skipped  # Grows while generating; saved at the end.
+    self.info.metadata['skipped_links'] = [list(link) for link in plan.skipped_links]
     logging.info('%d classes; %s videos; %d unreadable so far.', len(plan.class_names),
                  {s: len(v) for s, v in plan.splits.items()}, len(self.skipped))
     return {split: self._generate_examples(split, videos) for split, videos in plan.splits.items()}
@@ -490,6 +583,7 @@ class PrepareResult:
   split_sizes: dict
   skipped: list  # [(relative name, reason)] of the unreadable files.
   reused: bool  # True when an identical dataset was already prepared.
+  skipped_links: list = dataclasses.field(default_factory=list)  # [(name, reason)] not followed.
 
 
 def prepare(config: VideoFolderConfig, data_dir: str, *, overwrite: bool = False) -> PrepareResult:
@@ -529,8 +623,9 @@ def prepare(config: VideoFolderConfig, data_dir: str, *, overwrite: bool = False
 
 
 def _result(builder, path: str, skipped: list, reused: bool) -> PrepareResult:
+  links = (builder.info.metadata or {}).get('skipped_links', [])
   return PrepareResult(
       name=f'{NAME}/{builder.info.config_name}', data_dir=path,
       class_names=tuple(builder.info.features['label'].names),
       split_sizes={k: v.num_examples for k, v in builder.info.splits.items()},
-      skipped=skipped, reused=reused)
+      skipped=skipped, reused=reused, skipped_links=[tuple(link) for link in links])

@@ -1,0 +1,70 @@
+"""Command-line flags (issue 16.11): a bad override or config file is one line, not a traceback."""
+
+import os
+import subprocess
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+import pytest
+
+from har_jax import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SYNTHETIC = os.path.join(REPO, 'configs', 'synthetic.py')
+
+
+def _parse(argv, monkeypatch):
+  """cli.parse_flags on fresh flags like main.py's; returns the exit code (None: no exit)."""
+  argv = ['main.py'] + argv
+  monkeypatch.setattr(sys, 'argv', argv)  # ml_collections reads the overrides from sys.argv.
+  flag_values = flags.FlagValues()
+  flags.DEFINE_string('workdir', None, 'Workdir.', flag_values=flag_values)
+  config_flags.DEFINE_config_file('config', None, 'Config file.', flag_values=flag_values,
+                                  lock_config=True)
+  try:
+    cli.parse_flags(argv, flag_values=flag_values)
+  except SystemExit as e:
+    return e.code
+  return None
+
+
+@pytest.mark.parametrize('override,expected', [
+    ('--config.batch_sise=16', '--config.batch_sise: no such config field; did you mean '
+                               '--config.batch_size?'),
+    ('--config.model.lstm_siz=8', 'did you mean --config.model.lstm_size?'),
+    ('--config.modle.lstm_size=8', 'did you mean --config.model.lstm_size?'),
+    ('--config.batch_size=abc', "--config.batch_size=abc: invalid literal for int() with base "
+                                "10: 'abc'"),
+])
+def test_a_bad_override_is_one_line_naming_the_closest_key(capsys, monkeypatch, override,
+                                                          expected):
+  assert _parse([f'--config={SYNTHETIC}', override], monkeypatch) not in (None, 0)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('error: ') and expected in err[0], err
+
+
+def test_a_missing_config_file_is_one_line_naming_the_closest_file(capsys, monkeypatch):
+  missing = os.path.join(REPO, 'configs', 'synthetc.py')
+  assert _parse([f'--config={missing}'], monkeypatch) not in (None, 0)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and 'synthetc.py' in err[0] and 'cannot load' in err[0], err
+  assert 'Did you mean' in err[0] and 'synthetic.py' in err[0], err
+
+
+def test_good_flags_parse_and_load_the_config(capsys, monkeypatch):
+  assert _parse([f'--config={SYNTHETIC}', '--config.batch_size=16'], monkeypatch) is None
+  assert capsys.readouterr().err == ''
+
+
+def test_main_prints_one_line_without_a_traceback(tmp_path):
+  env = dict(os.environ, HAR_JAX_HUGEPAGES='0')
+  for args, expected in (
+      (['--config=configs/synthetic.py', '--config.batch_sise=16'], '--config.batch_size?'),
+      (['--config=configs/nope.py'], 'configs/nope.py'),
+  ):
+    run = subprocess.run([sys.executable, 'main.py', f'--workdir={tmp_path}', *args], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert 'Traceback' not in run.stderr and expected in run.stderr, run.stderr[-3000:]
+    assert [l for l in run.stderr.splitlines() if l.startswith('error: ')], run.stderr[-3000:]
