@@ -43,6 +43,7 @@ import tensorflow_datasets as tfds
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # For configs/.
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from har_jax import cli
 from har_jax.data import datasets
 from har_jax.data import frame_store
 from har_jax.data import pipeline
@@ -214,4 +215,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

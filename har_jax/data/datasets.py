@@ -127,7 +127,8 @@ def _unknown_dataset_message(name: str) -> str:
   return (f'Unknown dataset {name!r} in config.dataset.name.{closest} This project reads '
           f"{SYNTHETIC_NAME!r} (built in, generated on first use), 'ucf101/<config>' or "
           f"'ucf101_meta/<config>' with <config> one of {list(UCF101_CONFIGS)} "
-          "(scripts/prepare_ucf101.py), 'video_folder/<name>' (your own videos, "
+          "(scripts/prepare_ucf101.py), the frame store 'ucf101_frames/s<short side>' "
+          "(prepare_ucf101.py --short_side), 'video_folder/<name>' (your own videos, "
           'scripts/prepare_video_folder.py), or another prepared TFDS video dataset.')
 
 
