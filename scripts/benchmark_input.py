@@ -16,8 +16,8 @@ For every dataset (name:train_split; default: the config's), in the same process
 Host CPU is the process's CPU time (all threads) per clip, in ms per clip per core; clips/s is
 wall-clock throughput on all cores. Measurements alternate: each round runs every pipeline for
 --seconds (after --warmup_seconds untimed), so load drifts on a shared machine hit all alike;
-the summary of a pipeline sums its CPU time, clips and wall time over all rounds, and the range
-of the per-round ratios to the floor is printed beside it. `bytes_read_per_clip` is what the
+each figure is the median over rounds, and each ratio the median of the ratios within a round
+(the two measured seconds apart), with their range. `bytes_read_per_clip` is what the
 pipeline read for the clips it delivered: the JPEG bytes of the whole video (TFDS records) or of
 the clip's frames (frame store).
 
@@ -31,6 +31,7 @@ Prints one line per measurement, then per dataset (first dataset last):
 
 import os
 import resource
+import statistics
 import sys
 import time
 
@@ -79,16 +80,18 @@ def measure(iterator, seconds: float, warmup_seconds: float) -> dict:
     read_bytes += int(np.sum(batch.get('read_bytes', 0)))
   wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
   return {'clips_per_s': clips / wall, 'ms_per_clip_core': 1e3 * cpu / max(clips, 1),
-          'cpu_cores_busy': cpu / wall, 'clips': clips, 'wall': wall, 'cpu': cpu,
-          'read_bytes': read_bytes}
+          'cpu_cores_busy': cpu / wall, 'clips': clips, 'read_bytes': read_bytes}
 
 
-def total(rounds: list[dict]) -> dict:
-  """One figure from all rounds of a pipeline: sums of CPU, clips, wall time and bytes read."""
-  clips = max(sum(r['clips'] for r in rounds), 1)
-  cpu, wall = sum(r['cpu'] for r in rounds), sum(r['wall'] for r in rounds)
-  return {'ms_per_clip_core': 1e3 * cpu / clips, 'clips_per_s': clips / wall,
-          'bytes_read_per_clip': sum(r['read_bytes'] for r in rounds) / clips}
+def median(rounds: list[dict], field: str) -> float:
+  return statistics.median(r[field] for r in rounds)
+
+
+def median_ratio(rounds: list[dict], reference: list[dict]) -> tuple[float, float, float]:
+  """(median, min, max) over rounds of ms/clip/core of `rounds` over that of `reference` in
+  the same round."""
+  ratios = [r['ms_per_clip_core'] / f['ms_per_clip_core'] for r, f in zip(rounds, reference)]
+  return statistics.median(ratios), min(ratios), max(ratios)
 
 
 def floor_dataset(builder, config, num_clips: int) -> tf.data.Dataset:
@@ -190,28 +193,28 @@ def main(argv):
           f'{naive["ms_per_clip_core"]:.2f} ms/clip/core', flush=True)
   print(f'load_average_after={os.getloadavg()}', flush=True)
 
-  totals = {key: total(rounds) for key, rounds in results.items()}
-  first_floor = totals[specs[0], 'floor']['ms_per_clip_core']
+  first_floor = results[specs[0], 'floor']
   for spec in specs[1:] + specs[:1]:
-    pipe, floor = totals[spec, 'pipeline'], totals[spec, 'floor']
-    ms = pipe['ms_per_clip_core']
-    per_round = [p['ms_per_clip_core'] / f['ms_per_clip_core']
-                 for p, f in zip(results[spec, 'pipeline'], results[spec, 'floor'])]
-    print(f'{spec}: ms_per_clip_core={ms:.2f} clips_per_s={pipe["clips_per_s"]:.1f} '
+    pipe, floor = results[spec, 'pipeline'], results[spec, 'floor']
+    ms = median(pipe, 'ms_per_clip_core')
+    read = sum(r['read_bytes'] for r in pipe) / max(sum(r['clips'] for r in pipe), 1)
+    ratio, low, high = median_ratio(pipe, floor)
+    print(f'{spec}: ms_per_clip_core={ms:.2f} clips_per_s={median(pipe, "clips_per_s"):.1f} '
           f'clips_per_s_per_core={1e3 / ms:.1f} '
-          f'bytes_read_per_clip={pipe["bytes_read_per_clip"]:.0f} '
+          f'bytes_read_per_clip={read:.0f} '
           f'host_cores_per_1000_clips_per_s={ms:.2f} '
-          f'floor_ms_per_clip_core={floor["ms_per_clip_core"]:.2f} '
-          f'ratio_to_floor={ms / floor["ms_per_clip_core"]:.2f} '
-          f'(rounds {min(per_round):.2f}-{max(per_round):.2f})', flush=True)
+          f'floor_ms_per_clip_core={median(floor, "ms_per_clip_core"):.2f} '
+          f'ratio_to_floor={ratio:.2f} (rounds {low:.2f}-{high:.2f})', flush=True)
     if spec != specs[0]:
-      print(f'vs_first_floor={ms / first_floor:.2f}  ({spec} pipeline / {specs[0]} floor)')
-  ms = totals[specs[0], 'pipeline']['ms_per_clip_core']
-  print(f'ms_per_clip_core={ms:.2f} floor_ms_per_clip_core={first_floor:.2f} '
-        f'ratio_to_floor={ms / first_floor:.2f}')
+      ratio, low, high = median_ratio(pipe, first_floor)
+      print(f'vs_first_floor={ratio:.2f} (rounds {low:.2f}-{high:.2f}; {spec} pipeline / '
+            f'{specs[0]} floor)')
+  pipe = results[specs[0], 'pipeline']
+  print(f'ms_per_clip_core={median(pipe, "ms_per_clip_core"):.2f} '
+        f'floor_ms_per_clip_core={median(first_floor, "ms_per_clip_core"):.2f} '
+        f'ratio_to_floor={median_ratio(pipe, first_floor)[0]:.2f}')
   if naive:
-    ratio = totals[specs[0], 'pipeline']['clips_per_s'] / naive['clips_per_s']
-    print(f'ratio_vs_naive={ratio:.2f}')
+    print(f'ratio_vs_naive={median(pipe, "clips_per_s") / naive["clips_per_s"]:.2f}')
 
 
 if __name__ == '__main__':
