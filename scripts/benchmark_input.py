@@ -56,7 +56,8 @@ flags.DEFINE_string('data_dir', None, 'TFDS data_dir (overrides config.dataset.d
 flags.DEFINE_list('datasets', [], 'name[:train_split] of each dataset (default: the config\'s).')
 flags.DEFINE_integer('rounds', 3, 'Alternating rounds; the summary is the median.')
 flags.DEFINE_float('seconds', 10.0, 'Seconds measured per pipeline per round.')
-flags.DEFINE_float('warmup_seconds', 2.0, 'Untimed seconds before each measurement.')
+flags.DEFINE_float('warmup_seconds', 3.0, 'Untimed seconds before each measurement (a fresh '
+                   'iterator fills its buffers).')
 flags.DEFINE_integer('floor_clips', 256, 'Clips held in memory for the floor.')
 flags.DEFINE_bool('naive', True, 'Also measure naive_tfds once, on the first dataset if it is '
                   'TFDS records (slow: decodes every frame).')
@@ -163,7 +164,7 @@ def main(argv):
         f'frames={base.num_frames}x{base.image_size}^2 stride={base.frame_stride} '
         f'resize_size={base.dataset.resize_size} rounds={FLAGS.rounds} seconds={FLAGS.seconds} '
         f'cpus={os.cpu_count()} load_average_before={os.getloadavg()}', flush=True)
-  runs = {}  # (dataset, kind) -> iterator
+  runs = {}  # (dataset, kind) -> tf.data.Dataset
   for spec in specs:
     config = _dataset_config(base, spec)
     builder = datasets.get_builder(config.dataset)
@@ -171,14 +172,17 @@ def main(argv):
               if isinstance(builder, frame_store.FrameStore) else
               f'TFDS records, frames {datasets.static_frame_size(builder)}')
     print(f'{spec}: {layout}', flush=True)
-    runs[spec, 'pipeline'] = iter(pipeline.create_train_dataset(
-        builder, config, local_batch=config.batch_size).as_numpy_iterator())
-    runs[spec, 'floor'] = iter(floor_dataset(builder, config, FLAGS.floor_clips)
-                               .as_numpy_iterator())
+    runs[spec, 'pipeline'] = pipeline.create_train_dataset(builder, config,
+                                                           local_batch=config.batch_size)
+    runs[spec, 'floor'] = floor_dataset(builder, config, FLAGS.floor_clips)
   results = {key: [] for key in runs}
   for r in range(FLAGS.rounds):
-    for key, iterator in runs.items():
+    for key, ds in runs.items():
+      # A fresh iterator per measurement: an idle one keeps threads and buffers that would
+      # compete with the one being measured.
+      iterator = ds.as_numpy_iterator()
       result = measure(iterator, FLAGS.seconds, FLAGS.warmup_seconds)
+      del iterator
       results[key].append(result)
       print(f'round {r + 1} {key[0]} {key[1]}: {result["clips_per_s"]:.1f} clips/s, '
             f'{result["ms_per_clip_core"]:.2f} ms/clip/core, {result["cpu_cores_busy"]:.2f} '
@@ -187,7 +191,7 @@ def main(argv):
   config = _dataset_config(base, specs[0])
   first = datasets.get_builder(config.dataset)
   if FLAGS.naive and not isinstance(first, frame_store.FrameStore):
-    naive = measure(iter(naive_dataset(first, config).as_numpy_iterator()), FLAGS.seconds,
+    naive = measure(naive_dataset(first, config).as_numpy_iterator(), FLAGS.seconds,
                     FLAGS.warmup_seconds)
     print(f'naive_tfds {specs[0]}: {naive["clips_per_s"]:.1f} clips/s, '
           f'{naive["ms_per_clip_core"]:.2f} ms/clip/core', flush=True)
