@@ -21,16 +21,12 @@ import jax
 from ml_collections import config_flags
 import tensorflow as tf
 
-from har_jax import checkpoints
 from har_jax import cli
-from har_jax import config_validation
-from har_jax import evaluate
-from har_jax import platform
+from har_jax import distributed
+from har_jax import errors
+from har_jax import preemption
 from har_jax import train
-from har_jax.data import datasets
-
-USER_ERRORS = (checkpoints.CheckpointError, config_validation.ConfigError, datasets.DatasetError,
-               evaluate.EvaluationError, platform.DistributedSetupError, FloatingPointError)
+from har_jax.evaluation import checkpoint_eval
 
 FLAGS = flags.FLAGS
 
@@ -54,8 +50,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   tf.config.set_visible_devices([], 'GPU')  # TF only reads data; keep the accelerators for JAX.
-  with checkpoints.exit_on_interrupt():  # Ctrl-C exits at once; the train loop saves first.
-    platform.initialize(platform.DistributedSpec.from_env(
+  with preemption.exit_on_interrupt():  # Ctrl-C exits at once; the train loop saves first.
+    distributed.initialize(distributed.DistributedSpec.from_env(
         coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
         process_id=FLAGS.process_id, timeout_s=FLAGS.distributed_timeout))
     logging.info('JAX devices: %s', jax.devices())
@@ -64,12 +60,12 @@ def main(argv):
       if FLAGS.mode == 'train':
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
       else:
-        evaluate.evaluate(FLAGS.config, FLAGS.workdir, checkpoint=FLAGS.checkpoint,
+        checkpoint_eval.evaluate(FLAGS.config, FLAGS.workdir, checkpoint=FLAGS.checkpoint,
                           split=FLAGS.split,
                           config_name=config_flags.get_config_filename(FLAGS['config']))
-    except USER_ERRORS as e:  # Bad input: a clear message, no traceback, a non-zero exit.
-      logging.error('%s: %s', type(e).__name__, e)
-      print(f'error: {type(e).__name__}: {e}', file=sys.stderr)
+    except errors.UserError as e:  # Bad input: a clear message, no traceback, a non-zero exit.
+      logging.error('%s', e)
+      print(f'error: {e}', file=sys.stderr)
       sys.exit(1)
 
 

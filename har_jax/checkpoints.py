@@ -21,8 +21,6 @@ moves a checkpoint. An unwritable workdir is an error at start, and at the next 
 import contextlib
 import json
 import os
-import signal
-import threading
 import time
 from typing import Any, Optional
 import zlib
@@ -37,6 +35,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from har_jax import checkpoint_files
+from har_jax import errors
 
 BEST_METRIC = 'top1'
 # Config fields that change the parameter tree or the meaning of the outputs: a resume with any of
@@ -50,16 +49,9 @@ LAYOUT_FIELDS = {'grad_clip_norm': 'gradient clipping',
 CORRUPT_DIR = 'checkpoints_corrupt'
 
 
-class CheckpointError(RuntimeError):
-  """A checkpoint that cannot be used, with the reason."""
-
-
-class ConfigMismatchError(CheckpointError):
+class ConfigMismatchError(errors.UserError):
   """The checkpoint was written with a different model/dataset config (true of every checkpoint)."""
 
-
-class CorruptCheckpointError(CheckpointError):
-  """The checkpoint's bytes differ from those that were saved."""
 
 
 def _canonical(leaf) -> np.ndarray:
@@ -79,159 +71,6 @@ def state_checksum(state_dict) -> str:
     crc = zlib.crc32(f'{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape};'.encode(), crc)
     crc = zlib.crc32(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data, crc)
   return f'{crc:08x}'
-
-
-class _SignalWatcher:
-  """Calls `callback(signum)` from a thread as soon as a signal with a Python handler arrives.
-
-  Python runs signal handlers only between bytecodes of the main thread, so not while it is inside
-  an XLA compile or step; the C-level handler writes the signal number to `signal.set_wakeup_fd`
-  at once, and this thread reads it. Main thread only; `close()` restores the previous wakeup fd.
-  """
-
-  def __init__(self, callback, signals):
-    self._read_fd, self._write_fd = os.pipe()
-    os.set_blocking(self._write_fd, False)
-    self._previous_fd = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
-    self._thread = threading.Thread(target=self._run, args=(callback, set(signals)),
-                                    name='har_jax_signals', daemon=True)
-    self._thread.start()
-
-  def _run(self, callback, signals):
-    while data := os.read(self._read_fd, 64):  # b'' once close() closed the write end.
-      for signum in data:
-        if signum in signals:
-          callback(signum)
-
-  def close(self):
-    signal.set_wakeup_fd(self._previous_fd)
-    os.close(self._write_fd)
-    self._thread.join(5)
-    os.close(self._read_fd)
-
-
-def _exit_at_once(signum: int, what: str):
-  """Logs 'Received <signal><what>' and ends the process now, exit code 128 + signum."""
-  logging.warning('Received %s%s The checkpoints already committed are kept; rerun the same '
-                  'command to resume.', signal.Signals(signum).name, what)
-  logging.flush()
-  os._exit(128 + signum)  # pylint: disable=protected-access
-
-
-@contextlib.contextmanager
-def exit_on_interrupt():
-  """Within this context, Ctrl-C exits at once (exit code 130), for phases with nothing to save.
-
-  A PreemptionNotice entered inside takes over until it closes. Orbax commits checkpoints
-  atomically, so those already committed are kept; without this, a KeyboardInterrupt can be
-  swallowed (raised inside a garbage-collection callback) or wait for an XLA compile to end.
-  """
-  if threading.current_thread() is not threading.main_thread():
-    yield
-    return
-
-  previous = signal.signal(signal.SIGINT, lambda *_: None)
-  watcher = _SignalWatcher(lambda signum: _exit_at_once(signum, ': exiting now.'), [signal.SIGINT])
-  try:
-    yield
-  finally:
-    watcher.close()
-    signal.signal(signal.SIGINT, previous)
-
-
-class PreemptionNotice:
-  """Turns SIGTERM (a preemption notice) or SIGINT (Ctrl-C) into one step at which every process
-  saves a checkpoint and stops.
-
-  One process: the signal is logged the moment it arrives (even during the first compile) and
-  `reached(step)` is True from the next step on. A second Ctrl-C exits at once, without saving
-  (exit code 130): the checkpoints already committed stay. Several processes: JAX's preemption
-  sync service (started by jax.distributed.initialize) picks a step that every process reaches,
-  and Ctrl-C is passed to it as a SIGTERM; where the service is off, the local flags are OR-ed
-  across processes at every step. Use as a context manager: the previous handlers are restored.
-  """
-
-  def __init__(self, initial_step: int, signals=(signal.SIGTERM, signal.SIGINT)):
-    self._signum = None
-    self._received = []  # Every signal the watcher saw, in order.
-    self._stepped = False  # Whether reached() was called, i.e. a step has finished.
-    self._announced = False
-    self._previous = {}
-    self._use_service = False
-    self._watcher = None
-    if jax.process_count() > 1:
-      try:
-        multihost_utils.reached_preemption_sync_point(int(initial_step))
-        self._use_service = True
-      except RuntimeError:
-        pass
-    if threading.current_thread() is not threading.main_thread():
-      logging.warning('Not in the main thread: SIGTERM and Ctrl-C will not trigger a checkpoint.')
-      return
-    # With the service, SIGTERM belongs to it (its own handler); Ctrl-C is forwarded to it.
-    handled = [s for s in signals if not (self._use_service and s == signal.SIGTERM)]
-    for signum in handled:
-      self._previous[signum] = signal.signal(signum, self._handle)
-    self._watcher = _SignalWatcher(self._on_signal, handled)
-
-  def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    if self._watcher is None:  # The watcher logs and counts signals; without it, do it here.
-      self._on_signal(signum)
-    elif not self._use_service:
-      self._signum = self._signum or signum
-
-  def _on_signal(self, signum: int):
-    """Logs a signal when it arrives and records it (only a flag: the loop acts between steps);
-    exits at once on a second Ctrl-C."""
-    name = signal.Signals(signum).name
-    self._received.append(signum)
-    if self._received.count(signal.SIGINT) > 1:
-      _exit_at_once(signum, ' again: exiting now without saving.')
-    if len(self._received) > 1:
-      logging.warning('Received %s again; still finishing the step to save a checkpoint.', name)
-      return
-    logging.warning(
-        'Received %s: finishing the current step%s, then saving a checkpoint and stopping.%s', name,
-        '' if self._stepped else ' (the first one includes compiling, which can take minutes)',
-        ' Press Ctrl-C again to exit at once without saving.' if signum == signal.SIGINT else '')
-    if self._use_service:
-      os.kill(os.getpid(), signal.SIGTERM)  # The preemption sync service's own notice.
-    else:
-      self._signum = self._signum or signum
-
-  @property
-  def cause(self) -> str:
-    """'Interrupted' after Ctrl-C, else 'Preempted'."""
-    return 'Interrupted' if self._signum == signal.SIGINT else 'Preempted'
-
-  def reached(self, step: int) -> bool:
-    """True when training should save a checkpoint at `step` and stop."""
-    if self._use_service:
-      flag = bool(multihost_utils.reached_preemption_sync_point(int(step)))
-    else:
-      flag = self._signum is not None
-      if jax.process_count() > 1:
-        flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
-    self._stepped = True
-    if flag and not self._announced:
-      self._announced = True
-      name = signal.Signals(self._signum).name if self._signum else 'a preemption notice'
-      logging.warning('Received %s: saving a checkpoint at step %d and stopping.', name, step)
-    return flag
-
-  def close(self):
-    for signum, handler in self._previous.items():
-      signal.signal(signum, handler)
-    self._previous = {}
-    if self._watcher is not None:
-      self._watcher.close()
-      self._watcher = None
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
 
 
 def _get(tree: dict, dotted: str):
@@ -257,6 +96,11 @@ def config_mismatches(saved_config: dict, config: ml_collections.ConfigDict,
   return problems
 
 
+def _variables(state_dict: dict) -> dict:
+  """The model variables of a state dict: {'params', 'batch_stats'}."""
+  return {'params': state_dict['params'], 'batch_stats': state_dict.get('batch_stats', {})}
+
+
 def _switched_on(value) -> bool:
   return isinstance(value, (int, float)) and value > 0
 
@@ -266,30 +110,40 @@ def _best_metric(metrics: Optional[dict]) -> float:
 
 
 class CheckpointManager:
-  """Saves and restores TrainStates under `<workdir>/checkpoints`."""
+  """Saves and restores TrainStates under `<workdir>/checkpoints`.
 
-  def __init__(self, workdir: str, config: ml_collections.ConfigDict, dataset_info,
-               *, read_only: bool = False):
+  Training passes its config and DatasetInfo (saved with every checkpoint and checked on
+  restore). Readers (har_jax.inference) open it read-only without them: the checkpoints carry
+  their own.
+  """
+
+  def __init__(self, workdir: str, config: Optional[ml_collections.ConfigDict] = None,
+               dataset_info=None, *, read_only: bool = False):
+    if config is None and not read_only:
+      raise ValueError('A CheckpointManager that writes needs the config and the DatasetInfo.')
     self.workdir = os.path.abspath(workdir)
     self.read_only = read_only
     self.directory = os.path.join(self.workdir, 'checkpoints')
     self.config = config
-    self.class_names = list(dataset_info.class_names)
-    self.meta = {
-        'config': json.loads(config.to_json_best_effort()),
-        'class_names': self.class_names,
-        'dataset': dataset_info.name,
-        'num_classes': len(self.class_names),
-    }
+    self.meta = None
+    if config is not None:
+      self.class_names = list(dataset_info.class_names)
+      self.meta = {
+          'config': json.loads(config.to_json_best_effort()),
+          'class_names': self.class_names,
+          'dataset': dataset_info.name,
+          'num_classes': len(self.class_names),
+          'frame_geometry': dataset_info.frame_geometry,
+      }
     # At least 2: the previous checkpoint must survive a newer save that fails to complete.
-    keep = max(2, int(config.get('keep_checkpoints', 3)))
+    keep = max(2, int(config.get('keep_checkpoints', 3))) if config is not None else 2
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=keep),
         checkpoint_managers.BestN(get_metric_fn=_best_metric, n=1,
                                   keep_checkpoints_without_metrics=False),
     ])
     if read_only and not os.path.isdir(self.directory):
-      raise CheckpointError(f'No checkpoints directory at {self.directory}. Is --workdir right?')
+      raise errors.UserError(f'No checkpoints directory at {self.directory}. Is --workdir right?')
     if not read_only:
       self._check_writable()
     self._steps_format = checkpoint_files.OwnStepsFormat(hidden=self._set_aside_damaged())
@@ -309,19 +163,19 @@ class CheckpointManager:
         json.dump(self.class_names, f, indent=2)
 
   def _check_writable(self):
-    """Raises CheckpointError unless the workdir and its checkpoints folder can be written."""
+    """Raises errors.UserError unless the workdir and its checkpoints folder can be written."""
     for folder in (self.workdir, self.directory):
       if os.path.exists(folder) and not os.path.isdir(folder):
-        raise CheckpointError(f'{folder} is not a folder (it is a file). Pass a --workdir that is '
-                              'a folder, or a path where one can be created.')
+        raise errors.UserError(f'{folder} is not a folder (it is a file). Pass a --workdir that is '
+                               'a folder, or a path where one can be created.')
       try:
         os.makedirs(folder, exist_ok=True)
       except OSError as e:
         reason = f'{type(e).__name__}: {e.strerror}'
-        raise CheckpointError(self._unwritable(folder, reason)) from None
+        raise errors.UserError(self._unwritable(folder, reason)) from None
       problem = checkpoint_files.write_problem(folder)
       if problem:
-        raise CheckpointError(self._unwritable(folder, problem))
+        raise errors.UserError(self._unwritable(folder, problem))
 
   def _unwritable(self, folder: str, reason: str) -> str:
     steps = self._manager.all_steps() if hasattr(self, '_manager') else []
@@ -368,9 +222,10 @@ class CheckpointManager:
       return
     problem = checkpoint_files.write_problem(self.directory)
     if problem:
-      raise CheckpointError(self._unwritable(self.directory, problem))
+      raise errors.UserError(self._unwritable(self.directory, problem))
     state_dict = jax.device_get(flax.serialization.to_state_dict(state))
-    meta = dict(self.meta, step=int(step), state_crc32=state_checksum(state_dict))
+    meta = dict(self.meta, step=int(step), state_crc32=state_checksum(state_dict),
+                variables_crc32=state_checksum(_variables(state_dict)))
     with self._write_errors():
       self._manager.save(
           int(step), args=ocp.args.Composite(
@@ -390,16 +245,63 @@ class CheckpointManager:
 
   @contextlib.contextmanager
   def _write_errors(self):
-    """Turns an OSError of a (background) save into a CheckpointError naming the folder."""
+    """Turns an OSError of a (background) save into an errors.UserError naming the folder."""
     try:
       yield
     except OSError as e:
-      raise CheckpointError(self._unwritable(
+      raise errors.UserError(self._unwritable(
           self.directory, f'{type(e).__name__}: {e.strerror or e}')) from None
 
   def read_meta(self, step: int) -> dict:
     restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return restored['meta']
+
+  def restore_variables(self, step: int, target: dict) -> dict:
+    """Restores only the model variables {'params', 'batch_stats'} of checkpoint `step`, into the
+    shapes and dtypes of `target` (arrays or jax.ShapeDtypeStruct), as host numpy arrays.
+
+    No optimizer state is read. Their CRC-32 is checked against the one saved with them; a
+    checkpoint saved before that existed is restored whole and checked against the state's.
+    """
+    meta = self.read_meta(step)
+    self._check_layout(step, target)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    expected = meta.get('variables_crc32')
+    if expected is None:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore()))['state']
+      self._check_crc(step, restored, meta.get('state_crc32'))
+      return _variables(restored)
+    path = os.path.join(self.directory, self._steps_format.build_name(step), 'state')
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+          item=abstract, restore_args=restore_args, partial_restore=True))
+    restored = _variables(restored)
+    self._check_crc(step, restored, expected)
+    return restored
+
+  def _check_layout(self, step: int, target_dict):
+    """Raises ConfigMismatchError when the saved state's tree does not fit `target_dict` (a
+    state dict, or the part of one to restore)."""
+    saved_tree = self._manager.item_metadata(step)['state']
+    if not jax.tree.leaves(saved_tree):
+      raise errors.UserError(f'Checkpoint {step} in {self.directory} is incomplete: its '
+                             'state has no tree metadata (state/_METADATA).')
+    saved_tree = {k: v for k, v in saved_tree.items() if k in target_dict}
+    differences = checkpoint_files.layout_differences(saved_tree, target_dict)
+    if differences:
+      raise ConfigMismatchError(
+          f'Checkpoint {step} in {self.directory} holds a state of a different layout than this '
+          'config builds (a config change that alters the parameters or the optimizer state):\n  '
+          + '\n  '.join(differences) + '\nUse a new --workdir, or restore the original config.')
+
+  def _check_crc(self, step: int, restored, expected: Optional[str]):
+    if expected is not None and state_checksum(restored) != expected:
+      raise errors.UserError(
+          f'Checkpoint {step} in {self.directory} is corrupt: the CRC-32 of its state is '
+          f'{state_checksum(restored)}, but {expected} was saved. Its bytes changed on disk; use '
+          'another checkpoint (--checkpoint=<step>).')
 
   def restore(self, step: int, target) -> Any:
     """Restores checkpoint `step` into the structure of `target` (an unreplicated state)."""
@@ -412,24 +314,11 @@ class CheckpointManager:
           'config:\n  ' + '\n  '.join(problems) +
           '\nUse a new --workdir, or restore the original values of these fields.')
     target_dict = flax.serialization.to_state_dict(target)
-    saved_tree = self._manager.item_metadata(step)['state']
-    if not jax.tree.leaves(saved_tree):
-      raise CorruptCheckpointError(f'Checkpoint {step} in {self.directory} is incomplete: its '
-                                   'state has no tree metadata (state/_METADATA).')
-    differences = checkpoint_files.layout_differences(saved_tree, target_dict)
-    if differences:
-      raise ConfigMismatchError(
-          f'Checkpoint {step} in {self.directory} holds a state of a different layout than this '
-          'config builds (a config change that alters the parameters or the optimizer state):\n  '
-          + '\n  '.join(differences) + '\nUse a new --workdir, or restore the original config.')
+    self._check_layout(step, target_dict)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_dict)
     restored = self._manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))['state']
-    expected = meta.get('state_crc32')
-    if expected is not None and state_checksum(restored) != expected:
-      raise CorruptCheckpointError(
-          f'Checkpoint {step} in {self.directory} is corrupt: the CRC-32 of its state is '
-          f'{state_checksum(restored)}, but {expected} was saved.')
+    self._check_crc(step, restored, meta.get('state_crc32'))
     return flax.serialization.from_state_dict(target, restored)
 
   def restore_latest(self, target):
@@ -449,7 +338,7 @@ class CheckpointManager:
       except Exception as e:  # pylint: disable=broad-except
         reason = f'{type(e).__name__}: {str(e)[:500]}'
         if checkpoint_files.is_io_error(e):
-          raise CheckpointError(
+          raise errors.UserError(
               f'Could not read checkpoint step {step} in {self.directory}: {reason}\nThis is an '
               'I/O problem (access, disk or network), not a damaged checkpoint, so nothing was '
               'moved. Fix access to the folder and rerun the same command.') from None
@@ -462,7 +351,7 @@ class CheckpointManager:
       logging.info('Resumed from checkpoint at step %d in %s.', step, self.directory)
       return state
     if failed:
-      raise CheckpointError(
+      raise errors.UserError(
           f'None of the checkpoints in {self.directory} could be read:\n  ' +
           '\n  '.join(f'step {s}: {r}' for s, r in failed) +
           '\nThey are damaged and were left in place; use a new --workdir to start from '

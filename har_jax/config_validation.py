@@ -1,6 +1,6 @@
 """Config validation: every impossible value is reported at once, before any compute.
 
-  config_validation.validate(config)  # ConfigError listing each bad field and why.
+  config_validation.validate(config)  # errors.UserError listing each bad field and why.
 
 Checks field types and ranges, names (encoder, optimizer, pooling, dataset...), the global batch
 against the device count, and the crop size against the frames stored in the dataset.
@@ -13,6 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from har_jax import errors
 from har_jax import models
 from har_jax import optim
 from har_jax.data import datasets
@@ -26,10 +27,6 @@ _POSITIVE_INTS = ('num_frames', 'frame_stride', 'image_size', 'batch_size', 'num
                   'keep_checkpoints', 'eval.batch_size', 'eval.num_clips', 'eval.num_crops',
                   'max_consecutive_nonfinite')
 _NON_NEGATIVE_INTS = ('warmup_steps', 'dataset.resize_size', 'eval.num_periodic_videos')
-
-
-class ConfigError(ValueError):
-  """A config with impossible values; the message lists every bad field."""
 
 
 def _get(config, dotted: str, default: Any = None) -> Any:
@@ -127,7 +124,7 @@ def stored_frame_size(builder) -> tuple[int, int]:
   for example in builder.as_dataset(split=split).take(1):
     frames = example['video']
     return int(frames.shape[1]), int(frames.shape[2])
-  raise datasets.DatasetError(f'Dataset {builder.info.full_name!r} has no records to read.')
+  raise errors.UserError(f'Dataset {builder.info.full_name!r} has no records to read.')
 
 
 def _crop_problems(config, frame_size: tuple[int, int]) -> list[str]:
@@ -150,7 +147,7 @@ def _dataset_problems(config) -> tuple[list[str], Optional[Any]]:
   try:
     builder = datasets.get_builder(config.dataset)
     datasets.get_info(builder)
-  except datasets.DatasetError as e:
+  except errors.UserError as e:
     return [f'dataset.name={_get(config, "dataset.name")!r}: {e}'], None
   return [], builder
 
@@ -159,7 +156,7 @@ def _split_problem(builder, field: str, split: str) -> list[str]:
   """[why] when `split` (the value of `field`) does not exist or holds no examples, else []."""
   try:
     size = datasets.num_examples(builder, split)
-  except datasets.DatasetError as e:
+  except errors.UserError as e:
     return [f'{field}={split!r}: {e}']
   return [] if size else [f'{field}={split!r}: holds no examples.']
 
@@ -173,7 +170,7 @@ def _val_split_problems(config, builder) -> list[str]:
   try:
     splits = {p: datasets.resolve_split(config.dataset, p) for p in ('train', 'val')}
     sizes = {p: datasets.num_examples(builder, s) for p, s in splits.items()}
-  except datasets.DatasetError as e:
+  except errors.UserError as e:
     return [f'dataset.val_split={fraction!r}: {e}']
   total = datasets.num_examples(builder, train)
   if not sizes['train']:
@@ -224,9 +221,9 @@ def find_problems(config: ml_collections.ConfigDict, *, num_devices: Optional[in
 
 
 def validate(config: ml_collections.ConfigDict, **kwargs) -> None:
-  """Raises ConfigError listing every bad field of `config`; see find_problems for kwargs."""
+  """Raises errors.UserError listing every bad field of `config`; see find_problems for kwargs."""
   problems = find_problems(config, **kwargs)
   if problems:
-    raise ConfigError(f'The config has {len(problems)} invalid value(s):\n  ' +
-                      '\n  '.join(problems) +
-                      '\nFix them in the config file or with --config.<field>=<value>.')
+    raise errors.UserError(f'The config has {len(problems)} invalid value(s):\n  ' +
+                           '\n  '.join(problems) +
+                           '\nFix them in the config file or with --config.<field>=<value>.')

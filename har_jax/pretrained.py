@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from har_jax import errors
 from har_jax.models import encoders
 
 FORMAT = 'har_jax_encoder'
@@ -48,9 +49,6 @@ _KERAS_STEM = re.compile(r'^conv1_(conv|bn)$')
 _KERAS_BLOCK = re.compile(r'^conv(\d)_block(\d+)_(\d)_(conv|bn)$')
 _KERAS_TOP = ('predictions',)  # The ImageNet classifier of include_top models: not converted.
 
-
-class EncoderMismatchError(ValueError):
-  """An encoder checkpoint whose parameters do not fit the model, naming the first misfit."""
 
 
 def _arch(arch: str) -> dict[str, Any]:
@@ -209,7 +207,7 @@ def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
 
 
 def check_tree(expected, actual, what: str):
-  """Raises EncoderMismatchError naming the first leaf of `expected` (a tree of arrays or
+  """Raises errors.UserError naming the first leaf of `expected` (a tree of arrays or
   ShapeDtypeStructs; in its flattening order) that `actual` lacks or holds with another shape,
   then the first leaf of `actual` that `expected` lacks."""
   want = traverse_util.flatten_dict(flax.core.unfreeze(expected), sep='/')
@@ -218,16 +216,16 @@ def check_tree(expected, actual, what: str):
     if path not in have:
       module = path.rsplit('/', 2)[0]
       held = sorted({p[len(module) + 1:].split('/')[0] for p in have if p.startswith(module + '/')})
-      raise EncoderMismatchError(
+      raise errors.UserError(
           f'Encoder parameter {path!r} {tuple(leaf.shape)} of {what} is missing from the '
           f'checkpoint (its {module!r} holds {held}).')
     if tuple(np.shape(have[path])) != tuple(leaf.shape):
-      raise EncoderMismatchError(
+      raise errors.UserError(
           f'Encoder parameter {path!r}: checkpoint shape {tuple(np.shape(have[path]))}, '
           f'{what} expects {tuple(leaf.shape)}.')
   extra = [p for p in have if p not in want]
   if extra:
-    raise EncoderMismatchError(
+    raise errors.UserError(
         f'Encoder parameter {extra[0]!r} of the checkpoint does not exist in {what} '
         f'({len(extra)} extra parameters).')
 
@@ -274,7 +272,7 @@ def load_encoder(path: str, target: dict) -> tuple[dict, dict]:
   Returns:
     (variables, meta).
   Raises:
-    EncoderMismatchError naming the first parameter that does not fit.
+    errors.UserError naming the first parameter that does not fit.
   """
   path = os.path.abspath(path)
   meta = read_encoder_meta(path)
@@ -320,7 +318,7 @@ def load_encoder_into_state(state, path: str, *, model_config=None):
   Returns:
     The state with the pretrained encoder.
   Raises:
-    EncoderMismatchError naming the first encoder parameter that does not fit.
+    errors.UserError naming the first encoder parameter that does not fit.
   """
   if 'encoder' not in state.params:
     raise ValueError(f'The state has no encoder params (top-level keys {sorted(state.params)}).')

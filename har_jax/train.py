@@ -1,4 +1,4 @@
-"""Training: TrainState, pmapped train/eval steps, and the train_and_evaluate loop."""
+"""Training: the TrainState, and the train_and_evaluate loop around the steps of har_jax.steps."""
 
 import functools
 import time
@@ -6,43 +6,33 @@ from typing import Any, Callable
 
 from absl import logging
 from clu import metric_writers
-from clu import metrics
 from clu import periodic_actions
-import flax
+from flax import traverse_util
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from har_jax import augment
 from har_jax import checkpoints
 from har_jax import config_validation
-from har_jax import eval_lib
+from har_jax import errors
 from har_jax import models
 from har_jax import optim
 from har_jax import parallel
+from har_jax import preemption
 from har_jax import pretrained
+from har_jax import steps
 from har_jax.data import datasets
 from har_jax.data import pipeline
+from har_jax.evaluation import metrics
+from har_jax.evaluation import runner
 
 
 class TrainState(train_state.TrainState):
   """Everything that must survive a restart (the step doubles as the data position)."""
   batch_stats: Any
   rng: jax.Array
-
-
-@flax.struct.dataclass
-class TrainMetrics(metrics.Collection):
-  loss: metrics.Average.from_output('loss')
-  top1: metrics.Average.from_output('top1')
-  top5: metrics.Average.from_output('top5')
-  grad_norm: metrics.LastValue.from_output('grad_norm')
-  param_norm: metrics.LastValue.from_output('param_norm')
-  update_norm: metrics.LastValue.from_output('update_norm')
-  learning_rate: metrics.LastValue.from_output('learning_rate')
 
 
 def global_batch_check(batch_size: int, num_devices: int, what: str = 'config.batch_size'):
@@ -72,100 +62,6 @@ def create_train_state(rng: jax.Array, config, num_classes: int,
       apply_fn=model.apply, params=variables['params'],
       batch_stats=variables.get('batch_stats', {}),
       tx=optim.create_optimizer(config, learning_rate_fn), rng=state_rng)
-
-
-def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
-  """Per-example softmax cross-entropy with optional label smoothing, `[batch]` float32."""
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
-  return optax.softmax_cross_entropy(logits, targets)
-
-
-def topk_correct(logits, labels, k: int):
-  """1.0 where the label is among the k highest logits, `[batch]` float32."""
-  topk = jax.lax.top_k(logits, min(k, logits.shape[-1]))[1]
-  return jnp.any(topk == labels[..., None], axis=-1).astype(jnp.float32)
-
-
-def train_step(state: TrainState, batch, *, model, learning_rate_fn, config):
-  """One synchronous data-parallel step; runs under pmap(axis_name='batch').
-
-  Args:
-    state: replicated TrainState.
-    batch: {'video': [per_device_batch, T, H, W, 3] uint8, 'label': [per_device_batch] int32};
-      with 'crop' [per_device_batch, 4] and 'flip' [per_device_batch], the frames are cropped,
-      resized to image_size and flipped here (har_jax.augment), else H = W = image_size.
-
-  Returns:
-    (new_state, metrics) where metrics holds the gathered TrainMetrics and 'finite': False when
-    the loss, the gradients or the updated params/BatchNorm statistics hold a NaN or an inf. With
-    config.skip_nonfinite_updates such a step leaves the state as it was (except the step).
-  """
-  step_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
-                                jax.lax.axis_index('batch'))
-  num_classes = model.num_classes
-  video = augment.apply_to_batch(batch, config.image_size)
-
-  def loss_fn(params):
-    logits, updates = model.apply(
-        {'params': params, 'batch_stats': state.batch_stats}, video, train=True,
-        mutable=['batch_stats'], rngs={'dropout': step_rng})
-    loss = cross_entropy(logits, batch['label'], num_classes, config.label_smoothing).mean()
-    return loss, (logits, updates.get('batch_stats', {}))
-
-  (loss, (logits, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
-  grads = jax.lax.pmean(grads, 'batch')
-  loss = jax.lax.pmean(loss, 'batch')
-  # BatchNorm statistics are already synchronised by the BN axis_name; pmean guards against drift.
-  new_batch_stats = jax.lax.pmean(new_batch_stats, 'batch')
-  new_batch_stats = optim.hold_frozen_encoder_batch_stats(state.step, state.batch_stats,
-                                                          new_batch_stats, config)
-  new_state = state.apply_gradients(grads=grads, batch_stats=new_batch_stats)
-  grad_norm = optax.global_norm(grads)
-  finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(new_state.params)
-            & _all_finite(new_state.batch_stats))
-  if config.get('skip_nonfinite_updates', False):
-    # Keep the old state (but count the step), so that the data position still advances.
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
-                             state.replace(step=state.step + 1))
-  step_metrics = TrainMetrics.gather_from_model_output(
-      loss=loss, top1=topk_correct(logits, batch['label'], 1).mean(),
-      top5=topk_correct(logits, batch['label'], 5).mean(), grad_norm=grad_norm,
-      param_norm=optax.global_norm(new_state.params),
-      update_norm=optax.global_norm(jax.tree.map(jnp.subtract, new_state.params, state.params)),
-      learning_rate=learning_rate_fn(state.step))
-  return new_state, {'metrics': step_metrics, 'finite': finite}
-
-
-def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
-def eval_step(state: TrainState, batch, *, model, shuffle_time: bool = False):
-  """Video-level logits for a batch of multi-view videos; runs under pmap(axis_name='batch').
-
-  Args:
-    batch: {'video': [per_device_batch, views, T, H, W, 3] uint8, 'label', 'mask'}.
-    shuffle_time: permute the frames of every clip in time (the temporal-order diagnostic).
-
-  Returns:
-    {'logits': [per_device_batch, num_classes] float32 mean over views,
-     'view_top1': [per_device_batch] fraction of single views whose top-1 is right}.
-  """
-  video = batch['video']
-  b, v = video.shape[:2]
-  clips = video.reshape((b * v,) + video.shape[2:])
-  if shuffle_time:
-    rng = jax.random.fold_in(jax.random.PRNGKey(0), jax.lax.axis_index('batch'))
-    keys = jax.random.split(rng, b * v)
-    perms = jax.vmap(lambda k: jax.random.permutation(k, clips.shape[1]))(keys)
-    clips = jax.vmap(lambda clip, perm: clip[perm])(clips, perms)
-  logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, clips,
-                       train=False)
-  logits = logits.astype(jnp.float32).reshape(b, v, -1)
-  view_top1 = (jnp.argmax(logits, -1) == batch['label'][:, None]).astype(jnp.float32).mean(-1)
-  return {'logits': logits.mean(axis=1), 'view_top1': view_top1}
 
 
 def _write_train_metrics(writer, step: int, metric_list, timing: dict):
@@ -222,7 +118,7 @@ class InputReads:
 class NonFiniteGuard:
   """Acts on the per-step 'finite' flags, read one step late so the host never stalls the device.
 
-  Without config.skip_nonfinite_updates a non-finite step raises FloatingPointError naming it.
+  Without config.skip_nonfinite_updates a non-finite step raises errors.UserError naming it.
   With it, the step was skipped on the device; this counts it and raises once
   config.max_consecutive_nonfinite steps in a row were skipped.
   """
@@ -251,7 +147,7 @@ class NonFiniteGuard:
       self.consecutive = 0
       return
     if not self.skip:
-      raise FloatingPointError(
+      raise errors.UserError(
           f'Non-finite loss, gradient or parameter at step {step}. No checkpoint of this state '
           'was written. Lower config.learning_rate, enable config.grad_clip_norm, check the input '
           'data, or set config.skip_nonfinite_updates=True to skip such steps.')
@@ -260,7 +156,7 @@ class NonFiniteGuard:
     logging.warning('Skipped the update of step %d: non-finite loss, gradient or parameter '
                     '(%d in a row, %d in this run).', step, self.consecutive, self.skipped)
     if self.consecutive >= self.max_consecutive:
-      raise FloatingPointError(
+      raise errors.UserError(
           f'{self.consecutive} consecutive non-finite steps up to step {step} '
           f'(config.max_consecutive_nonfinite={self.max_consecutive}); stopping. No checkpoint '
           'holds a non-finite state. Lower config.learning_rate or check the input data.')
@@ -299,13 +195,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   model = build_model(config, info.num_classes, bn_axis_name='batch')
   p_train_step = jax.pmap(
-      functools.partial(train_step, model=model, learning_rate_fn=learning_rate_fn,
+      functools.partial(steps.train_step, model=model, learning_rate_fn=learning_rate_fn,
                         config=config), axis_name='batch', donate_argnums=(0,))
-  p_eval_step = jax.pmap(functools.partial(eval_step, model=model), axis_name='batch')
+  p_eval_step = jax.pmap(functools.partial(steps.eval_step, model=model), axis_name='batch')
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if initial_step == 0:
-    writer.write_hparams(flatten_dict(config.to_dict()))
+    writer.write_hparams(traverse_util.flatten_dict(config.to_dict(), sep='.'))
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                                     writer=writer)
   train_ds = pipeline.create_train_dataset(
@@ -319,7 +215,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   guard = NonFiniteGuard(config)
   metric_list, eval_metrics, host_batch = [], None, {}
   logging.info('Training from step %d to %d.', initial_step, config.num_train_steps)
-  with checkpoints.PreemptionNotice(initial_step) as preemption:
+  with preemption.PreemptionNotice(initial_step) as notice:
     for step in range(initial_step + 1, config.num_train_steps + 1):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         t0 = time.perf_counter()
@@ -331,7 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       guard.push(step, out['finite'])
       metric_list.append(out['metrics'])
       report_progress(step)
-      preempted = preemption.reached(step)
+      preempted = notice.reached(step)
       is_last = step == config.num_train_steps
       if step % config.log_every_steps == 0 or is_last or preempted:
         _write_train_metrics(writer, step, parallel.unreplicate(metric_list),
@@ -353,7 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.flush()
         reads.log()
         logging.warning('%s: saved checkpoint %d in %s; run the same command to resume.',
-                        preemption.cause, step, manager.directory)
+                        notice.cause, step, manager.directory)
         return {}
   guard.flush()
   reads.log()
@@ -387,17 +283,7 @@ def run_periodic_eval(p_eval_step, state, builder, config, split: str, info,
   """Evaluates `split` (every example once, across processes) and returns scalar metrics."""
   if max_examples < 0:
     max_examples = config.eval.num_periodic_videos
-  outputs = eval_lib.run_eval(p_eval_step, state, builder, config, split,
-                              max_examples=max_examples)
-  return eval_lib.scalar_metrics(outputs, info.num_classes)
-
-
-def flatten_dict(d: dict, prefix: str = '') -> dict:
-  """{'a': {'b': 1}} -> {'a.b': 1} (config dicts -> hparams / command-line override names)."""
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(flatten_dict(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  outputs = runner.run_eval(p_eval_step, variables, builder, config, split,
+                            max_examples=max_examples)
+  return metrics.scalar_metrics(outputs, info.num_classes)

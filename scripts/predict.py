@@ -19,7 +19,8 @@ import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from har_jax import platform
+from har_jax import distributed
+from har_jax import errors
 from har_jax import predict
 
 FLAGS = flags.FLAGS
@@ -38,12 +39,12 @@ def main(argv):
   if not paths:
     raise app.UsageError('Give one or more video files after the flags.')
   tf.config.set_visible_devices([], 'GPU')
-  platform.quiet_library_logs()
+  distributed.quiet_library_logs()
   resize = None if FLAGS.resize_short_side < 0 else FLAGS.resize_short_side
   try:
     results = predict.predict_files(paths, FLAGS.workdir, checkpoint=FLAGS.checkpoint,
                                     top_k=FLAGS.top_k, resize_short_side=resize)
-  except predict.PredictError as e:
+  except errors.UserError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   for r in results:

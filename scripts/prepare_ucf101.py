@@ -34,6 +34,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from har_jax import errors
 from har_jax.data import ucf101
 
 FLAGS = flags.FLAGS
@@ -57,7 +58,7 @@ def main(argv):
   try:
     if FLAGS.short_side:
       if FLAGS['config'].present or FLAGS['variant'].present:
-        raise ucf101.SourceError('--short_side writes the frame store of all three splits; do '
+        raise errors.UserError('--short_side writes the frame store of all three splits; do '
                                  'not combine it with --config or --variant.')
       result = ucf101.prepare_frames(FLAGS.source, FLAGS.data_dir, FLAGS.short_side,
                                      allow_missing=FLAGS.allow_missing,
@@ -76,7 +77,7 @@ def main(argv):
       print(f'{verb} {result.name}: {result.split_sizes} in {result.data_dir}\n'
             f'  train with --config.dataset.name={result.name} '
             f'--config.dataset.data_dir={FLAGS.data_dir}', flush=True)
-  except (ucf101.SourceError, ucf101.FfmpegMissingError) as e:
+  except errors.UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
 

@@ -21,6 +21,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from har_jax import errors
 from har_jax.data import video_folder
 
 FLAGS = flags.FLAGS
@@ -50,7 +51,7 @@ def main(argv):
       test_list=FLAGS.test_list, split_seed=FLAGS.split_seed, num_workers=FLAGS.num_workers)
   try:
     result = video_folder.prepare(config, FLAGS.data_dir, overwrite=FLAGS.overwrite)
-  except video_folder.VideoFolderError as e:
+  except errors.UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   verb = 'Already prepared' if result.reused else 'Prepared'

@@ -10,11 +10,15 @@ import sys
 import textwrap
 import time
 
+import jax
+import numpy as np
 import pytest
 
 from har_jax import checkpoints
-from har_jax import evaluate
-from har_jax.data import datasets
+from har_jax import errors
+from har_jax import inference
+from har_jax import optim
+from har_jax import train
 from test_checkpoints import INFO, _assert_same, _manager, _save_steps, _state, _template
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,8 +85,8 @@ def test_damaged_metrics_file_is_skipped_read_only(tmp_path, tiny_config, caplog
   _save_with_metrics(tmp_path, tiny_config)
   open(tmp_path / 'checkpoints' / '3' / 'metrics' / 'metrics', 'w').close()
   caplog.set_level(logging.WARNING)
-  manager = evaluate.open_checkpoints(str(tmp_path), tiny_config(), INFO)
-  assert evaluate.resolve_steps(manager, 'latest') == [2]
+  manager = inference.open_checkpoints(str(tmp_path))
+  assert inference.resolve_steps(manager, 'latest') == [2]
   manager.close()
   assert 'Checkpoint 3' in caplog.text and not _corrupt_dir_entries(tmp_path)
   assert os.path.isdir(tmp_path / 'checkpoints' / '3')
@@ -112,7 +116,9 @@ def test_foreign_entries_are_never_deleted_or_replaced(tmp_path, tiny_config, ca
 
 
 def _train_state_template(config):
-  return evaluate.restore_template(config, len(INFO.class_names))
+  state = train.create_train_state(jax.random.PRNGKey(config.seed), config,
+                                   len(INFO.class_names), optim.create_learning_rate_fn(config))
+  return state.replace(step=np.asarray(state.step, np.int32))
 
 
 @pytest.mark.parametrize('saved_with,resumed_with,field', [
@@ -165,7 +171,7 @@ def test_transient_io_error_is_not_treated_as_corruption(tmp_path, tiny_config, 
     return original(step, args=args)
 
   monkeypatch.setattr(manager._manager, 'restore', flaky)  # pylint: disable=protected-access
-  with pytest.raises(checkpoints.CheckpointError, match='(?s)step 2.*I/O.*nothing was moved'):
+  with pytest.raises(errors.UserError, match='(?s)step 2.*I/O.*nothing was moved'):
     manager.restore_latest(_template())
   assert manager.all_steps() == [1, 2] and not _corrupt_dir_entries(tmp_path)
   manager.close()
@@ -174,14 +180,14 @@ def test_transient_io_error_is_not_treated_as_corruption(tmp_path, tiny_config, 
 def test_workdir_that_is_a_file_or_unwritable_is_a_clear_error(tmp_path, tiny_config):
   """Issue 16.7: both gave a traceback."""
   (tmp_path / 'file').write_text('not a folder')
-  with pytest.raises(checkpoints.CheckpointError, match='file.* is not a folder'):
+  with pytest.raises(errors.UserError, match='file.* is not a folder'):
     checkpoints.CheckpointManager(str(tmp_path / 'file'), tiny_config(), INFO)
   locked = tmp_path / 'locked'
   locked.mkdir()
   with read_only(locked):
-    with pytest.raises(checkpoints.CheckpointError, match='(?s)locked.*cannot be written'):
+    with pytest.raises(errors.UserError, match='(?s)locked.*cannot be written'):
       checkpoints.CheckpointManager(str(locked), tiny_config(), INFO)
-    with pytest.raises(checkpoints.CheckpointError, match='cannot be written'):
+    with pytest.raises(errors.UserError, match='cannot be written'):
       checkpoints.CheckpointManager(str(locked / 'new'), tiny_config(), INFO)
 
 
@@ -189,7 +195,7 @@ _MID_RUN = textwrap.dedent('''
     import sys
     sys.path[:0] = [{tests!r}, {repo!r}]
     import conftest
-    from har_jax import checkpoints
+    from har_jax import checkpoints, errors
     from test_checkpoints import INFO, _state
     manager = checkpoints.CheckpointManager({workdir!r}, conftest.make_tiny_config({data!r}), INFO)
     manager.save(1, _state(1.0, 1))
@@ -200,7 +206,7 @@ _MID_RUN = textwrap.dedent('''
       manager.save(2, _state(2.0, 2))
       manager.save(3, _state(3.0, 3))
       manager.wait_until_finished()
-    except checkpoints.CheckpointError as e:
+    except errors.UserError as e:
       print('error:', e, flush=True)
       sys.exit(1)
 ''')

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from har_jax import checkpoints
+from har_jax import errors
 from har_jax import parallel
-from har_jax import train
+from har_jax import preemption
 from har_jax.data import datasets
 
 INFO = datasets.DatasetInfo(name='toy', class_names=('a', 'b', 'c'), split_sizes={})
@@ -120,7 +121,7 @@ def test_all_checkpoints_unreadable_is_an_error(tmp_path, tiny_config):
   for step in (1, 2):
     os.remove(os.path.join(tmp_path, 'checkpoints', str(step), 'state', 'manifest.ocdbt'))
   manager = _manager(tmp_path, tiny_config)
-  with pytest.raises(checkpoints.CheckpointError, match=r'(?s)step 2: .*step 1: '):
+  with pytest.raises(errors.UserError, match=r'(?s)step 2: .*step 1: '):
     manager.restore_latest(_template())
   assert manager.all_steps() == [1, 2]  # Nothing moved when nothing could be restored.
   manager.close()
@@ -178,7 +179,7 @@ def test_replicate_matches_pmap_output_sharding():
 
 def test_preemption_notice_turns_sigterm_into_a_flag():
   previous = signal.getsignal(signal.SIGTERM)
-  with checkpoints.PreemptionNotice(initial_step=0) as notice:
+  with preemption.PreemptionNotice(initial_step=0) as notice:
     assert not notice.reached(1)
     os.kill(os.getpid(), signal.SIGTERM)
     assert notice.reached(2)
@@ -190,7 +191,7 @@ def test_preemption_notice_turns_ctrl_c_into_a_flag(caplog):
   """Issue 16.8: Ctrl-C is a request to save and stop, like SIGTERM, not a KeyboardInterrupt."""
   previous = signal.getsignal(signal.SIGINT)
   caplog.set_level(logging.WARNING)
-  with checkpoints.PreemptionNotice(initial_step=0) as notice:
+  with preemption.PreemptionNotice(initial_step=0) as notice:
     assert not notice.reached(1)
     os.kill(os.getpid(), signal.SIGINT)
     for _ in range(100):  # The notice is logged by a watcher thread.

@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds
 from tensorboard.backend.event_processing import event_accumulator
 
 from har_jax import augment
+from har_jax import errors
 from har_jax import train
 from har_jax.data import datasets
 from har_jax.data import pipeline
@@ -131,8 +132,8 @@ def test_config_loads_and_builds(path, tmp_path):
 def test_missing_dataset_is_a_clear_error(tmp_path):
   config = load_config(os.path.join(REPO, 'configs', 'default.py'))
   config.dataset.data_dir = str(tmp_path)
-  with pytest.raises(datasets.DatasetError, match='prepare_ucf101.py'):
+  with pytest.raises(errors.UserError, match='prepare_ucf101.py'):
     datasets.get_builder(config.dataset)
   config.dataset.name = 'no_such_dataset_xyz'
-  with pytest.raises(datasets.DatasetError, match='Unknown dataset'):
+  with pytest.raises(errors.UserError, match='Unknown dataset'):
     datasets.get_builder(config.dataset)

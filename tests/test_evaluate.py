@@ -12,19 +12,22 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 import tensorflow_datasets as tfds
 
-from har_jax import eval_lib
-from har_jax import evaluate
-from har_jax import reports
-from har_jax import train
+from har_jax import errors
+from har_jax import inference
 from har_jax.data import datasets
 from har_jax.data import synthetic_actions
+from har_jax.evaluation import checkpoint_eval
+from har_jax.evaluation import metrics
+from har_jax.evaluation import reports
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def _outputs(logits, labels, view_top1=None):
   logits = np.asarray(logits, np.float32)
   view_top1 = np.ones(len(labels), np.float32) if view_top1 is None else np.asarray(view_top1)
-  return eval_lib.EvalOutputs(logits=logits, labels=np.asarray(labels), view_top1=view_top1,
-                              tfds_ids=np.array([f'v{i}' for i in range(len(labels))]))
+  return metrics.EvalOutputs(logits=logits, labels=np.asarray(labels), view_top1=view_top1,
+                             tfds_ids=np.array([f'v{i}' for i in range(len(labels))]))
 
 
 def test_report_numbers_exact_from_known_logits():
@@ -40,7 +43,7 @@ def test_report_numbers_exact_from_known_logits():
   # videos), 9 -> 0; mean over the 5 classes present = 1/5.
   outputs = _outputs(logits, labels, view_top1=[1, 0.5, 0, 0, 0, 0])
   shuffled = _outputs(np.roll(logits, 1, axis=1), labels, view_top1=[0, 0, 0, 0, 0, 0])
-  report = evaluate.build_report(outputs, shuffled, names,
+  report = reports.build_report(outputs, shuffled, names,
                                  {'checkpoint_step': 7, 'split': 'test'})
   m = report['metrics']
   assert m['top1'] == pytest.approx(1 / 6)
@@ -114,14 +117,14 @@ def test_report_matches_independent_recomputation(tiny_config, tmp_path):
   builder = datasets.get_builder(config.dataset)
   model = _OrderSensitiveModel(config.num_frames)
   devices = jax.devices()[:2]
-  state = train.TrainState(step=0, apply_fn=None, params={}, tx=None, opt_state=None,
-                           batch_stats={}, rng=None)
-  outputs, shuffled = evaluate.evaluate_state(
-      state, evaluate.eval_steps(model, devices), builder, config, 'test', devices=devices)
+  variables = {'params': {}, 'batch_stats': {}}
+  outputs, shuffled = checkpoint_eval.evaluate_variables(
+      variables, checkpoint_eval.eval_steps(model, devices), builder, config, 'test',
+      devices=devices)
   names = list(synthetic_actions.CLASS_NAMES)
-  report = evaluate.build_report(outputs, shuffled, names,
-                                 evaluate.protocol(config, 'test', 3, len(outputs.labels)))
-  path = evaluate.write_report(str(tmp_path), report, outputs, shuffled)
+  report = reports.build_report(outputs, shuffled, names,
+                                reports.protocol(config, 'test', 3, len(outputs.labels)))
+  path = reports.write_report(str(tmp_path), report, outputs, shuffled)
   saved = json.load(open(path))
   videos = np.load(reports.videos_path(path))
 
@@ -170,7 +173,7 @@ def _event_steps(logdir, tag):
 def test_all_checkpoints_evaluated_on_one_device(trained, capsys):
   """Trained on 4 devices, evaluated on 1: a report per kept checkpoint, each at its step."""
   config, workdir = trained
-  reports_ = evaluate.evaluate(config, workdir, checkpoint='all', devices=jax.devices()[:1])
+  reports_ = checkpoint_eval.evaluate(config, workdir, checkpoint='all', devices=jax.devices()[:1])
   assert [r['checkpoint_step'] for r in reports_] == [100, 200, 300]
   lines = capsys.readouterr().out.strip().splitlines()
   assert lines[-1] == f"report: {os.path.join(workdir, 'eval', 'test_step_300.json')}"
@@ -196,27 +199,26 @@ def test_all_checkpoints_evaluated_on_one_device(trained, capsys):
 @pytest.mark.slow  # Needs the shared 300-step training run.
 def test_checkpoint_selection_and_clear_errors(trained, tmp_path):
   config, workdir = trained
-  manager = evaluate.open_checkpoints(workdir, config, datasets.get_info(
-      datasets.get_builder(config.dataset)))
+  manager = inference.open_checkpoints(workdir)
   try:
-    assert evaluate.resolve_steps(manager, 'latest') == [300]
-    assert evaluate.resolve_steps(manager, 'all') == [100, 200, 300]
-    assert evaluate.resolve_steps(manager, '100') == [100]
-    assert evaluate.resolve_steps(manager, 'best') == [manager.best_step()]
-    with pytest.raises(evaluate.EvaluationError, match=r'step 7 .* kept steps are \[100, 200'):
-      evaluate.resolve_steps(manager, '7')
-    with pytest.raises(evaluate.EvaluationError, match="'newest' is not one of"):
-      evaluate.resolve_steps(manager, 'newest')
+    assert inference.resolve_steps(manager, 'latest') == [300]
+    assert inference.resolve_steps(manager, 'all') == [100, 200, 300]
+    assert inference.resolve_steps(manager, '100') == [100]
+    assert inference.resolve_steps(manager, 'best') == [manager.best_step()]
+    with pytest.raises(errors.UserError, match=r'step 7 .* kept steps are \[100, 200'):
+      inference.resolve_steps(manager, '7')
+    with pytest.raises(errors.UserError, match="'newest' is not one of"):
+      inference.resolve_steps(manager, 'newest')
   finally:
     manager.close()
-  with pytest.raises(evaluate.EvaluationError, match='is not a directory'):
-    evaluate.evaluate(config, str(tmp_path / 'no_such_dir'))
-  with pytest.raises(evaluate.EvaluationError, match='No checkpoints directory'):
-    evaluate.evaluate(config, str(tmp_path))
+  with pytest.raises(errors.UserError, match='is not a directory'):
+    checkpoint_eval.evaluate(config, str(tmp_path / 'no_such_dir'))
+  with pytest.raises(errors.UserError, match='No checkpoints directory'):
+    checkpoint_eval.evaluate(config, str(tmp_path))
   wrong = config.copy_and_resolve_references()
   wrong.model.lstm_size = 32
-  with pytest.raises(evaluate.EvaluationError, match=r'model.lstm_size: checkpoint has 16'):
-    evaluate.evaluate(wrong, workdir, checkpoint='latest')
+  with pytest.raises(errors.UserError, match=r'model.lstm_size: checkpoint has 16'):
+    checkpoint_eval.evaluate(wrong, workdir, checkpoint='latest')
 
 
 def _tiny_flags(config):

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from har_jax import errors
 from har_jax.data import datasets
 from har_jax.data import frame_store
 from har_jax.data import pipeline
@@ -55,7 +56,7 @@ def test_split_slices_follow_tfds_and_unknown_splits_are_named(store_config):
   np.testing.assert_array_equal(store.split_rows('train[:25%]'), train[:10])
   np.testing.assert_array_equal(store.split_rows('train[10:12]'), train[10:12])
   assert datasets.num_examples(store, 'train[75%:]') == 10
-  with pytest.raises(datasets.DatasetError, match=r"'valid'.*\['test', 'train'\]"):
+  with pytest.raises(errors.UserError, match=r"'valid'.*\['test', 'train'\]"):
     datasets.num_examples(store, 'valid')
 
 
@@ -165,7 +166,7 @@ def test_interrupted_write_leaves_nothing_readable(tmp_path):
   writer.add_video([_jpeg(0)], label=0, name='v')
   assert not frame_store.exists(path)  # Not finished: nothing at `path`.
   assert frame_store.remove_incomplete(path) and not os.listdir(tmp_path / 'x')
-  with pytest.raises(frame_store.FrameStoreError, match='label 3'):
+  with pytest.raises(errors.UserError, match='label 3'):
     frame_store.Writer(path, name='x/y', class_names=['a'], settings={}).add_video(
         [_jpeg(0)], label=3, name='v')
 
@@ -175,12 +176,12 @@ def test_missing_or_damaged_store_files_are_clear_errors(bad_store, tiny_config)
   folder = bad_store / 'bad_frames' / 'v1'
   frames = next(f for f in os.listdir(folder) if f.endswith('.bin'))
   os.rename(folder / frames, folder / 'moved')
-  with pytest.raises(datasets.DatasetError, match=f'incomplete.*{frames}'):
+  with pytest.raises(errors.UserError, match=f'incomplete.*{frames}'):
     datasets.get_builder(config.dataset)
   os.rename(folder / 'moved', folder / frames)
   (folder / frame_store.INFO_FILE).write_text('{"format": "something else"}')
-  with pytest.raises(datasets.DatasetError, match='not a version-1'):
+  with pytest.raises(errors.UserError, match='not a version-1'):
     datasets.get_builder(config.dataset)
   config.dataset.name = 'ucf101_frames/s64'
-  with pytest.raises(datasets.DatasetError, match='prepare_ucf101.py.*--short_side 64'):
+  with pytest.raises(errors.UserError, match='prepare_ucf101.py.*--short_side 64'):
     datasets.get_builder(config.dataset)

@@ -2,7 +2,6 @@
 
 import contextlib
 import glob
-import json
 import os
 import re
 import signal
@@ -14,7 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from har_jax import platform
+from har_jax import distributed
+from har_jax import errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 420
@@ -270,12 +270,12 @@ def _flatten(tree, prefix=''):
 
 
 def test_process_id_out_of_range_is_rejected():
-  spec = platform.DistributedSpec(coordinator_address='127.0.0.1:1234', num_processes=2,
+  spec = distributed.DistributedSpec(coordinator_address='127.0.0.1:1234', num_processes=2,
                                   process_id=2)
-  with pytest.raises(platform.DistributedSetupError, match='out of range'):
+  with pytest.raises(errors.UserError, match='out of range'):
     spec.validate()
-  with pytest.raises(platform.DistributedSetupError, match='missing: process_id'):
-    platform.DistributedSpec(coordinator_address='127.0.0.1:1', num_processes=2).validate()
+  with pytest.raises(errors.UserError, match='missing: process_id'):
+    distributed.DistributedSpec(coordinator_address='127.0.0.1:1', num_processes=2).validate()
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from har_jax import augment
+from har_jax import errors
 from har_jax.data import datasets
 from har_jax.data import pipeline
 
@@ -195,7 +196,7 @@ def test_truncated_record_file_is_a_clear_error(tiny_config, tmp_path):
     os.truncate(copy / record, os.path.getsize(copy / record) * 2 // 3)
   builder = tfds.builder_from_directory(str(copy))
   data = pipeline.create_eval_dataset(builder, config, 'test', local_batch=4)
-  with pytest.raises(datasets.DatasetError, match='truncated or corrupt.*prepare_ucf101'):
+  with pytest.raises(errors.UserError, match='truncated or corrupt.*prepare_ucf101'):
     list(pipeline.device_iterator(data.dataset))
 
 

@@ -13,7 +13,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from har_jax import checkpoints
-from har_jax import evaluate
+from har_jax import errors
+from har_jax import inference
+from har_jax import models
 from har_jax import optim
 from har_jax import predict
 from har_jax import train
@@ -21,6 +23,8 @@ from har_jax.data import datasets
 from har_jax.data import pipeline
 from har_jax.data import stages
 from har_jax.data import synthetic_actions
+from har_jax.data import video_files
+from har_jax.evaluation import checkpoint_eval
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,6 +39,10 @@ def write_video(path, frames: np.ndarray, *, lossless: bool = True, fps: int = 1
       container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format='rgb24')))
     container.mux(stream.encode())
   return str(path)
+
+
+def _prep(config, geometry=None) -> inference.Preprocessing:
+  return inference.Preprocessing.from_config(config, geometry or {'resize': 'none'})
 
 
 def _views_config(tiny_config, **overrides):
@@ -57,7 +65,7 @@ def test_views_equal_the_eval_pipeline(tiny_config, shape, resize):
   decoded = tf.map_fn(lambda j: tf.io.decode_jpeg(j, channels=3), jpegs,
                       fn_output_signature=tf.uint8).numpy()
   indices = stages.sample_eval_indices(shape[0], 3, 2, 2, 'loop').numpy().reshape(-1)
-  views = predict.eval_views(decoded[indices], config)
+  views = predict.eval_views(decoded[indices], _prep(config))
   assert views.shape == (6, 3, 16, 16, 3) and views.dtype == np.uint8
   np.testing.assert_array_equal(views, reference)
 
@@ -66,7 +74,7 @@ def test_read_clip_frames_avi_mp4_portrait_short(tiny_config, tmp_path):
   config = _views_config(tiny_config)  # 2 clips x 3 frames at stride 2: span 5 frames.
   rng = np.random.default_rng(1)
   frames = rng.integers(0, 256, (11, 33, 45, 3), dtype=np.uint8)
-  clip = predict.read_clip_frames(write_video(tmp_path / 'odd.avi', frames), config)
+  clip = predict.read_clip_frames(write_video(tmp_path / 'odd.avi', frames), _prep(config))
   indices = stages.sample_eval_indices(11, 3, 2, 2, 'loop').numpy().reshape(-1)
   assert clip.num_available == 11 and clip.frame_size == (33, 45)
   np.testing.assert_array_equal(clip.frames, frames[indices])  # Lossless: the sampled frames.
@@ -74,11 +82,11 @@ def test_read_clip_frames_avi_mp4_portrait_short(tiny_config, tmp_path):
   portrait = np.repeat(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None, None],
                        4, axis=0) * np.ones((1, 1, 40, 3), np.uint8)
   clip = predict.read_clip_frames(write_video(tmp_path / 'tall.mp4', portrait,
-                                               lossless=False), config)
+                                               lossless=False), _prep(config))
   got = clip.frames
   assert clip.num_available == 4 and got.shape == (6, 64, 40, 3)  # Short video: indices loop.
   assert abs(int(got[0, 60, 20, 0]) - int(portrait[0, 60, 20, 0])) < 12
-  views = predict.eval_views(got, config)
+  views = predict.eval_views(got, _prep(config))
   assert views.shape == (6, 3, 16, 16, 3)
 
 
@@ -91,8 +99,8 @@ def test_unreadable_files_raise_video_error_naming_the_file(tiny_config, tmp_pat
     path.write_bytes(open(good, 'rb').read()[:300])
   elif content != 'missing':
     path.write_bytes(content)
-  with pytest.raises(predict.VideoError, match='bad.mp4'):
-    predict.read_clip_frames(str(path), config)
+  with pytest.raises(video_files.VideoError, match='bad.mp4'):
+    predict.read_clip_frames(str(path), _prep(config))
 
 
 def _save_fresh_state(workdir, config, num_classes: int, class_names: str, step: int = 3):
@@ -106,17 +114,17 @@ def _save_fresh_state(workdir, config, num_classes: int, class_names: str, step:
 
 
 def test_checkpoint_not_matching_its_metadata_is_refused(tiny_config, tmp_path):
-  """Saved with 10-class weights but 5 class names: a clear PredictError, not a shape crash."""
+  """Saved with 10-class weights but 5 class names: a clear error, not a shape crash."""
   _save_fresh_state(tmp_path, tiny_config(), 10, 'abcde')
-  with pytest.raises(predict.PredictError, match='Checkpoint 3 .* does not match its saved '
-                                                 'config \\(5 classes'):
-    predict.load_predictor(str(tmp_path), 'latest')
-  with pytest.raises(predict.PredictError, match=r'No checkpoint at step 8 .* \[3\]'):
-    predict.load_predictor(str(tmp_path), '8')
-  with pytest.raises(predict.PredictError, match='is not a directory'):
-    predict.load_predictor(str(tmp_path / 'nope'))
-  with pytest.raises(predict.PredictError, match='No checkpoints directory'):
-    predict.load_predictor(str(tmp_path / 'checkpoints' / '3'))
+  with pytest.raises(errors.UserError, match='Checkpoint 3 .* does not match its saved '
+                                           'config \\(5 classes'):
+    inference.load(str(tmp_path), 'latest')
+  with pytest.raises(errors.UserError, match=r'No checkpoint at step 8 .* \[3\]'):
+    inference.load(str(tmp_path), '8')
+  with pytest.raises(errors.UserError, match='is not a directory'):
+    inference.load(str(tmp_path / 'nope'))
+  with pytest.raises(errors.UserError, match='No checkpoints directory'):
+    inference.load(str(tmp_path / 'checkpoints' / '3'))
 
 
 def _training_videos(config, count):
@@ -131,9 +139,9 @@ def test_predict_names_the_right_class(trained, tmp_path):
   """AVI and MP4 files of videos the model learned: mostly right, and the same answer as the
   eval pipeline gives for those videos; a corrupt file in the list is skipped by name."""
   config, workdir = trained
-  predictor = predict.load_predictor(workdir, 'latest')
-  assert predictor.class_names == list(synthetic_actions.CLASS_NAMES)
-  assert predictor.step == 300
+  model = inference.load(workdir, 'latest')
+  assert model.class_names == tuple(synthetic_actions.CLASS_NAMES)
+  assert model.step == 300
   videos = _training_videos(config, 20)
   paths, labels = [], []
   for i, (_, frames, label) in enumerate(videos):
@@ -143,7 +151,7 @@ def test_predict_names_the_right_class(trained, tmp_path):
   corrupt = tmp_path / 'corrupt.avi'
   corrupt.write_bytes(b'\x00garbage' * 50)
   results = predict.predict_files(paths[:10] + [str(corrupt)] + paths[10:], top_k=3,
-                                  predictor=predictor)
+                                  model=model)
   assert not results[10]['ok'] and 'corrupt.avi' in results[10]['error']
   results = results[:10] + results[11:]
   assert all(r['ok'] for r in results)
@@ -157,12 +165,10 @@ def test_predict_names_the_right_class(trained, tmp_path):
   # What evaluation says about the same (JPEG-stored) training videos, with the same weights.
   builder = datasets.get_builder(config.dataset)
   devices = jax.devices()[:1]
-  state = train.TrainState(step=0, apply_fn=None, params=predictor.variables['params'],
-                           batch_stats=predictor.variables['batch_stats'], tx=None,
-                           opt_state=None, rng=None)
-  model = train.build_model(config, 10, bn_axis_name='batch')
-  outputs, _ = evaluate.evaluate_state(state, evaluate.eval_steps(model, devices), builder,
-                                       config, 'train[:20]', devices=devices)
+  eval_model = models.create_model(config.model, 10, dtype=config.dtype, bn_axis_name='batch')
+  outputs, _ = checkpoint_eval.evaluate_variables(
+      model.variables, checkpoint_eval.eval_steps(eval_model, devices), builder, config,
+      'train[:20]', devices=devices)
   by_id = {t: int(np.argmax(l)) for t, l in zip(outputs.tfds_ids, outputs.logits)}
   eval_pred = [by_id[tfds_id] for tfds_id, _, _ in videos]
   eval_right = np.mean(np.array(eval_pred) == labels)
@@ -219,10 +225,10 @@ def test_frames_are_downscaled_while_decoding(tiny_config, tmp_path):
   of two while the short side stays >= the resize target, as the JPEG decoder does in training."""
   config = _views_config(tiny_config, **{'dataset.resize_size': 32})
   path, _ = _gradient_video(tmp_path / 'hd.mp4', 6, 720, 1280)
-  clip = predict.read_clip_frames(path, config)
+  clip = predict.read_clip_frames(path, _prep(config))
   assert clip.frame_size == (720, 1280) and clip.num_available == 6
   assert clip.frames.shape == (6, 45, 80, 3)  # 720 / 16 = 45 >= 32 > 720 / 32.
-  views = predict.eval_views(clip.frames, config)
+  views = predict.eval_views(clip.frames, _prep(config))
   assert views.shape == (6, 3, 16, 16, 3)
 
 
@@ -232,24 +238,26 @@ def test_without_resize_only_the_crop_band_is_kept(tiny_config, tmp_path):
   config = _views_config(tiny_config, **{'dataset.resize_size': 0})
   for name, (height, width) in (('wide.avi', (40, 90)), ('tall.avi', (90, 40))):
     path, frames = _gradient_video(tmp_path / name, 11, height, width, lossless=True)
-    clip = predict.read_clip_frames(path, config)
+    clip = predict.read_clip_frames(path, _prep(config))
     assert min(clip.frames.shape[1:3]) == config.image_size and clip.frame_size == (height, width)
     indices = stages.sample_eval_indices(11, 3, 2, 2, 'loop').numpy().reshape(-1)
-    np.testing.assert_array_equal(predict.eval_views(clip.frames, config),
-                                  predict.eval_views(frames[indices], config))
+    np.testing.assert_array_equal(predict.eval_views(clip.frames, _prep(config)),
+                                  predict.eval_views(frames[indices], _prep(config)))
 
 
 _PEAK_RSS = '''
 import resource, sys
 sys.path[:0] = [{tests!r}, {repo!r}]
 import conftest
+from har_jax import inference
 from har_jax import predict
 config = conftest.make_tiny_config({data!r}, **{{
     'num_frames': 16, 'frame_stride': 2, 'image_size': 112, 'dataset.resize_size': 128,
     'eval.num_clips': 5, 'eval.num_crops': 3}})
+preprocessing = inference.Preprocessing.from_config(config, {{'resize': 'none'}})
 for path in sys.argv[1:]:
-  clip = predict.read_clip_frames(path, config)
-  predict.eval_views(clip.frames, config)
+  clip = predict.read_clip_frames(path, preprocessing)
+  predict.eval_views(clip.frames, preprocessing)
   print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, flush=True)
 '''
 
@@ -273,15 +281,15 @@ def test_file_names_are_never_read_as_protocols(tiny_config, tmp_path, monkeypat
   config = _views_config(tiny_config)
   _gradient_video(tmp_path / 'a:b.mp4', 4, 32, 48)
   monkeypatch.chdir(tmp_path)
-  assert predict.read_clip_frames('a:b.mp4', config).num_available == 4
+  assert predict.read_clip_frames('a:b.mp4', _prep(config)).num_available == 4
 
 
 def test_directories_and_playlists_are_refused_by_name(tiny_config, tmp_path):
   """Issue 16.14: a directory was 'no such file'; a playlist was followed to the files it names."""
   config = _views_config(tiny_config)
   (tmp_path / 'folder.mp4').mkdir()
-  with pytest.raises(predict.VideoError, match='folder.mp4: is a directory'):
-    predict.read_clip_frames(str(tmp_path / 'folder.mp4'), config)
+  with pytest.raises(video_files.VideoError, match='folder.mp4: is a directory'):
+    predict.read_clip_frames(str(tmp_path / 'folder.mp4'), _prep(config))
   _gradient_video(tmp_path / 'segment.ts.mp4', 4, 32, 48)
   segment = tmp_path / 'segment.ts'
   subprocess.run(['ffmpeg', '-v', 'error', '-y', '-i', str(tmp_path / 'segment.ts.mp4'), '-c',
@@ -289,9 +297,9 @@ def test_directories_and_playlists_are_refused_by_name(tiny_config, tmp_path):
   playlist = tmp_path / 'list.m3u8'
   playlist.write_text('#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\n'
                       'segment.ts\n#EXT-X-ENDLIST\n')
-  with pytest.raises(predict.VideoError, match='list.m3u8: not a video container'):
-    predict.read_clip_frames(str(playlist), config)
-  assert predict.read_clip_frames(str(segment), config).num_available == 4  # MPEG-TS is fine.
+  with pytest.raises(video_files.VideoError, match='list.m3u8: not a video container'):
+    predict.read_clip_frames(str(playlist), _prep(config))
+  assert predict.read_clip_frames(str(segment), _prep(config)).num_available == 4  # MPEG-TS.
 
 
 def test_corrupt_checkpoint_is_called_corrupt(tiny_config, tmp_path):
@@ -300,9 +308,9 @@ def test_corrupt_checkpoint_is_called_corrupt(tiny_config, tmp_path):
   folder = tmp_path / 'checkpoints' / '3' / 'state'
   largest = max((p for p in folder.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
   data = bytearray(largest.read_bytes())
-  data[len(data) // 2:len(data) // 2 + 64] = bytes(b ^ 0xFF for b in data[len(data) // 2:
-                                                                          len(data) // 2 + 64])
+  for start in range(len(data) // 8, len(data), len(data) // 8):  # Params and optimizer state.
+    data[start:start + 64] = bytes(b ^ 0xFF for b in data[start:start + 64])
   largest.write_bytes(bytes(data))
-  with pytest.raises(predict.PredictError, match='Checkpoint 3 .* is corrupt') as error:
-    predict.load_predictor(str(tmp_path), 'latest')
+  with pytest.raises(errors.UserError, match='Checkpoint 3 .* is corrupt') as error:
+    inference.load(str(tmp_path), 'latest')
   assert 'does not match' not in str(error.value)

@@ -15,10 +15,12 @@ import numpy as np
 import optax
 import pytest
 
+from har_jax import errors
 from har_jax import models
 from har_jax import optim
 from har_jax import parallel
 from har_jax import pretrained
+from har_jax import steps
 from har_jax import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -205,7 +207,7 @@ def test_mismatched_architecture_names_the_first_parameter(tmp_path):
                          pretrained.encoder_template('resnet18'))
   pretrained.save_encoder(path, encoder, {'encoder': 'resnet18', 'preprocessing': 'imagenet'})
   state = _zero_lrcn_state('resnet50')
-  with pytest.raises(pretrained.EncoderMismatchError,
+  with pytest.raises(errors.UserError,
                      match=r"'params/stage1_block0/bn3/bias' \(256,\) .* missing .* "
                            r"'params/stage1_block0' holds \['bn1', 'bn2', 'conv1', 'conv2'\]"):
     pretrained.load_encoder_into_state(state, path)
@@ -325,7 +327,7 @@ def test_train_step_freezes_the_encoder_for_n_steps(tiny_config):
   state = train.create_train_state(jax.random.PRNGKey(0), config, 10, lr_fn)
   model = train.build_model(config, 10, bn_axis_name='batch')
   devices = jax.devices()[:1]
-  p_step = jax.pmap(functools.partial(train.train_step, model=model, learning_rate_fn=lr_fn,
+  p_step = jax.pmap(functools.partial(steps.train_step, model=model, learning_rate_fn=lr_fn,
                                       config=config), axis_name='batch', devices=devices)
   rng = np.random.default_rng(0)
   replicated = parallel.replicate(state, devices)

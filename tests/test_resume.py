@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -22,8 +23,9 @@ import pytest
 
 import conftest
 from configs import synthetic
-from har_jax import optim
+from har_jax import errors
 from har_jax import parallel
+from har_jax import steps
 from har_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,8 +35,9 @@ RUN_TIMEOUT_S = 600
 
 def tiny_flags(data_dir, **overrides) -> list[str]:
   """conftest.make_tiny_config as --config.x=y flags over configs/synthetic.py."""
-  base = train.flatten_dict(synthetic.get_config().to_dict())
-  tiny = train.flatten_dict(conftest.make_tiny_config(data_dir, **overrides).to_dict())
+  base = traverse_util.flatten_dict(synthetic.get_config().to_dict(), sep='.')
+  tiny = traverse_util.flatten_dict(conftest.make_tiny_config(data_dir, **overrides).to_dict(),
+                                    sep='.')
   return [f'--config.{k}={v}' for k, v in sorted(tiny.items()) if base.get(k) != v]
 
 
@@ -226,7 +229,7 @@ def test_nan_loss_stops_with_the_step_named_and_no_nan_checkpoint(tiny_config, t
   # An absurd learning rate blows the params up within a few steps.
   config = tiny_config(learning_rate=1e38, num_train_steps=8, checkpoint_every_steps=1,
                        eval_every_steps=8, grad_clip_norm=0.0)
-  with pytest.raises(FloatingPointError, match=r'Non-finite .* at step \d+\. No checkpoint'):
+  with pytest.raises(errors.UserError, match=r'Non-finite .* at step \d+\. No checkpoint'):
     train.train_and_evaluate(config, str(tmp_path))
   steps = _committed_steps(tmp_path)
   assert steps, 'expected the finite steps before the failure to be checkpointed'
@@ -244,7 +247,7 @@ def test_skip_nonfinite_updates_keeps_the_state_and_counts_the_step(tiny_config)
   lr_fn = lambda step: jnp.where(step == 1, jnp.nan, 1e-3)  # pylint: disable=g-long-lambda
   state = train.create_train_state(jax.random.PRNGKey(0), config, 10, lr_fn)
   model = train.build_model(config, 10, bn_axis_name='batch')
-  p_step = jax.pmap(functools.partial(train.train_step, model=model, learning_rate_fn=lr_fn,
+  p_step = jax.pmap(functools.partial(steps.train_step, model=model, learning_rate_fn=lr_fn,
                                       config=config), axis_name='batch', devices=devices)
   rng = np.random.RandomState(0)
   batch = {'video': rng.randint(0, 256, (1, 8, 4, 28, 28, 3)).astype(np.uint8),
@@ -269,7 +272,7 @@ def test_nonfinite_guard_counts_consecutive_skips():
   guard.flush()
   assert (guard.skipped, guard.consecutive) == (4, 2)
   guard.push(7, np.array([False]))
-  with pytest.raises(FloatingPointError, match='3 consecutive non-finite steps up to step 7'):
+  with pytest.raises(errors.UserError, match='3 consecutive non-finite steps up to step 7'):
     guard.flush()
 
 
@@ -277,7 +280,7 @@ def test_nonfinite_guard_without_skipping_names_the_step():
   guard = train.NonFiniteGuard(ml_collections.ConfigDict())
   guard.push(1, np.array([True, True]))
   guard.push(2, np.array([True, False]))  # One replica is enough.
-  with pytest.raises(FloatingPointError, match='at step 2'):
+  with pytest.raises(errors.UserError, match='at step 2'):
     guard.push(3, np.array([True, True]))
 
 

@@ -14,7 +14,7 @@ import urllib.request
 import jax
 import pytest
 
-from har_jax import evaluate
+from har_jax.evaluation import checkpoint_eval
 
 STARTUP_TIMEOUT_S = 180
 
@@ -57,7 +57,7 @@ def test_tensorboard_server_shows_train_and_eval(trained, tmp_path):
   # A copy of the run without the evaluations other tests wrote (in any step order).
   workdir = str(tmp_path / 'run')
   shutil.copytree(trained_workdir, workdir, ignore=shutil.ignore_patterns('eval'))
-  evaluate.evaluate(config, workdir, checkpoint='latest', devices=jax.devices()[:1])
+  checkpoint_eval.evaluate(config, workdir, checkpoint='latest', devices=jax.devices()[:1])
   report = json.load(open(os.path.join(workdir, 'eval', 'test_step_300.json')))
 
   port = _free_port()

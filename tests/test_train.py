@@ -7,11 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from har_jax import eval_lib
 from har_jax import optim
 from har_jax import parallel
+from har_jax import steps
 from har_jax import train
 from har_jax.data import datasets
+from har_jax.evaluation import metrics
+from har_jax.evaluation import runner
 
 
 def _state_and_model(config, num_classes=10):
@@ -30,7 +32,7 @@ def _random_batch(config, n, seed=0):
 
 
 def _pmapped_step(config, model, lr_fn, devices):
-  return jax.pmap(functools.partial(train.train_step, model=model, learning_rate_fn=lr_fn,
+  return jax.pmap(functools.partial(steps.train_step, model=model, learning_rate_fn=lr_fn,
                                     config=config), axis_name='batch', devices=devices)
 
 
@@ -93,9 +95,9 @@ def test_scalar_metrics_exact_from_known_logits():
                      [6, 5, 4, 3, 2, 1], [0, 0, 0, 0, 0, 9]], np.float32)
   labels = np.array([0, 2, 0, 1, 5])
   # top-1 right for videos 0 and 4; top-5 wrong only for video 2 (label 0 ranks 6th).
-  out = eval_lib.EvalOutputs(logits=logits, labels=labels, view_top1=np.array([1, 0, 0, .5, 1.]),
-                             tfds_ids=np.array(['a', 'b', 'c', 'd', 'e']))
-  m = eval_lib.scalar_metrics(out, num_classes=6)
+  out = metrics.EvalOutputs(logits=logits, labels=labels, view_top1=np.array([1, 0, 0, .5, 1.]),
+                            tfds_ids=np.array(['a', 'b', 'c', 'd', 'e']))
+  m = metrics.scalar_metrics(out, num_classes=6)
   assert m['top1'] == pytest.approx(2 / 5)
   assert m['top5'] == pytest.approx(4 / 5)
   # Per class: 0 -> 1/2 (videos 0, 2), 1 -> 0, 2 -> 0, 5 -> 1; classes 3, 4 absent.
@@ -112,14 +114,12 @@ def test_eval_counts_every_video_once(tiny_config, num_devices):
                           'eval.num_crops': 3})
   builder = datasets.get_builder(config.dataset)
   devices = jax.devices()[:num_devices]
-  p_eval = jax.pmap(functools.partial(train.eval_step, model=_FakeModel()), axis_name='batch',
+  p_eval = jax.pmap(functools.partial(steps.eval_step, model=_FakeModel()), axis_name='batch',
                     devices=devices)
-  state = parallel.replicate(train.TrainState(step=0, apply_fn=None, params={}, tx=None,
-                                               opt_state=None, batch_stats={}, rng=None),
-                              devices)
+  variables = parallel.replicate({'params': {}, 'batch_stats': {}}, devices)
   from unittest import mock  # pylint: disable=g-import-not-at-top
   with mock.patch.object(jax, 'local_devices', lambda: devices):
-    outputs = eval_lib.run_eval(p_eval, state, builder, config, 'test[:13]')
+    outputs = runner.run_eval(p_eval, variables, builder, config, 'test[:13]')
   assert len(outputs.labels) == 13
   assert len(set(outputs.tfds_ids)) == 13
   reference = {}

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from har_jax import errors
 from har_jax import train
 from har_jax.data import datasets
 from har_jax.data import pipeline
@@ -237,7 +238,7 @@ def test_interrupted_prepare_leaves_nothing_readable_and_rerun_completes(source,
   assert not os.path.exists(os.path.join(config_dir, '2.0.0', 'dataset_info.json'))
   config = _load_default_config()
   config.dataset.name, config.dataset.data_dir = 'ucf101/ucf101_2', data_dir
-  with pytest.raises(datasets.DatasetError, match='not prepared'):
+  with pytest.raises(errors.UserError, match='not prepared'):
     datasets.get_builder(config.dataset)
 
   stale = os.path.join(config_dir, 'incomplete.ABC123_2.0.0')  # As a SIGKILLed run leaves it.
@@ -251,26 +252,26 @@ def test_interrupted_prepare_leaves_nothing_readable_and_rerun_completes(source,
 
 def test_missing_ffmpeg_is_a_clear_error(source, tmp_path, monkeypatch):
   monkeypatch.setenv('PATH', str(tmp_path))  # A PATH without ffmpeg.
-  with pytest.raises(ucf101.FfmpegMissingError, match='ffmpeg was not found.*apt-get install'):
+  with pytest.raises(errors.UserError, match='ffmpeg was not found.*apt-get install'):
     ucf101.prepare(source['folder'], str(tmp_path / 'tfds'), 'ucf101_1')
 
 
 def test_source_errors_say_what_is_wrong(source, tmp_path):
-  with pytest.raises(ucf101.SourceError, match='does not exist'):
+  with pytest.raises(errors.UserError, match='does not exist'):
     ucf101.UcfSource(str(tmp_path / 'nowhere'))
   rar = tmp_path / 'UCF101.rar'
   rar.write_bytes(b'Rar!')
-  with pytest.raises(ucf101.SourceError, match='unrar x'):
+  with pytest.raises(errors.UserError, match='unrar x'):
     ucf101.UcfSource(str(rar))
-  with pytest.raises(ucf101.SourceError, match='No UCF101 split lists'):
+  with pytest.raises(errors.UserError, match='No UCF101 split lists'):
     ucf101.UcfSource(os.path.join(source['folder'], 'UCF-101'))
-  with pytest.raises(ucf101.SourceError, match='unknown|Unknown UCF101 config'):
+  with pytest.raises(errors.UserError, match='unknown|Unknown UCF101 config'):
     ucf101.prepare(source['folder'], str(tmp_path), 'ucf101_9')
 
   partial = ucf101.UcfSource([os.path.join(source['folder'], 'ucfTrainTestlist'),
                               os.path.join(source['folder'], 'UCF-101', 'ApplyEyeMakeup')])
   strict = ucf101.LocalUcf101(config='ucf101_1', data_dir=str(tmp_path), source=partial)
-  with pytest.raises(ucf101.SourceError, match='3 of 6 videos.*--allow_missing'):
+  with pytest.raises(errors.UserError, match='3 of 6 videos.*--allow_missing'):
     strict._available_entries('train')  # pylint: disable=protected-access
   lenient = ucf101.LocalUcf101(config='ucf101_1', data_dir=str(tmp_path), source=partial,
                                allow_missing=True)
@@ -281,8 +282,8 @@ def test_dataset_name_errors(tmp_path):
   config = _load_default_config()
   config.dataset.data_dir = str(tmp_path)
   config.dataset.name = 'ucf101/ucf101_9'
-  with pytest.raises(datasets.DatasetError, match="Unknown UCF101 config 'ucf101_9'.*ucf101_1_256"):
+  with pytest.raises(errors.UserError, match="Unknown UCF101 config 'ucf101_9'.*ucf101_1_256"):
     datasets.get_builder(config.dataset)
   config.dataset.name = 'ucf101_meta/ucf101_1_256'
-  with pytest.raises(datasets.DatasetError, match='not prepared.*prepare_ucf101.py.*ucf101_meta'):
+  with pytest.raises(errors.UserError, match='not prepared.*prepare_ucf101.py.*ucf101_meta'):
     datasets.get_builder(config.dataset)

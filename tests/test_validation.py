@@ -6,6 +6,7 @@ import jax
 import pytest
 
 from har_jax import config_validation
+from har_jax import errors
 from har_jax import train
 from har_jax.data import datasets
 
@@ -36,7 +37,7 @@ def test_tiny_config_is_valid(tiny_config):
 
 @pytest.mark.parametrize('overrides,expected', BAD_VALUES)
 def test_each_bad_value_is_named(tiny_config, overrides, expected):
-  with pytest.raises(config_validation.ConfigError) as error:
+  with pytest.raises(errors.UserError) as error:
     config_validation.validate(tiny_config(**overrides))
   assert expected in str(error.value)
   assert 'invalid value' in str(error.value)
@@ -45,7 +46,7 @@ def test_each_bad_value_is_named(tiny_config, overrides, expected):
 def test_every_bad_field_is_listed_in_one_message(tiny_config):
   config = tiny_config(num_frames=0, num_train_steps=-1, batch_size=6, image_size=64,
                        **{'dataset.resize_size': 0, 'model.encoder': 'vgg', 'optimizer': 'rmsprop'})
-  with pytest.raises(config_validation.ConfigError) as error:
+  with pytest.raises(errors.UserError) as error:
     config_validation.validate(config)
   message = str(error.value)
   for name in ('num_frames=0', 'num_train_steps=-1', 'batch_size=6', 'image_size=64',
@@ -67,7 +68,7 @@ def test_stored_frame_size_of_the_tiny_dataset(tiny_config):
 
 def test_training_rejects_a_bad_config_before_any_compute(tiny_config, tmp_path):
   assert jax.device_count() == 4
-  with pytest.raises(config_validation.ConfigError, match='num_frames=0'):
+  with pytest.raises(errors.UserError, match='num_frames=0'):
     train.train_and_evaluate(tiny_config(num_frames=0), str(tmp_path / 'workdir'))
   assert not os.path.exists(tmp_path / 'workdir')
 
@@ -88,19 +89,19 @@ BAD_SPLITS = [
 
 @pytest.mark.parametrize('overrides,expected', BAD_SPLITS)
 def test_bad_split_names_and_sizes_are_named(tiny_config, overrides, expected):
-  with pytest.raises(config_validation.ConfigError, match=expected):
+  with pytest.raises(errors.UserError, match=expected):
     config_validation.validate(tiny_config(**overrides))
 
 
 def test_eval_mode_checks_the_requested_split(tiny_config):
   config = tiny_config(**{'dataset.eval_split': 'tset'})
   assert config_validation.find_problems(config, mode='eval', split='test') == []
-  with pytest.raises(config_validation.ConfigError, match="--split='vla': .*'test', 'train'"):
+  with pytest.raises(errors.UserError, match="--split='vla': .*'test', 'train'"):
     config_validation.validate(tiny_config(), mode='eval', split='vla')
 
 
 def test_training_rejects_a_misspelt_eval_split_before_any_compute(tiny_config, tmp_path):
-  with pytest.raises(config_validation.ConfigError, match="dataset.eval_split='tset'"):
+  with pytest.raises(errors.UserError, match="dataset.eval_split='tset'"):
     train.train_and_evaluate(tiny_config(**{'dataset.eval_split': 'tset'}),
                              str(tmp_path / 'workdir'))
   assert not os.path.exists(tmp_path / 'workdir')
@@ -113,14 +114,14 @@ def test_training_rejects_a_misspelt_eval_split_before_any_compute(tiny_config, 
 ])
 def test_eval_mode_runs_the_same_validation(tiny_config, tmp_path, overrides, expected):
   """Issue 16.10: --mode=eval gave a raw ValueError or an 84-line orbax shape error."""
-  from har_jax import evaluate  # pylint: disable=g-import-not-at-top
-  with pytest.raises(config_validation.ConfigError, match=expected):
-    evaluate.evaluate(tiny_config(**overrides), str(tmp_path))
+  from har_jax.evaluation import checkpoint_eval  # pylint: disable=g-import-not-at-top
+  with pytest.raises(errors.UserError, match=expected):
+    checkpoint_eval.evaluate(tiny_config(**overrides), str(tmp_path))
 
 
 def test_unknown_dataset_names_the_closest_few(tiny_config):
   """Issue 16.12: the message listed all ~900 TFDS dataset names."""
-  with pytest.raises(config_validation.ConfigError) as error:
+  with pytest.raises(errors.UserError) as error:
     config_validation.validate(tiny_config(**{'dataset.name': 'ucf10/ucf101_1_256'}))
   message = str(error.value)
   assert "'ucf101'" in message and 'synthetic_actions' in message and 'video_folder' in message

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from har_jax import errors
 from har_jax.data import datasets
 from har_jax.data import pipeline
 from har_jax.data import video_files
@@ -210,26 +211,26 @@ def test_ucf101_format_split_lists(tmp_path):
 def test_bad_sources_give_clear_errors(tmp_path):
   def plan(root, **kwargs):
     return vf.plan_splits(vf.VideoFolderConfig(name='x', source=str(root), **kwargs))
-  with pytest.raises(vf.VideoFolderError, match='does not exist'):
+  with pytest.raises(errors.UserError, match='does not exist'):
     plan(tmp_path / 'nowhere')
   (tmp_path / 'empty').mkdir()
-  with pytest.raises(vf.VideoFolderError, match='No class folders in .*empty'):
+  with pytest.raises(errors.UserError, match='No class folders in .*empty'):
     plan(tmp_path / 'empty')
   _touch(str(tmp_path / 'one'), ['walk/a.avi'])
-  with pytest.raises(vf.VideoFolderError, match="one class folder \\('walk'\\).*at least two"):
+  with pytest.raises(errors.UserError, match="one class folder \\('walk'\\).*at least two"):
     plan(tmp_path / 'one')
   _touch(str(tmp_path / 'novideo'), ['walk/a.avi', 'sit/readme.txt'])
-  with pytest.raises(vf.VideoFolderError, match='novideo/sit.*holds no video files'):
+  with pytest.raises(errors.UserError, match='novideo/sit.*holds no video files'):
     plan(tmp_path / 'novideo')
   _touch(str(tmp_path / 'half'), ['train/walk/a.avi', 'train/sit/b.avi'])
-  with pytest.raises(vf.VideoFolderError, match='not both train/ and test/'):
+  with pytest.raises(errors.UserError, match='not both train/ and test/'):
     plan(tmp_path / 'half')
-  with pytest.raises(vf.VideoFolderError, match='test_fraction=1.5'):
+  with pytest.raises(errors.UserError, match='test_fraction=1.5'):
     plan(tmp_path / 'novideo', test_fraction=1.5)
   for bad in ('', 'a/b', 'my data'):
-    with pytest.raises(vf.VideoFolderError, match='not valid'):
+    with pytest.raises(errors.UserError, match='not valid'):
       vf.check_name(bad)
-  with pytest.raises(vf.VideoFolderError, match='not prepared.*prepare_video_folder.py'):
+  with pytest.raises(errors.UserError, match='not prepared.*prepare_video_folder.py'):
     vf.load(str(tmp_path), 'lab')
 
 
@@ -241,7 +242,7 @@ def test_class_with_no_readable_videos_is_an_error_naming_the_files(tmp_path, ca
   for name in ('v00.mp4', 'v01.avi'):
     os.remove(os.path.join(root, 'sit', name))
   caplog.set_level(logging.WARNING)
-  with pytest.raises(vf.VideoFolderError, match=r"\['sit'\].*no readable training videos"):
+  with pytest.raises(errors.UserError, match=r"\['sit'\].*no readable training videos"):
     vf.prepare(vf.VideoFolderConfig(name='bad', source=root), str(tmp_path / 'tfds'))
   assert 'sit/a.mp4' in caplog.text and 'sit/b.avi' in caplog.text
   assert not os.path.exists(tmp_path / 'tfds' / 'video_folder' / 'bad' / vf.DATASET_VERSION)
@@ -266,7 +267,7 @@ def test_interrupted_prepare_reruns_cleanly_and_settings_are_checked(tmp_path, m
   monkeypatch.setattr(vf, 'decode_video', original)
   config_dir = os.path.join(data_dir, 'video_folder', 'mini')
   assert not os.path.exists(os.path.join(config_dir, vf.DATASET_VERSION))  # Nothing readable.
-  with pytest.raises(vf.VideoFolderError, match='not prepared'):
+  with pytest.raises(errors.UserError, match='not prepared'):
     vf.load(data_dir, 'mini')
 
   os.makedirs(os.path.join(config_dir, f'incomplete.ABC123_{vf.DATASET_VERSION}'))  # As SIGKILL.
@@ -275,7 +276,7 @@ def test_interrupted_prepare_reruns_cleanly_and_settings_are_checked(tmp_path, m
   assert os.listdir(config_dir) == [vf.DATASET_VERSION]  # The leftover was removed.
   assert vf.prepare(config, data_dir).reused
   other = vf.VideoFolderConfig(name='mini', source=root, short_side=24)
-  with pytest.raises(vf.VideoFolderError, match='other settings.*--overwrite'):
+  with pytest.raises(errors.UserError, match='other settings.*--overwrite'):
     vf.prepare(other, data_dir)
   rebuilt = vf.prepare(other, data_dir, overwrite=True)
   assert not rebuilt.reused
@@ -305,14 +306,14 @@ def _wired() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _wired(), reason='datasets.get_builder does not resolve video_folder/ yet')
 def test_train_evaluate_predict_with_class_names(source, built, tmp_path):
-  from har_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from har_jax.evaluation import checkpoint_eval  # pylint: disable=g-import-not-at-top
   from har_jax import predict  # pylint: disable=g-import-not-at-top
   from har_jax import train  # pylint: disable=g-import-not-at-top
   config = _tiny_config(built[2], **{'eval.num_clips': 1, 'eval.num_crops': 1})
   workdir = str(tmp_path / 'workdir')
   final = train.train_and_evaluate(config, workdir)
   assert final['num_videos'] == 6 and np.isfinite(final['loss'])
-  [report] = evaluate.evaluate(config, workdir, checkpoint='latest')
+  [report] = checkpoint_eval.evaluate(config, workdir, checkpoint='latest')
   assert report['class_names'] == list(CLASSES)
   assert set(report['per_class_accuracy']) == set(CLASSES)
   [result] = predict.predict_files([os.path.join(source[0], PORTRAIT)], workdir,
@@ -393,13 +394,13 @@ def test_linked_class_folder_works_and_one_file_never_counts_twice(tmp_path, cap
   assert 'sit/c_again.avi' in caplog.text and 'same file' in caplog.text
   # The same file in two classes, or in train/ and test/, has no right label or split.
   os.symlink(os.path.join(root, 'sit', 'd.avi'), os.path.join(root, 'walk', 'd.avi'))
-  with pytest.raises(vf.VideoFolderError, match=r'same file.*sit/d\.avi.*walk/d\.avi'):
+  with pytest.raises(errors.UserError, match=r'same file.*sit/d\.avi.*walk/d\.avi'):
     vf.plan_splits(vf.VideoFolderConfig(name='x', source=root))
   split_root = str(tmp_path / 'split')
   _touch(split_root, ['train/a/1.avi', 'train/b/2.avi', 'test/a/3.avi', 'test/b/4.avi'])
   os.symlink(os.path.join(split_root, 'train', 'a', '1.avi'),
              os.path.join(split_root, 'test', 'a', 'leak.avi'))
-  with pytest.raises(vf.VideoFolderError, match=r'same file.*test/a/leak\.avi.*train/a/1\.avi'):
+  with pytest.raises(errors.UserError, match=r'same file.*test/a/leak\.avi.*train/a/1\.avi'):
     vf.plan_splits(vf.VideoFolderConfig(name='x', source=split_root))
 
 
@@ -418,6 +419,6 @@ def test_class_names_that_a_label_file_cannot_hold_are_refused(tmp_path, bad):
   """Issue 16.2: ClassLabel stores one name per line, stripped; such a name shifts every label."""
   root = str(tmp_path / 's')
   _touch(root, ['a/1.avi', 'a/2.avi', f'{bad}/3.avi', f'{bad}/4.avi', 'z/5.avi', 'z/6.avi'])
-  with pytest.raises(vf.VideoFolderError, match='Class folder .*' + repr(bad)[1:-1].replace(
+  with pytest.raises(errors.UserError, match='Class folder .*' + repr(bad)[1:-1].replace(
       '\\', '\\\\') + '.*rename'):
     vf.plan_splits(vf.VideoFolderConfig(name='x', source=root))

@@ -11,6 +11,7 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from har_jax import errors
 from har_jax.data import frame_store
 from har_jax.data import synthetic_actions  # Defines (and so registers) the TFDS builder.
 from har_jax.data import video_folder
@@ -24,16 +25,17 @@ UCF101_CONFIGS = ('ucf101_1_256', 'ucf101_1', 'ucf101_2', 'ucf101_3')
 _GROUP_SPLIT_RE = re.compile(r'(?P<base>[^|]+)\|(?P<part>train|val)_groups=(?P<fraction>[0-9.]+)')
 
 
-class DatasetError(ValueError):
-  """A dataset that is missing, unprepared or misconfigured, with what to do about it."""
-
-
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  """What the trainer needs to know about a dataset."""
+  """What the trainer needs to know about a dataset.
+
+  frame_geometry: how its frames were made from the source videos (see `frame_geometry`); saved
+  with every checkpoint, so that prediction gives raw video the same geometry.
+  """
   name: str
   class_names: tuple[str, ...]
   split_sizes: dict[str, int]
+  frame_geometry: dict = dataclasses.field(default_factory=lambda: {'resize': 'none'})
 
   @property
   def num_classes(self) -> int:
@@ -74,12 +76,9 @@ def get_builder(dataset_config) -> tfds.core.DatasetBuilder:
   base, config_name = _split_name_and_config(name)
   store_path = os.path.join(data_dir or _default_data_dir(), name)
   if frame_store.exists(store_path):
-    try:
-      return frame_store.FrameStore(store_path)
-    except frame_store.FrameStoreError as e:
-      raise DatasetError(str(e)) from None
+    return frame_store.FrameStore(store_path)
   if base == UCF101_FRAMES:
-    raise DatasetError(
+    raise errors.UserError(
         f'Frame store {name!r} is not prepared in {data_dir or _default_data_dir()!r} (no '
         f'{store_path}). Build it from your UCF101 copy with: python scripts/prepare_ucf101.py '
         f'--source <UCF101 folder or zips> --data_dir {data_dir or "<data_dir>"} '
@@ -88,25 +87,22 @@ def get_builder(dataset_config) -> tfds.core.DatasetBuilder:
     _check_synthetic_config(name, config_name or 'default')
     return synthetic_actions.prepare(data_dir or _default_data_dir(), config_name or 'default')
   if base in ('ucf101',) + GROUPED_DATASETS and config_name not in UCF101_CONFIGS:
-    raise DatasetError(
+    raise errors.UserError(
         f'Unknown UCF101 config {config_name!r} in config.dataset.name={name!r}; use '
         f"'{base}/<config>' with <config> one of {UCF101_CONFIGS}.")
   if base in GROUPED_DATASETS:
     return _prepared_grouped_builder(dataset_config, base, config_name)
   if base == video_folder.NAME:
-    try:
-      return video_folder.load(data_dir or _default_data_dir(), config_name)
-    except video_folder.VideoFolderError as e:
-      raise DatasetError(str(e)) from None
+    return video_folder.load(data_dir or _default_data_dir(), config_name)
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
-    raise DatasetError(_unknown_dataset_message(name)) from None
+    raise errors.UserError(_unknown_dataset_message(name)) from None
   except ValueError as e:  # Unknown builder config, e.g. 'ucf101/ucf101_9'.
-    raise DatasetError(f'Bad config.dataset.name {name!r}: {e}') from None
+    raise errors.UserError(f'Bad config.dataset.name {name!r}: {e}') from None
   if not builder.info.splits or not builder.info.splits.total_num_examples:
     hint = _prepare_hint(data_dir, config_name, base) if base == 'ucf101' else ''
-    raise DatasetError(
+    raise errors.UserError(
         f'Dataset {name!r} is not prepared in {builder.data_dir_root!r} '
         f'(config.dataset.data_dir={dataset_config.data_dir!r}).{hint}')
   return builder
@@ -115,8 +111,8 @@ def get_builder(dataset_config) -> tfds.core.DatasetBuilder:
 def _check_synthetic_config(name: str, config_name: str):
   configs = sorted(synthetic_actions.SyntheticActions.builder_configs)
   if config_name not in configs:
-    raise DatasetError(f'Unknown synthetic_actions config {config_name!r} in '
-                       f'config.dataset.name={name!r}; use one of {configs}.')
+    raise errors.UserError(f'Unknown synthetic_actions config {config_name!r} in '
+                           f'config.dataset.name={name!r}; use one of {configs}.')
 
 
 def _unknown_dataset_message(name: str) -> str:
@@ -145,7 +141,7 @@ def _prepared_grouped_builder(dataset_config, base: str, config_name: str):
     return tfds.builder_from_directory(_latest_version_dir(os.path.join(data_dir, base,
                                                                         config_name)))
   except FileNotFoundError:
-    raise DatasetError(
+    raise errors.UserError(
         f'Dataset {dataset_config.name!r} is not prepared in {data_dir!r} '
         f'(config.dataset.data_dir={dataset_config.data_dir!r}).'
         + _prepare_hint(data_dir, config_name, base)) from None
@@ -171,16 +167,40 @@ def get_info(builder: tfds.core.DatasetBuilder) -> DatasetInfo:
   """Class names and split sizes of a prepared builder (or frame store)."""
   if isinstance(builder, frame_store.FrameStore):
     return DatasetInfo(name=builder.name, class_names=builder.class_names,
-                       split_sizes=builder.split_sizes)
+                       split_sizes=builder.split_sizes, frame_geometry=frame_geometry(builder))
   features = builder.info.features
   if 'label' not in features or 'video' not in features:
-    raise DatasetError(
+    raise errors.UserError(
         f'Dataset {builder.info.full_name!r} has features {list(features.keys())}; har_jax needs a '
         "'video' (tfds.features.Video of JPEG frames) and a 'label' (ClassLabel).")
   return DatasetInfo(
       name=builder.info.full_name,
       class_names=tuple(features['label'].names),
-      split_sizes={k: v.num_examples for k, v in builder.info.splits.items()})
+      split_sizes={k: v.num_examples for k, v in builder.info.splits.items()},
+      frame_geometry=frame_geometry(builder))
+
+
+def frame_geometry(builder) -> dict:
+  """How a dataset's frames were made from the source videos, as a JSON-able dict:
+
+    {'resize': 'squash', 'size': [h, w]}: every frame resized to h x w, its aspect ratio not kept
+        (the stock TFDS ucf101_*_256 records squash UCF101's 320x240 to 256x256; datasets that
+        declare one frame size);
+    {'resize': 'short_side', 'size': s}: short side s pixels, aspect kept (frame stores written
+        by prepare_ucf101.py --short_side, video_folder datasets);
+    {'resize': 'none'}: the frames as decoded.
+  """
+  if isinstance(builder, frame_store.FrameStore):
+    settings = builder.info.get('settings', {})
+    if 'frame_geometry' in settings:
+      return dict(settings['frame_geometry'])
+    short_side = int(settings.get('short_side', 0) or 0)
+    return {'resize': 'short_side', 'size': short_side} if short_side else {'resize': 'none'}
+  if builder.info.name == video_folder.NAME:
+    short_side = int((builder.info.metadata or {}).get('settings', {}).get('short_side', 0) or 0)
+    return {'resize': 'short_side', 'size': short_side} if short_side else {'resize': 'none'}
+  size = static_frame_size(builder)
+  return {'resize': 'squash', 'size': list(size)} if size else {'resize': 'none'}
 
 
 def resolve_split(dataset_config, purpose: str) -> str:
@@ -200,7 +220,7 @@ def resolve_split(dataset_config, purpose: str) -> str:
   if fraction <= 0:
     return train if purpose == 'train' else dataset_config.eval_split
   if not 0 < fraction < 1:
-    raise DatasetError(f'config.dataset.val_split={fraction} must be a fraction in (0, 1).')
+    raise errors.UserError(f'config.dataset.val_split={fraction} must be a fraction in (0, 1).')
   base, _ = _split_name_and_config(dataset_config.name)
   if base in GROUPED_DATASETS:
     return f'{train}|{purpose}_groups={fraction:g}'
@@ -238,14 +258,14 @@ def _group_counts(builder, base: str) -> dict[int, int]:
   if isinstance(builder, frame_store.FrameStore):
     groups = builder.videos['group'][builder.split_rows(base)]
     if np.any(groups < 0):
-      raise DatasetError(f'Frame store {builder.name!r} has no UCF101 groups in split {base!r}; '
-                         'validation holds out whole groups only on UCF101 stores.')
+      raise errors.UserError(f'Frame store {builder.name!r} has no UCF101 groups in split '
+                             f'{base!r}; validation holds out whole groups only on UCF101 stores.')
     values, counts = np.unique(groups, return_counts=True)
     return {int(g): int(n) for g, n in zip(values, counts)}
   metadata = builder.info.metadata or {}
   counts = metadata.get('group_counts', {}).get(base)
   if not counts:
-    raise DatasetError(
+    raise errors.UserError(
         f'{builder.info.full_name!r} has no group counts for split {base!r} in its metadata.json; '
         'rebuild it with scripts/prepare_ucf101.py --variant ucf101_meta.')
   return {int(g): int(n) for g, n in counts.items()}
@@ -256,7 +276,7 @@ def split_groups(builder, group_split: GroupSplit) -> list[int]:
   groups = sorted(_group_counts(builder, group_split.base))
   num_val = max(1, round(group_split.fraction * len(groups)))
   if num_val >= len(groups):
-    raise DatasetError(
+    raise errors.UserError(
         f'config.dataset.val_split={group_split.fraction:g} holds out {num_val} of the '
         f'{len(groups)} groups of {group_split.base!r}, leaving none to train on; use a smaller '
         'fraction.')
@@ -275,10 +295,7 @@ def split_rows(store: frame_store.FrameStore, split: str) -> np.ndarray:
 def num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
   """Number of examples in a split string such as 'train[:90%]' or 'train|val_groups=0.1'."""
   if isinstance(builder, frame_store.FrameStore):
-    try:
-      return len(split_rows(builder, split))
-    except frame_store.FrameStoreError as e:
-      raise DatasetError(str(e)) from None
+    return len(split_rows(builder, split))
   group_split = parse_group_split(split)
   if group_split:
     counts = _group_counts(builder, group_split.base)
@@ -286,7 +303,7 @@ def num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
   try:
     return builder.info.splits[split].num_examples
   except (KeyError, ValueError):  # TFDS: ValueError('Unknown split ...') or a bad slice.
-    raise DatasetError(
+    raise errors.UserError(
         f'Split {split!r} does not exist in {builder.info.full_name!r}; it has '
         f'{sorted(builder.info.splits.keys())}.') from None
 

@@ -47,6 +47,8 @@ from PIL import Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from har_jax import errors
+
 FORMAT = 'har_jax.frame_store'
 FORMAT_VERSION = 1
 INFO_FILE = 'frame_store.json'
@@ -59,9 +61,6 @@ _VIDEO_DTYPES = dict(label=np.int32, file_index=np.int32, first=np.int64, num_fr
                      height=np.int32, width=np.int32, group=np.int32, fps=np.float32, name=str)
 _FRAME_DTYPES = dict(offset=np.int64, size=np.int32, crc32=np.uint32)
 
-
-class FrameStoreError(ValueError):
-  """A frame store that is missing, incomplete or damaged, with what to do about it."""
 
 
 def exists(path: str) -> bool:
@@ -110,10 +109,10 @@ class Writer:
                 fps: float = 0.0) -> int:
     """Appends one video's JPEG frames (in order); returns its row."""
     if not jpegs:
-      raise FrameStoreError(f'Video {name!r} has no frames.')
+      raise errors.UserError(f'Video {name!r} has no frames.')
     if not 0 <= label < len(self._info['class_names']):
-      raise FrameStoreError(f'Video {name!r} has label {label}, outside the '
-                            f'{len(self._info["class_names"])} classes.')
+      raise errors.UserError(f'Video {name!r} has label {label}, outside the '
+                             f'{len(self._info["class_names"])} classes.')
     file = self._file_for(sum(len(j) for j in jpegs))
     first = len(self._frames['offset'])
     for jpeg in jpegs:
@@ -131,7 +130,7 @@ class Writer:
 
   def add_split(self, split: str, rows: Sequence[int]):
     if not split.isidentifier():
-      raise FrameStoreError(f'Split name {split!r} must be letters, digits and _.')
+      raise errors.UserError(f'Split name {split!r} must be letters, digits and _.')
     self._splits[split] = np.asarray(rows, np.int64)
 
   def finish(self) -> 'FrameStore':
@@ -139,7 +138,7 @@ class Writer:
     if self._file is not None:
       self._file.close()
     if not self._splits:
-      raise FrameStoreError('A frame store needs at least one split (add_split).')
+      raise errors.UserError('A frame store needs at least one split (add_split).')
     count = len(self._files)
     files = [f'frames-{i:05d}-of-{count:05d}.bin' for i in range(count)]
     for old, new in zip(self._files, files):
@@ -158,8 +157,8 @@ class Writer:
     with open(os.path.join(self._tmp, INFO_FILE), 'w') as f:
       json.dump(self._info, f, indent=1)
     if os.path.exists(self.path):
-      raise FrameStoreError(f'{self.path} appeared while writing; the new store is left in '
-                            f'{self._tmp}.')
+      raise errors.UserError(f'{self.path} appeared while writing; the new store is left in '
+                             f'{self._tmp}.')
     os.rename(self._tmp, self.path)
     return FrameStore(self.path)
 
@@ -192,26 +191,26 @@ class FrameStore:
       with open(info_path) as f:
         self.info = json.load(f)
     except FileNotFoundError:
-      raise FrameStoreError(f'No frame store in {self.path} (no {INFO_FILE}).') from None
+      raise errors.UserError(f'No frame store in {self.path} (no {INFO_FILE}).') from None
     except (OSError, ValueError) as e:
-      raise FrameStoreError(f'{info_path} cannot be read ({e}); rebuild the store.') from None
+      raise errors.UserError(f'{info_path} cannot be read ({e}); rebuild the store.') from None
     if (not isinstance(self.info, dict) or self.info.get('format') != FORMAT or
         self.info.get('format_version') != FORMAT_VERSION):
-      raise FrameStoreError(f'{info_path} is not a version-{FORMAT_VERSION} {FORMAT} file.')
+      raise errors.UserError(f'{info_path} is not a version-{FORMAT_VERSION} {FORMAT} file.')
     needed = self.info['files'] + [VIDEOS_FILE, FRAMES_FILE]
     needed += [f'split_{s}.npy' for s in self.info['splits']]
     missing = [f for f in needed if not os.path.isfile(os.path.join(self.path, f))]
     if missing:
-      raise FrameStoreError(f'Frame store {self.path} is incomplete: {missing[:3]} missing. '
-                            'Restore the files or rebuild the store.')
+      raise errors.UserError(f'Frame store {self.path} is incomplete: {missing[:3]} missing. '
+                             'Restore the files or rebuild the store.')
     try:
       with np.load(os.path.join(self.path, VIDEOS_FILE)) as table:
         self.videos = {c: table[c] for c in _VIDEO_COLUMNS}
       with np.load(os.path.join(self.path, FRAMES_FILE)) as table:
         self.frames = {c: table[c] for c in _FRAME_DTYPES}
     except (OSError, ValueError, KeyError) as e:
-      raise FrameStoreError(f'The tables of frame store {self.path} cannot be read ({e}); '
-                            'rebuild the store.') from None
+      raise errors.UserError(f'The tables of frame store {self.path} cannot be read ({e}); '
+                             'rebuild the store.') from None
     self._rows = {}
 
   @property
@@ -240,8 +239,8 @@ class FrameStore:
     try:
       instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(infos)
     except (ValueError, AssertionError, KeyError) as e:
-      raise FrameStoreError(f'Split {split!r} of frame store {self.name!r}: {e} (it has '
-                            f'{sorted(self.split_sizes)}).') from None
+      raise errors.UserError(f'Split {split!r} of frame store {self.name!r}: {e} (it has '
+                             f'{sorted(self.split_sizes)}).') from None
     parts = []
     for instruction in instructions:
       rows = self._base_rows(instruction.splitname)
@@ -317,7 +316,8 @@ def convert(builder, path: str, *, name: str, splits: Optional[Sequence[str]] = 
   from har_jax.data import datasets  # pylint: disable=g-import-not-at-top  (datasets imports us)
   features = builder.info.features
   writer = Writer(path, name=name, class_names=features['label'].names,
-                  settings={'converted_from': builder.info.full_name})
+                  settings={'converted_from': builder.info.full_name,
+                            'frame_geometry': datasets.frame_geometry(builder)})
   try:
     last = time.monotonic()
     for split in splits or sorted(builder.info.splits.keys()):

@@ -64,6 +64,7 @@ import jax
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from har_jax import errors
 from har_jax import parallel
 from har_jax.data import datasets
 from har_jax.data import frame_store
@@ -421,7 +422,7 @@ def _frame_store_train_clips(store: frame_store.FrameStore, split: str, config, 
   rows = datasets.split_rows(store, split)
   num_videos = len(rows)
   if not num_videos:
-    raise datasets.DatasetError(f'Split {split!r} of {store.name!r} has no videos.')
+    raise errors.UserError(f'Split {split!r} of {store.name!r} has no videos.')
   global_batch = local_batch * process_count
   table = {k: tf.constant(store.videos[k][rows]) for k in ('num_frames', 'label', 'name')}
   rows = tf.constant(rows)
@@ -532,7 +533,7 @@ def _numpy_batches(dataset: tf.data.Dataset) -> Iterator[dict]:
       return
     except tf.errors.DataLossError as e:
       detail = ' '.join(e.message.split())[:400]
-      raise datasets.DatasetError(
+      raise errors.UserError(
           f'A record file of the dataset is truncated or corrupt ({detail}). Restore the file, or '
           "rebuild the records: delete the dataset's version folder and rerun "
           'scripts/prepare_ucf101.py.') from e

@@ -77,6 +77,21 @@ def jpeg_ratio_index(stored_short_side: tf.Tensor, target_short_side: int) -> tf
   return index
 
 
+def jpeg_ratio(stored_short_side: int, resize_size: int) -> int:
+  """The largest of JPEG_RATIOS that keeps the short side >= resize_size (1 for resize_size 0):
+  `jpeg_ratio_index` for sizes known in Python."""
+  return max(r for r in JPEG_RATIOS
+             if r == 1 or (resize_size > 0 and stored_short_side // r >= resize_size))
+
+
+def jpeg_scaled_size(stored_size: tuple[int, int], resize_size: int) -> tuple[int, int]:
+  """(height, width) the JPEG decoder gives for frames stored at `stored_size`, scaled down by
+  `jpeg_ratio` and rounded up as libjpeg does."""
+  height, width = stored_size
+  ratio = jpeg_ratio(min(height, width), resize_size)
+  return -(-height // ratio), -(-width // ratio)
+
+
 def decoded_size(stored_size: tuple[int, int], resize_size: int) -> tuple[int, int]:
   """(height, width) that decode_frames gives for frames stored at `stored_size` (pixels).
 
@@ -84,11 +99,9 @@ def decoded_size(stored_size: tuple[int, int], resize_size: int) -> tuple[int, i
   the short side is then resized to resize_size, the long side in proportion (float32, rounded
   half to even, as resize_short_side computes it).
   """
-  height, width = stored_size
+  height, width = jpeg_scaled_size(stored_size, resize_size)
   if resize_size <= 0:
     return height, width
-  ratio = max(r for r in JPEG_RATIOS if min(height, width) // r >= resize_size or r == 1)
-  height, width = -(-height // ratio), -(-width // ratio)
   short = min(height, width)
   if short == resize_size:
     return height, width
@@ -113,7 +126,7 @@ def decode_frames(jpegs: tf.Tensor, resize_size: int,
   """
   if stored_size is not None:
     height, width = decoded_size(stored_size, resize_size)
-    ratio = max(r for r in JPEG_RATIOS if min(stored_size) // r >= resize_size or r == 1)
+    ratio = jpeg_ratio(min(stored_size), resize_size)
     frames = tf.map_fn(lambda x: tf.io.decode_jpeg(x, channels=3, ratio=ratio), jpegs,
                        fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8),
                        parallel_iterations=1)

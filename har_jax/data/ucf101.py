@@ -39,6 +39,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.video import ucf101 as tfds_ucf101
 
+from har_jax import errors
 from har_jax.data import frame_store
 
 CONFIG_NAMES = tuple(c.name for c in tfds_ucf101.Ucf101.BUILDER_CONFIGS)
@@ -51,19 +52,13 @@ _NAME_RE = re.compile(r'v_(?P<cls>\w+?)_g(?P<group>\d+)_c(?P<clip>\d+)')
 _QUIRK = ('HandStandPushups', 'HandstandPushups')
 
 
-class SourceError(ValueError):
-  """The UCF101 source copy is missing, incomplete or in an unknown layout."""
-
-
-class FfmpegMissingError(RuntimeError):
-  """ffmpeg, which TFDS uses to extract frames, is not installed."""
 
 
 def check_ffmpeg() -> str:
-  """Returns the path of ffmpeg, or raises FfmpegMissingError with install advice."""
+  """Returns the path of ffmpeg, or raises errors.UserError with install advice."""
   path = shutil.which('ffmpeg')
   if not path:
-    raise FfmpegMissingError(
+    raise errors.UserError(
         'ffmpeg was not found on PATH; TFDS needs it to extract the video frames. Install it: '
         "'sudo apt-get install -y ffmpeg' (Debian/Ubuntu), 'brew install ffmpeg' (macOS) or "
         "'conda install -c conda-forge ffmpeg', then rerun.")
@@ -75,7 +70,8 @@ def parse_video_name(name: str) -> dict:
   stem = os.path.splitext(os.path.basename(name))[0]
   match = _NAME_RE.fullmatch(stem)
   if not match:
-    raise SourceError(f'Video name {name!r} does not follow the UCF101 v_<Class>_gNN_cNN pattern.')
+    raise errors.UserError(f'Video name {name!r} does not follow the UCF101 v_<Class>_gNN_cNN '
+                           'pattern.')
   return {'name': stem, 'group': int(match['group']), 'clip': int(match['clip'])}
 
 
@@ -100,25 +96,25 @@ class UcfSource:
       self._add(os.path.expanduser(path))
     self.description = ', '.join(paths)
     if not self._lists:
-      raise SourceError(
+      raise errors.UserError(
           f'No UCF101 split lists ({LIST_DIR}/trainlist01.txt ...) found in {self.description}. '
           'Pass the folder holding the extracted UCF101 and ucfTrainTestlist folders, or the zip '
           'files UCF101_videos.zip and UCF101TrainTestSplits-RecognitionTask.zip.')
     if not self._videos:
-      raise SourceError(
+      raise errors.UserError(
           f'No UCF101 .avi videos found in {self.description}. Expected UCF-101/<Class>/*.avi '
           '(extracted from UCF101.rar, e.g. `unrar x UCF101.rar`), UCF101/*.avi or '
           'UCF101_videos.zip.')
 
   def _add(self, path: str):
     if not os.path.exists(path):
-      raise SourceError(f'UCF101 source {path!r} does not exist.')
+      raise errors.UserError(f'UCF101 source {path!r} does not exist.')
     if os.path.isfile(path):
       if path.lower().endswith('.rar'):
-        raise SourceError(f'{path!r} is a rar archive; extract it first (`unrar x {path}`) and '
-                          'pass the extracted folder.')
+        raise errors.UserError(f'{path!r} is a rar archive; extract it first (`unrar x {path}`) '
+                               'and pass the extracted folder.')
       if not zipfile.is_zipfile(path):
-        raise SourceError(f'{path!r} is neither a folder nor a zip file.')
+        raise errors.UserError(f'{path!r} is neither a folder nor a zip file.')
       self._add_zip(zipfile.ZipFile(path))
       return
     for root, _, files in os.walk(path, followlinks=True):
@@ -148,8 +144,8 @@ class UcfSource:
   def entries(self, list_name: str) -> list[tuple[str, str]]:
     """(class name, video file name) of every line of a split list, e.g. 'trainlist01.txt'."""
     if list_name not in self._lists:
-      raise SourceError(f'Split list {LIST_DIR}/{list_name} missing from {self.description}; '
-                        f'found {sorted(self._lists)}.')
+      raise errors.UserError(f'Split list {LIST_DIR}/{list_name} missing from {self.description}; '
+                             f'found {sorted(self._lists)}.')
     out = []
     for line in self._lists[list_name].splitlines():
       if line.strip():
@@ -189,14 +185,15 @@ class LocalUcf101(tfds_ucf101.Ucf101, skip_registration=True):
       message = (f'{len(missing)} of {len(entries)} videos listed in {LIST_DIR}/{list_name} are '
                  f'missing from {self._source.description}, e.g. {missing[:3]}.')
       if not self._allow_missing:
-        raise SourceError(message + ' Fix the copy, or pass --allow_missing to build without them.')
+        raise errors.UserError(message + ' Fix the copy, or pass --allow_missing to build '
+                               'without them.')
       logging.warning('%s Building without them (--allow_missing).', message)
     return [(c, f) for c, f in entries if self._source.has_video(f)]
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Never downloads: everything comes from the local source.
     if self._source is None:
-      raise SourceError('LocalUcf101 needs source=UcfSource(...) to generate records.')
+      raise errors.UserError('LocalUcf101 needs source=UcfSource(...) to generate records.')
     return {split: self._generate_examples(entries=self._available_entries(split))
             for split in ('train', 'test')}
 
@@ -291,9 +288,9 @@ def prepare(source: Union[str, list[str]], data_dir: str, config: str = 'ucf101_
   so an interrupted run never leaves a readable partial dataset; rerunning starts that config over.
   """
   if config not in CONFIG_NAMES:
-    raise SourceError(f'Unknown UCF101 config {config!r}; use one of {CONFIG_NAMES}.')
+    raise errors.UserError(f'Unknown UCF101 config {config!r}; use one of {CONFIG_NAMES}.')
   if variant not in BUILDERS:
-    raise SourceError(f'Unknown variant {variant!r}; use one of {sorted(BUILDERS)}.')
+    raise errors.UserError(f'Unknown variant {variant!r}; use one of {sorted(BUILDERS)}.')
   data_dir = os.path.expanduser(data_dir)
   probe = BUILDERS[variant](config=config, data_dir=data_dir)
   if probe.is_prepared():
@@ -370,8 +367,8 @@ def _split_entries(source: UcfSource, allow_missing: bool) -> dict[str, list[tup
         message = (f'{len(missing)} of {len(entries)} videos listed in {LIST_DIR}/{list_name} '
                    f'are missing from {source.description}, e.g. {missing[:3]}.')
         if not allow_missing:
-          raise SourceError(message + ' Fix the copy, or pass --allow_missing to build without '
-                            'them.')
+          raise errors.UserError(message + ' Fix the copy, or pass --allow_missing to build '
+                                 'without them.')
         logging.warning('%s Building without them (--allow_missing).', message)
       splits[f'{split}{number}'] = [(c, f) for c, f in entries if source.has_video(f)]
   return splits
@@ -388,7 +385,7 @@ def prepare_frames(source: Union[str, list[str]], data_dir: str, short_side: int
   renamed when complete: an interrupted run leaves nothing readable, and a rerun starts over.
   """
   if short_side <= 0:
-    raise SourceError(f'short_side={short_side} must be a positive number of pixels.')
+    raise errors.UserError(f'short_side={short_side} must be a positive number of pixels.')
   name = frames_name(short_side)
   path = os.path.join(os.path.expanduser(data_dir), FRAMES_NAME, f's{short_side}')
   if frame_store.exists(path):
@@ -403,8 +400,8 @@ def prepare_frames(source: Union[str, list[str]], data_dir: str, short_side: int
   class_names = LocalUcf101(config='ucf101_1').info.features['label'].names
   unknown = sorted({c for c, _ in videos} - set(class_names))
   if unknown:
-    raise SourceError(f'The split lists of {ucf_source.description} name classes that UCF101 '
-                      f'does not have: {unknown[:5]}.')
+    raise errors.UserError(f'The split lists of {ucf_source.description} name classes that UCF101 '
+                           f'does not have: {unknown[:5]}.')
   frame_store.remove_incomplete(path)
   writer = frame_store.Writer(path, name=name, class_names=class_names, settings={
       'source': ucf_source.description, 'short_side': short_side,
@@ -432,8 +429,8 @@ def _write_videos(writer: frame_store.Writer, source: UcfSource, videos, class_n
     try:
       return extract_frames(video, short_side), _video_fps(video)
     except (ValueError, OSError) as e:
-      raise SourceError(f'Video {file_name} of {source.description} cannot be read: {e}. Replace '
-                        'the file, or remove it and pass --allow_missing.') from None
+      raise errors.UserError(f'Video {file_name} of {source.description} cannot be read: {e}. '
+                             'Replace the file, or remove it and pass --allow_missing.') from None
 
   rows, start, last = {}, time.monotonic(), time.monotonic()
   remaining, pending = iter(videos), collections.deque()

@@ -51,6 +51,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from har_jax import errors
 from har_jax.data import ucf101
 from har_jax.data import video_files
 
@@ -62,9 +63,6 @@ _NAME_RE = re.compile(r'[A-Za-z0-9][A-Za-z0-9_-]*')
 _JPEG_QUALITY = 90
 _PROGRESS_EVERY_S = 10.0
 
-
-class VideoFolderError(ValueError):
-  """A source folder, option or prepared dataset that cannot be used, with what to do about it."""
 
 
 @dataclasses.dataclass
@@ -168,7 +166,7 @@ def _class_videos(root: str, class_dir: str, prefix: str,
         rel = os.path.relpath(os.path.join(folder, f), root).replace(os.sep, '/')
         out.append(VideoFile(os.path.join(folder, f), prefix + rel, class_dir))
   if not out:
-    raise VideoFolderError(
+    raise errors.UserError(
         f'Class folder {os.path.join(root, class_dir)!r} holds no video files '
         f'({", ".join(VIDEO_EXTENSIONS)}). Add videos or remove the folder.')
   return sorted(out, key=lambda v: v.name)
@@ -177,7 +175,7 @@ def _class_videos(root: str, class_dir: str, prefix: str,
 def _check_class_name(root: str, class_dir: str):
   """Refuses a folder name that TFDS's ClassLabel file (one stripped name per line) would alter."""
   if '\n' in class_dir or '\r' in class_dir or class_dir != class_dir.strip():
-    raise VideoFolderError(
+    raise errors.UserError(
         f'Class folder {class_dir!r} in {root!r} has a line break or leading/trailing whitespace '
         'in its name; the dataset stores one class name per line, so every later label would '
         'shift. Please rename the folder.')
@@ -200,9 +198,9 @@ def _scan_classes(root: str, skipped_links: list,
   layouts = (f'<root>/<class>/<video>{{{",".join(VIDEO_EXTENSIONS)}}} or '
              '<root>/train/<class>/... and <root>/test/<class>/...')
   if not classes:
-    raise VideoFolderError(f'No class folders in {root!r}; expected {layouts}.')
+    raise errors.UserError(f'No class folders in {root!r}; expected {layouts}.')
   if len(classes) == 1:
-    raise VideoFolderError(
+    raise errors.UserError(
         f'{root!r} has one class folder ({classes[0]!r}); a classifier needs at least two '
         f'classes. Expected {layouts}.')
   for c in classes:
@@ -231,7 +229,7 @@ def _unique_files(per_split: dict) -> dict:
       continue
     names = sorted(v.name for _, v in uses)
     if len({(split, v.label) for split, v in uses}) > 1:
-      raise VideoFolderError(
+      raise errors.UserError(
           f'The same file ({real}) is in more than one class or split, as {names}; it cannot '
           'have one label and one split. Remove all but one of these names.')
     logging.warning('Counting the same file once: %s are one file (%s); using %s.',
@@ -249,12 +247,12 @@ def _report_links(skipped_links: list):
 def _read_list(path: str, root: str) -> set[str]:
   """Relative video names of a UCF101-format split list ('<class>/<file> [label]' lines)."""
   if not os.path.isfile(path):
-    raise VideoFolderError(f'Split list {path!r} does not exist.')
+    raise errors.UserError(f'Split list {path!r} does not exist.')
   with open(path, encoding='utf-8') as f:
     names = {line.split()[0].replace('\\', '/') for line in f if line.strip()}
   bad = sorted(n for n in names if '/' not in n)
   if bad:
-    raise VideoFolderError(f'Split list {path!r} has lines without a class folder, e.g. '
+    raise errors.UserError(f'Split list {path!r} has lines without a class folder, e.g. '
                            f'{bad[:3]}; each line must be <class>/<file> relative to {root!r}.')
   return names
 
@@ -280,25 +278,25 @@ def plan_splits(config: VideoFolderConfig, readable=None) -> Plan:
     readable: optional predicate on VideoFile; files failing it are left out before splitting.
 
   Raises:
-    VideoFolderError: a missing or empty source, a single class, a class without (readable)
+    errors.UserError: a missing or empty source, a single class, a class without (readable)
       videos, or inconsistent split options.
   """
   root = os.path.abspath(os.path.expanduser(config.source))
   if not os.path.isdir(root):
-    raise VideoFolderError(f'Source folder {config.source!r} does not exist or is not a folder; '
+    raise errors.UserError(f'Source folder {config.source!r} does not exist or is not a folder; '
                            'pass the folder holding one sub-folder of videos per class.')
   if not 0.0 < config.test_fraction < 1.0:
-    raise VideoFolderError(f'test_fraction={config.test_fraction} must be in (0, 1).')
+    raise errors.UserError(f'test_fraction={config.test_fraction} must be in (0, 1).')
   top = set(_subdirs(root))
   links = []  # (relative name, reason) of the directory links not followed.
   has_lists = bool(config.train_list or config.test_list)
   if top & set(SPLIT_DIRS):
     if not set(SPLIT_DIRS) <= top:
-      raise VideoFolderError(
+      raise errors.UserError(
           f'{root!r} has {sorted(top & set(SPLIT_DIRS))} but not both train/ and test/ folders. '
           'Use <root>/train/<class>/... with <root>/test/<class>/..., or one folder per class.')
     if has_lists:
-      raise VideoFolderError(f'{root!r} is split into train/ and test/ folders already; do not '
+      raise errors.UserError(f'{root!r} is split into train/ and test/ folders already; do not '
                              'also pass split lists.')
     if top - set(SPLIT_DIRS):
       logging.warning('Ignoring folders %s next to train/ and test/ in %s.',
@@ -308,7 +306,7 @@ def plan_splits(config: VideoFolderConfig, readable=None) -> Plan:
     _report_links(links)
     extra = sorted(set(per_split['test']) - set(per_split['train']))
     if extra:
-      raise VideoFolderError(f'Test classes {extra} have no folder in {root}/train/; every test '
+      raise errors.UserError(f'Test classes {extra} have no folder in {root}/train/; every test '
                              'class needs training videos.')
     class_names = tuple(sorted(per_split['train']))
     return _checked(Plan(class_names, _filter(per_split, readable), 'folders', tuple(links)),
@@ -344,7 +342,7 @@ def _list_splits(config: VideoFolderConfig, root: str, videos: list[VideoFile]) 
                                                  ('test', config.test_list)) if p}
   both = set.intersection(*listed.values()) if len(listed) == 2 else set()
   if both:
-    raise VideoFolderError(f'{len(both)} videos are in both split lists, e.g. {sorted(both)[:3]}.')
+    raise errors.UserError(f'{len(both)} videos are in both split lists, e.g. {sorted(both)[:3]}.')
   present = {v.name for v in videos}
   for split, names in listed.items():
     missing = sorted(names - present)
@@ -362,15 +360,15 @@ def _list_splits(config: VideoFolderConfig, root: str, videos: list[VideoFile]) 
 
 
 def _checked(plan: Plan, root: str) -> Plan:
-  """Raises VideoFolderError unless every class has training videos and test is not empty."""
+  """Raises errors.UserError unless every class has training videos and test is not empty."""
   counts = collections.Counter(v.label for v in plan.splits['train'])
   empty = [c for c in plan.class_names if not counts[c]]
   if empty:
-    raise VideoFolderError(
+    raise errors.UserError(
         f'Classes {empty} in {root!r} have no readable training videos (see the warnings above '
         'for the files that failed); add videos or remove those class folders.')
   if not plan.splits['test']:
-    raise VideoFolderError(f'The test split of {root!r} is empty; add test videos.')
+    raise errors.UserError(f'The test split of {root!r} is empty; add test videos.')
   return plan
 
 
@@ -402,8 +400,8 @@ def decode_video(path: str, short_side: int = 128, fps: float = 0.0,
     The JPEG frames and their rate.
 
   Raises:
-    av.error.FFmpegError, ValueError: the file cannot be read (a VideoFileError: not a plain video
-      file) or holds no decodable frame.
+    av.error.FFmpegError, video_files.VideoError, ValueError: the file cannot be read (a
+      VideoError: not a plain video file) or holds no decodable frame.
   """
   jpegs = []
   with video_files.open_video(path) as container:
@@ -435,7 +433,7 @@ def decode_video(path: str, short_side: int = 128, fps: float = 0.0,
   return DecodedVideo(jpegs, source_fps if keep_all else float(fps))
 
 
-_DECODE_ERRORS = (av.error.FFmpegError, ValueError, OSError, IndexError)
+_DECODE_ERRORS = (av.error.FFmpegError, video_files.VideoError, ValueError, OSError, IndexError)
 
 
 def _reason(error: Exception) -> str:
@@ -553,7 +551,7 @@ def dataset_dir(data_dir: str, name: str) -> str:
 
 def check_name(name: Optional[str]) -> str:
   if not name or not _NAME_RE.fullmatch(name):
-    raise VideoFolderError(
+    raise errors.UserError(
         f'Dataset name {name!r} is not valid; use letters, digits, _ and -, starting with a '
         "letter or digit (it becomes config.dataset.name='video_folder/<name>').")
   return name
@@ -563,12 +561,12 @@ def load(data_dir: str, name: Optional[str]) -> tfds.core.DatasetBuilder:
   """The prepared dataset `video_folder/<name>` in data_dir (needs no source folder).
 
   Raises:
-    VideoFolderError: the dataset is not prepared there, with the command that prepares it.
+    errors.UserError: the dataset is not prepared there, with the command that prepares it.
   """
   check_name(name)
   path = dataset_dir(data_dir, name)
   if not os.path.isfile(os.path.join(path, 'dataset_info.json')):
-    raise VideoFolderError(
+    raise errors.UserError(
         f'Dataset video_folder/{name} is not prepared in {data_dir!r} (no {path}). Build it with: '
         f'python scripts/prepare_video_folder.py --source <folder of class folders> '
         f'--data_dir {data_dir} --name {name}')
@@ -602,7 +600,7 @@ def prepare(config: VideoFolderConfig, data_dir: str, *, overwrite: bool = False
       logging.info('video_folder/%s is already prepared in %s; nothing to do.', config.name, path)
       return _result(existing, path, [tuple(s) for s in metadata.get('skipped', [])], True)
     if not overwrite:
-      raise VideoFolderError(
+      raise errors.UserError(
           f'video_folder/{config.name} in {path} was prepared with other settings '
           f'{metadata.get("settings")}; pass --overwrite to rebuild it, or choose another --name.')
     logging.warning('Removing %s to rebuild it (overwrite).', path)

@@ -1,18 +1,11 @@
-"""Exact video-level evaluation: run the model over a split, gather per-video logits, metrics.
-
-Every video of the split is seen exactly once across all processes: eval datasets are padded to the
-same number of batches everywhere and padded rows carry mask 0. Metrics are computed on the host in
-numpy from the gathered per-video logits, so they can be recomputed independently from a report.
-"""
+"""Evaluation metrics from per-video logits and labels, on the host, so that any number of a
+report can be recomputed from its per-video arrays."""
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Sequence
 
-import jax
-from jax.experimental import multihost_utils
 import numpy as np
-
-from har_jax.data import pipeline
+import optax
 
 
 @dataclasses.dataclass
@@ -22,57 +15,6 @@ class EvalOutputs:
   labels: np.ndarray  # [num_videos] int32.
   view_top1: np.ndarray  # [num_videos] float32, fraction of single views with a correct top-1.
   tfds_ids: np.ndarray  # [num_videos] str ('' when gathered from several processes).
-
-
-def run_eval(p_eval_step, state, builder, config, split: str, *, max_examples: int = 0,
-             devices: Optional[list] = None, **step_kwargs) -> EvalOutputs:
-  """Runs a pmapped eval step over `split` and gathers the per-video outputs of all processes.
-
-  Args:
-    devices: the local devices `p_eval_step` was pmapped over (default: all local devices).
-  """
-  local_batch = config.eval.batch_size // jax.process_count()
-  data = pipeline.create_eval_dataset(
-      builder, config, split, local_batch=local_batch, process_index=jax.process_index(),
-      process_count=jax.process_count(), max_examples=max_examples)
-  logits, labels, masks, view_top1, ids = [], [], [], [], []
-  for batch, host in pipeline.device_iterator(data.dataset, devices=devices):
-    out = p_eval_step(state, batch, **step_kwargs)
-    logits.append(out['logits'])
-    view_top1.append(out['view_top1'])
-    labels.append(batch['label'])
-    masks.append(batch['mask'])
-    ids.append(host['tfds_id'])
-  if not logits:
-    raise RuntimeError(f'Evaluation of split {split!r} produced no batches.')
-  local = {
-      'logits': _flatten(logits), 'labels': _flatten(labels), 'mask': _flatten(masks),
-      'view_top1': _flatten(view_top1)}
-  if jax.process_count() > 1:
-    local = {k: np.asarray(v).reshape((-1,) + v.shape[2:]) for k, v in
-             multihost_utils.process_allgather(local).items()}
-    tfds_ids = np.full(local['mask'].shape, '', dtype=object)
-  else:
-    tfds_ids = np.concatenate([np.asarray(i).astype(str) for i in ids])
-  keep = local['mask'].astype(bool)
-  outputs = EvalOutputs(logits=local['logits'][keep], labels=local['labels'][keep],
-                        view_top1=local['view_top1'][keep], tfds_ids=tfds_ids[keep])
-  if len(outputs.labels) != data.num_examples:
-    raise RuntimeError(f'Evaluated {len(outputs.labels)} videos of {split!r}, expected '
-                       f'{data.num_examples}: the eval data was not covered exactly once.')
-  return outputs
-
-
-def _flatten(arrays) -> np.ndarray:
-  """[num_batches] x [devices, per_device, ...] -> [num_batches * devices * per_device, ...]."""
-  stacked = np.stack([np.asarray(jax.device_get(a)) for a in arrays])
-  return stacked.reshape((-1,) + stacked.shape[3:])
-
-
-def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-  shifted = logits - logits.max(axis=-1, keepdims=True)
-  log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-  return -log_probs[np.arange(len(labels)), labels]
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -92,7 +34,7 @@ def scalar_metrics(outputs: EvalOutputs, num_classes: int) -> dict:
   return {
       'top1': float(top1.mean()),
       'top5': float(top5.mean()),
-      'loss': float(softmax_cross_entropy(logits, labels).mean()),
+      'loss': float(np.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))),
       'mean_class_accuracy': float(np.nanmean(per_class)),
       'clip_top1': float(outputs.view_top1.mean()),
       'num_videos': float(len(labels)),

@@ -15,6 +15,8 @@ from typing import Optional
 from absl import logging
 import jax
 
+from har_jax import errors
+
 # Libraries whose INFO lines drown the training log (orbax logs every file it writes).
 _CHATTY_PATHS = ('/orbax/', '/tensorflow_datasets/core/')
 # Environment variables that mean "this process is one of several" to JAX's cluster detection.
@@ -24,9 +26,6 @@ _CLUSTER_ENV = {
     'TPU_WORKER_HOSTNAMES': 'TPU pod',
 }
 
-
-class DistributedSetupError(RuntimeError):
-  """A launch that cannot work (bad process id, unreachable coordinator...)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,17 +60,17 @@ class DistributedSpec:
     missing = [name for name in ('coordinator_address', 'num_processes', 'process_id')
                if getattr(self, name) is None]
     if missing:
-      raise DistributedSetupError(
+      raise errors.UserError(
           f'Explicit multi-process launch needs --coordinator_address, --num_processes and '
           f'--process_id together; missing: {", ".join(missing)}.')
     if self.num_processes < 1:
-      raise DistributedSetupError(f'--num_processes={self.num_processes} must be >= 1.')
+      raise errors.UserError(f'--num_processes={self.num_processes} must be >= 1.')
     if not 0 <= self.process_id < self.num_processes:
-      raise DistributedSetupError(
+      raise errors.UserError(
           f'--process_id={self.process_id} is out of range for --num_processes='
           f'{self.num_processes}: use 0..{self.num_processes - 1}, one per process.')
     if ':' not in self.coordinator_address:
-      raise DistributedSetupError(
+      raise errors.UserError(
           f'--coordinator_address={self.coordinator_address!r} needs a port, e.g. '
           '10.0.0.2:1234 (the address of process 0).')
 
@@ -119,7 +118,7 @@ def wait_for_coordinator(address: str, timeout_s: float):
     except OSError as e:
       last_error = e
       time.sleep(0.5)
-  raise DistributedSetupError(
+  raise errors.UserError(
       f'Could not join the distributed runtime: no coordinator answered at {address} within '
       f'{timeout_s:g} s ({last_error}). Start process 0 (it hosts the coordinator) and check that '
       'the address and port are reachable from this host.')
@@ -134,7 +133,7 @@ def _initialize_distributed(spec: DistributedSpec, how: str):
         coordinator_address=spec.coordinator_address, num_processes=spec.num_processes,
         process_id=spec.process_id, initialization_timeout=spec.timeout_s)
   except Exception as e:  # pylint: disable=broad-except
-    raise DistributedSetupError(
+    raise errors.UserError(
         f'Could not join the distributed runtime ({how}) within {spec.timeout_s} s: '
         f'{type(e).__name__}: {e}. Check that process 0 is running and that the coordinator '
         'address and port are reachable from this host, and that every process got the same '

@@ -1,0 +1,238 @@
+"""What an evaluation reports: every number with its protocol, and how it is written to disk.
+
+Layout under `<workdir>/eval/`:
+  <split>_step_<N>.json         every number of one evaluation, its protocol and the class names
+  <split>_step_<N>_videos.npz   per-video logits and labels, to recompute any metric independently
+  events.out.tfevents.*         TensorBoard scalars and the confusion-matrix image (run 'eval')
+"""
+
+import datetime
+import json
+import math
+import os
+import re
+from typing import Optional, Sequence
+
+# Figure + the Agg canvas directly: headless, and no global pyplot backend state is touched.
+from matplotlib.backends import backend_agg
+from matplotlib import figure as mpl_figure
+import numpy as np
+
+from har_jax.evaluation import metrics
+
+EVAL_DIR = 'eval'
+SCALAR_KEYS = ('top1', 'top5', 'mean_class_accuracy', 'clip_top1', 'loss')
+
+
+def split_tag(split: str) -> str:
+  """A file- and tag-safe form of a TFDS split string: 'test[:50%]' -> 'test_50pct'."""
+  tag = re.sub(r'[^A-Za-z0-9_.-]+', '_', split.replace('%', 'pct')).strip('_')
+  if not tag:
+    raise ValueError(f'Split {split!r} has no usable characters for a file name.')
+  return tag
+
+
+def report_path(workdir: str, split: str, step: int) -> str:
+  """`<workdir>/eval/<split>_step_<step>.json`."""
+  return os.path.join(workdir, EVAL_DIR, f'{split_tag(split)}_step_{int(step)}.json')
+
+
+def videos_path(report_file: str) -> str:
+  """The per-video arrays beside a report: `<name>_videos.npz`."""
+  return report_file[:-len('.json')] + '_videos.npz'
+
+
+def to_json_value(value):
+  """Numpy arrays/scalars -> plain Python; NaN and infinities -> None (JSON has no NaN)."""
+  if isinstance(value, dict):
+    return {str(k): to_json_value(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [to_json_value(v) for v in value]
+  if isinstance(value, np.ndarray):
+    return to_json_value(value.tolist())
+  if isinstance(value, np.generic):
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+def write_json(path: str, report: dict) -> str:
+  """Writes `report` atomically (temporary file + rename), so a reader never sees half a file."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(to_json_value(report), f, indent=2, allow_nan=False)
+    f.write('\n')
+  os.replace(tmp, path)
+  return path
+
+
+def write_videos(path: str, **arrays: np.ndarray) -> str:
+  """Writes named per-video arrays (e.g. logits [num_videos, num_classes]) as an .npz file."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f'{path}.tmp.npz'
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+  return path
+
+
+def confusion_matrix_image(matrix: np.ndarray, class_names, title: str = '') -> np.ndarray:
+  """Renders a confusion matrix with labelled axes.
+
+  Args:
+    matrix: [num_classes, num_classes] counts; rows are true classes, columns predictions.
+    class_names: num_classes names, used as tick labels on both axes.
+    title: figure title.
+
+  Returns:
+    [height, width, 3] uint8 RGB image. Cell colour is the row-normalised fraction (recall);
+    counts are printed in the cells when there are at most 25 classes.
+  """
+  matrix = np.asarray(matrix)
+  n = len(class_names)
+  if matrix.shape != (n, n):
+    raise ValueError(f'Confusion matrix of shape {matrix.shape} does not match {n} class names.')
+  rows = matrix.sum(axis=1, keepdims=True)
+  fractions = matrix / np.maximum(rows, 1)
+  inches = max(5.0, 0.18 * n + 3.0)
+  fontsize = max(3.0, min(9.0, 420.0 / max(n, 1)))
+  fig = mpl_figure.Figure(figsize=(inches, inches), dpi=100)
+  canvas = backend_agg.FigureCanvasAgg(fig)
+  ax = fig.add_subplot(1, 1, 1)
+  im = ax.imshow(fractions, cmap='Blues', vmin=0.0, vmax=1.0, interpolation='nearest')
+  ax.set_xticks(range(n))
+  ax.set_yticks(range(n))
+  ax.set_xticklabels(class_names, rotation=90, fontsize=fontsize)
+  ax.set_yticklabels(class_names, fontsize=fontsize)
+  ax.set_xlabel('predicted class')
+  ax.set_ylabel('true class')
+  if title:
+    ax.set_title(title)
+  if n <= 25:
+    for i in range(n):
+      for j in range(n):
+        if matrix[i, j]:
+          colour = 'white' if fractions[i, j] > 0.5 else 'black'
+          ax.text(j, i, str(int(matrix[i, j])), ha='center', va='center', fontsize=fontsize,
+                  color=colour)
+  fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label='fraction of the true class')
+  fig.tight_layout()
+  canvas.draw()
+  return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def write_summaries(writer, step: int, scalars: dict, images: dict):
+  """Writes scalars {tag: float} and images {tag: [H, W, 3] uint8} at `step`, then flushes."""
+  writer.write_scalars(int(step), {k: float(v) for k, v in scalars.items()
+                                   if v is not None and math.isfinite(float(v))})
+  if images:
+    writer.write_images(int(step), {k: np.asarray(v)[None] for k, v in images.items()})
+  writer.flush()
+
+
+def protocol(config, split: str, step: int, num_videos: int, *,
+             config_name: Optional[str] = None) -> dict:
+  """How the numbers of a report were computed."""
+  return {
+      'config': config_name,
+      'dataset': config.dataset.name,
+      'split': split,
+      'checkpoint_step': int(step),
+      'num_videos': int(num_videos),
+      'num_frames': config.num_frames,
+      'frame_stride': config.frame_stride,
+      'image_size': config.image_size,
+      'resize_size': config.dataset.resize_size,
+      'short_video': config.dataset.short_video,
+      'num_clips': config.eval.num_clips,
+      'num_crops': config.eval.num_crops,
+      'views_per_video': config.eval.num_clips * config.eval.num_crops,
+      'video_level': 'logits averaged over all views of a video; every video counted once',
+      'clip_level': 'each single view (clip x crop) scored on its own, averaged over views',
+      'temporal_order': 'same views with the frames of every clip randomly permuted in time',
+  }
+
+
+def reversal_pairs(class_names: Sequence[str]) -> Optional[list[tuple[int, int]]]:
+  """Pairs of classes that differ only in temporal order, when the class list is known to have them
+  (the built-in synthetic set); None otherwise."""
+  from har_jax.data import synthetic_actions  # pylint: disable=g-import-not-at-top
+  if tuple(class_names) == tuple(synthetic_actions.CLASS_NAMES):
+    return list(synthetic_actions.REVERSAL_PAIRS)
+  return None
+
+
+def build_report(outputs: metrics.EvalOutputs, shuffled: metrics.EvalOutputs,
+                 class_names: Sequence[str], proto: dict) -> dict:
+  """Every number of one evaluation (plain values; NaN where a class has no videos)."""
+  class_names = list(class_names)
+  n = len(class_names)
+  if len(shuffled.labels) != len(outputs.labels) or np.any(shuffled.labels != outputs.labels):
+    raise ValueError('The time-shuffled evaluation did not see the same videos in the same order.')
+  full = metrics.detailed_metrics(outputs, n)
+  mixed = metrics.scalar_metrics(shuffled, n)
+  temporal = {
+      'shuffled': {k: mixed[k] for k in SCALAR_KEYS},
+      'top1_drop': full['top1'] - mixed['top1'],
+      'clip_top1_drop': full['clip_top1'] - mixed['clip_top1'],
+  }
+  pairs = reversal_pairs(class_names)
+  if pairs:
+    ordered = metrics.pair_accuracy(outputs.logits, outputs.labels, pairs)
+    unordered = metrics.pair_accuracy(shuffled.logits, shuffled.labels, pairs)
+    temporal['reversal_pairs'] = {
+        'pairs': [[class_names[a], class_names[b]] for a, b in pairs],
+        'chance': 0.5,
+        'accuracy': ordered['accuracy'],
+        'shuffled_accuracy': unordered['accuracy'],
+        'per_pair': ordered['per_pair'],
+        'shuffled_per_pair': unordered['per_pair'],
+        'num_videos': ordered['num_videos'],
+    }
+  return {
+      'checkpoint_step': proto['checkpoint_step'],
+      'split': proto['split'],
+      'metrics': {k: full[k] for k in SCALAR_KEYS + ('num_videos',)},
+      'per_class_accuracy': dict(zip(class_names, full['per_class_accuracy'].tolist())),
+      'confusion_matrix': {'rows': 'true class', 'columns': 'predicted class',
+                           'counts': full['confusion_matrix'].tolist()},
+      'temporal_order': temporal,
+      'protocol': proto,
+      'class_names': class_names,
+  }
+
+
+def summary_scalars(report: dict, prefix: str) -> dict:
+  """The TensorBoard scalars of a report, tagged `<prefix>/<name>`."""
+  scalars = {f'{prefix}/{k}': report['metrics'][k] for k in SCALAR_KEYS}
+  temporal = report['temporal_order']
+  scalars.update({f'{prefix}/shuffled_time/{k}': v for k, v in temporal['shuffled'].items()})
+  scalars[f'{prefix}/temporal_order_top1_drop'] = temporal['top1_drop']
+  if 'reversal_pairs' in temporal:
+    scalars[f'{prefix}/reversal_pair_accuracy'] = temporal['reversal_pairs']['accuracy']
+    scalars[f'{prefix}/shuffled_time/reversal_pair_accuracy'] = (
+        temporal['reversal_pairs']['shuffled_accuracy'])
+  return scalars
+
+
+def write_report(workdir: str, report: dict, outputs: metrics.EvalOutputs,
+                 shuffled: metrics.EvalOutputs, writer=None) -> str:
+  """Writes the JSON report, the per-video arrays and (with a writer) TensorBoard summaries."""
+  path = report_path(workdir, report['split'], report['checkpoint_step'])
+  videos = videos_path(path)
+  report = dict(report, per_video_file=os.path.basename(videos),
+                written=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))
+  write_videos(videos, logits=outputs.logits, labels=outputs.labels,
+                       view_top1=outputs.view_top1, tfds_ids=outputs.tfds_ids.astype(str),
+                       shuffled_logits=shuffled.logits, shuffled_view_top1=shuffled.view_top1)
+  write_json(path, report)
+  if writer is not None:
+    tag = split_tag(report['split'])
+    title = f"{report['split']} step {report['checkpoint_step']}: top-1 " \
+            f"{report['metrics']['top1']:.3f}"
+    image = confusion_matrix_image(
+        np.asarray(report['confusion_matrix']['counts']), report['class_names'], title)
+    write_summaries(writer, report['checkpoint_step'], summary_scalars(report, tag),
+                            {f'{tag}/confusion_matrix': image})
+  return path
