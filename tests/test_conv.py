@@ -1,4 +1,4 @@
-"""Tests for har_jax.models.conv: the patches-gradient convolution and its selection.
+"""Tests for har_jax.models.cpu_kernels.conv: the patches-gradient convolution and its selection.
 
 Small shapes only: every test compiles in a second or two on a CPU.
 """
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from har_jax import models
-from har_jax.models import conv
 from har_jax.models import encoders
+from har_jax.models.cpu_kernels import conv
 
 
 def _normal(seed, shape):

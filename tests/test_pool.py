@@ -1,4 +1,5 @@
-"""Tests for har_jax.models.pool: the max pool with a CPU-fast gradient, and its selection."""
+"""Tests for har_jax.models.cpu_kernels.pool: the max pool with a CPU-fast gradient and its
+selection."""
 
 import functools
 
@@ -9,9 +10,9 @@ import numpy as np
 import pytest
 
 from har_jax import models
-from har_jax.models import conv
 from har_jax.models import encoders
-from har_jax.models import pool
+from har_jax.models.cpu_kernels import conv
+from har_jax.models.cpu_kernels import pool
 
 
 def _inputs(kind: str, shape) -> jnp.ndarray:

@@ -5,9 +5,9 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from har_jax.models import conv as conv_lib
 from har_jax.models import encoders
-from har_jax.models import pool as pool_lib
+from har_jax.models.cpu_kernels import conv as conv_lib
+from har_jax.models.cpu_kernels import pool as pool_lib
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, in [0, 1] units.
 IMAGENET_STD = (0.229, 0.224, 0.225)

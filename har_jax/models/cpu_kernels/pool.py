@@ -30,7 +30,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from har_jax.models import conv as conv_lib
+from har_jax.models.cpu_kernels import conv as conv_lib
 
 
 def _window_pads(padding):
