@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from har_jax.models.cpu_kernels.conv import CONV_IMPLS
-from har_jax.models.cpu_kernels.conv import PatchesConv
+from har_jax.models.cpu_kernels.conv import CpuConv
 from har_jax.models.cpu_kernels.conv import conv_module
 from har_jax.models.cpu_kernels.conv import resolve_conv_impl
 from har_jax.models.encoders import ENCODERS
@@ -64,7 +64,7 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int,
 
 
 __all__ = [
-    'CONV_IMPLS', 'ENCODERS', 'LRCN', 'PREPROCESSING', 'PatchesConv',
+    'CONV_IMPLS', 'CpuConv', 'ENCODERS', 'LRCN', 'PREPROCESSING',
     'conv_module', 'create_model', 'encoder_feature_dim', 'get_encoder_cls',
     'resolve_conv_impl',
 ]

@@ -43,10 +43,11 @@ class LRCN(nn.Module):
       per residual block for ResNets (peak activation memory of about one
       block), the whole encoder at once otherwise.
     conv_impl: the encoder's convolutions and max pool, one of
-      `conv.CONV_IMPLS`: 'xla' (nn.Conv, nn.max_pool), 'patches' (custom
-      gradients that are fast on XLA:CPU: conv.PatchesConv, pool.max_pool) or
-      'auto' ('patches' on the CPU backend, 'xla' elsewhere). Same parameters
-      and values for all.
+      `conv.CONV_IMPLS`: 'xla' (nn.Conv, nn.max_pool), 'cpu' (the CPU
+      kernels, whose gradients are fast on XLA:CPU: cpu_kernels.conv.CpuConv,
+      cpu_kernels.pool.max_pool) or 'auto' ('cpu' on the CPU backend, 'xla'
+      elsewhere); 'patches' is the old name of 'cpu'. Same parameters and
+      values for all.
     encoder_kwargs: extra encoder attributes as (name, value) pairs, e.g.
       (('stride_on_1x1', True),) for Keras-style ResNet-50 blocks.
   """
