@@ -91,16 +91,10 @@ class LRCN(nn.Module):
 
     encoder_cls = encoders.get_encoder_cls(self.encoder)
     impl = conv_lib.resolve_conv_impl(self.conv_impl)
-    fields = encoder_cls.__dataclass_fields__
-    ops = {'conv': conv_lib.conv_module(impl)}
-    if 'max_pool' in fields:
-      ops['max_pool'] = pool_lib.max_pool_fn(impl)
-    remat_blocks = self.remat and 'remat_blocks' in fields
-    if remat_blocks:
-      ops['remat_blocks'] = True
-    encoder = encoder_cls(dtype=self.dtype, bn_axis_name=self.bn_axis_name, name='encoder',
-                          **ops, **dict(self.encoder_kwargs))
-    if self.remat and not remat_blocks:
+    encoder = encoder_cls(dtype=self.dtype, bn_axis_name=self.bn_axis_name,
+                          conv=conv_lib.conv_module(impl), max_pool=pool_lib.max_pool_fn(impl),
+                          remat_blocks=self.remat, name='encoder', **dict(self.encoder_kwargs))
+    if self.remat and not encoder_cls.has_blocks:
       features = nn.remat(lambda mdl, x: mdl(x, train=train))(encoder, frames)
     else:
       features = encoder(frames, train=train)
