@@ -60,9 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Rematerialise the encoder in the backward pass, per residual block for ResNets: less activation
   # memory on GPU/TPU for long clips. No saving on CPU (XLA:CPU drops remat's barriers).
   config.model.remat = False
-  # Convolutions and max pool: 'auto' = custom gradients that are fast on XLA:CPU ('patches': im2col
-  # weight gradients, Winograd 3x3 convolutions, routed max-pool gradient) on CPU, plain XLA on
-  # GPU/TPU | 'xla' | 'patches'.
+  # Convolutions and max pool: 'auto' = the CPU kernels ('cpu': Winograd 3x3 convolutions, im2col
+  # weight gradients, routed max-pool gradient; har_jax/models/cpu_kernels/) on CPU, plain XLA on
+  # GPU/TPU | 'xla' | 'cpu'. 'patches', the old name of 'cpu', is still accepted.
   # See benchmarks/RESULTS.md.
   config.model.conv_impl = 'auto'
   config.model.preprocessing = 'imagenet'  # 'imagenet' (RGB, mean/std) | 'caffe' (Keras ResNet50).

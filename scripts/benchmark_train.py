@@ -1,7 +1,7 @@
 r"""Times the project's pmapped train step on synthetic input, against the measured matmul peak.
 
   python scripts/benchmark_train.py --config=configs/default.py --batch_size=8 --num_frames=16 \
-      --image_size=112 --steps=3 [--conv_impl=auto|xla|patches] [--remat] [--dtype=bfloat16] \
+      --image_size=112 --steps=3 [--conv_impl=auto|xla|cpu] [--remat] [--dtype=bfloat16] \
       [--compare_conv_impl=xla] [--device_crop_from=128]
 
 Builds the model, state and step with har_jax.train (build_model, create_train_state, train_step,
@@ -127,7 +127,7 @@ def _pmapped_step(config, num_classes: int, learning_rate_fn):
 def model_flops(config, num_classes: int, learning_rate_fn, state, batch) -> float:
   """FLOPs of one step on one device with XLA's own convolutions (cost analysis of the lowered,
   uncompiled step). The same for every conv_impl; XLA counts a loop body once, so the compiled
-  'patches' step (a scan over batch chunks) would undercount."""
+  'cpu' step (scans and maps over batch chunks) would undercount."""
   config = config.copy_and_resolve_references()
   config.model.conv_impl = 'xla'
   return _flops(_pmapped_step(config, num_classes, learning_rate_fn).lower(state, batch))

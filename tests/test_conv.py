@@ -1,4 +1,4 @@
-"""Tests for har_jax.models.conv: the patches-gradient convolution and its selection.
+"""Tests for har_jax.models.cpu_kernels.conv: the CPU kernels' convolution and its selection.
 
 Small shapes only: every test compiles in a second or two on a CPU.
 """
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from har_jax import models
-from har_jax.models import conv
 from har_jax.models import encoders
+from har_jax.models.cpu_kernels import conv
 
 
 def _normal(seed, shape):
@@ -23,26 +23,37 @@ def _normal(seed, shape):
 
 
 @pytest.mark.parametrize('backend, expected', [
-    ('cpu', 'patches'), ('gpu', 'xla'), ('cuda', 'xla'), ('rocm', 'xla'), ('tpu', 'xla')])
-def test_auto_selects_patches_on_cpu_only(backend, expected):
+    ('cpu', 'cpu'), ('gpu', 'xla'), ('cuda', 'xla'), ('rocm', 'xla'), ('tpu', 'xla')])
+def test_auto_selects_the_cpu_kernels_on_cpu_only(backend, expected):
   assert conv.resolve_conv_impl('auto', backend) == expected
-  want = conv.PatchesConv if expected == 'patches' else nn.Conv
+  want = conv.CpuConv if expected == 'cpu' else nn.Conv
   assert conv.conv_module('auto', backend) is want
 
 
-@pytest.mark.parametrize('impl', ['xla', 'patches'])
+@pytest.mark.parametrize('impl', ['xla', 'cpu'])
 @pytest.mark.parametrize('backend', ['cpu', 'gpu', 'tpu'])
 def test_explicit_impl_ignores_the_backend(impl, backend):
   assert conv.resolve_conv_impl(impl, backend) == impl
 
 
+@pytest.mark.parametrize('backend', ['cpu', 'gpu', 'tpu'])
+def test_patches_is_the_old_name_of_cpu(backend):
+  """Checkpoints written before the rename store conv_impl='patches' in their config."""
+  assert conv.resolve_conv_impl('patches', backend) == 'cpu'
+  assert conv.conv_module('patches', backend) is conv.CpuConv
+  config = ml_collections.ConfigDict(dict(
+      encoder='small_cnn', lstm_size=8, dropout_rate=0.0, temporal_pooling='last',
+      conv_impl='patches'))
+  assert models.create_model(config, 3).conv_impl == 'patches'
+
+
 def test_auto_uses_the_default_backend():
   assert jax.default_backend() == 'cpu'
-  assert conv.resolve_conv_impl('auto') == 'patches'
+  assert conv.resolve_conv_impl('auto') == 'cpu'
 
 
 def test_unknown_impl_is_rejected():
-  with pytest.raises(ValueError, match="'fast'.*patches"):
+  with pytest.raises(ValueError, match="'fast'.*cpu"):
     conv.resolve_conv_impl('fast')
   config = ml_collections.ConfigDict(dict(
       encoder='small_cnn', lstm_size=8, dropout_rate=0.0, temporal_pooling='last',
@@ -73,14 +84,14 @@ def _conv_grads(module_cls, x, *, features, kernel, strides, padding):
     (3, 2, 'SAME', 8),
 ])
 @pytest.mark.parametrize('chunk_bytes', [4 << 20, 2000])  # 2000: a scan over batch chunks.
-def test_patches_conv_gradients_equal_nn_conv(monkeypatch, kernel, strides, padding, size,
-                                              chunk_bytes):
+def test_cpu_conv_gradients_equal_nn_conv(monkeypatch, kernel, strides, padding, size,
+                                          chunk_bytes):
   monkeypatch.setattr(conv, '_CHUNK_BYTES', chunk_bytes)
   monkeypatch.setattr(conv, '_WINOGRAD_CHUNK_BYTES', chunk_bytes)  # 3x3/1: Winograd.
   x = _normal(0, (6, size, size, 5))
   kwargs = dict(features=7, kernel=kernel, strides=strides, padding=padding)
   want_value, (want_vars, want_dx) = _conv_grads(nn.Conv, x, **kwargs)
-  value, (got_vars, dx) = _conv_grads(conv.PatchesConv, x, **kwargs)
+  value, (got_vars, dx) = _conv_grads(conv.CpuConv, x, **kwargs)
   assert jax.tree.structure(got_vars) == jax.tree.structure(want_vars)
   np.testing.assert_allclose(value, want_value, rtol=1e-6)
   np.testing.assert_allclose(got_vars['params']['kernel'], want_vars['params']['kernel'],
@@ -140,7 +151,7 @@ def test_winograd_weight_grad_equals_xla(monkeypatch, shape, out_channels, chunk
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6 * float(np.abs(want).max()))
 
 
-def test_patches_conv_takes_the_winograd_weight_grad_where_it_applies(monkeypatch):
+def test_cpu_conv_takes_the_winograd_weight_grad_where_it_applies(monkeypatch):
   calls = []
   real = conv.winograd_weight_grad
   monkeypatch.setattr(conv, 'winograd_weight_grad',
@@ -148,7 +159,7 @@ def test_patches_conv_takes_the_winograd_weight_grad_where_it_applies(monkeypatc
   x, w = _normal(10, (2, 8, 8, 4)), _normal(11, (3, 3, 4, 5))
   for strides, padding in [((1, 1), ((1, 1), (1, 1))), ((2, 2), ((1, 1), (1, 1))),
                            ((1, 1), ((0, 0), (0, 0)))]:
-    jax.grad(lambda w: jnp.sum(conv.patches_conv_general_dilated(  # pylint: disable=g-long-lambda
+    jax.grad(lambda w: jnp.sum(conv.cpu_conv_general_dilated(  # pylint: disable=g-long-lambda
         x, w, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC')) ** 2))(w)
   assert calls == [(2, 8, 8, 4)]  # Only the 3x3 / stride 1 / padding 1 one.
 
@@ -160,7 +171,7 @@ def _primitives(fn, *args):
 
 def test_winograd_only_for_float32_3x3_stride1_same_on_maps_of_4_or_more():
   x, w = _normal(6, (2, 8, 8, 4)), _normal(7, (3, 3, 4, 4))
-  fwd = lambda x, w, s=(1, 1), p=((1, 1), (1, 1)): conv.patches_conv_general_dilated(  # pylint: disable=g-long-lambda
+  fwd = lambda x, w, s=(1, 1), p=((1, 1), (1, 1)): conv.cpu_conv_general_dilated(  # pylint: disable=g-long-lambda
       x, w, s, p, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   grad = jax.grad(lambda x, w: jnp.sum(fwd(x, w) ** 2), argnums=(0, 1))
   # Forward and input gradient: no XLA convolution left (the weight gradient is a matmul anyway).
@@ -187,7 +198,7 @@ def test_unsupported_convolutions_fall_back_to_lax():
   dn = lax.conv_dimension_numbers(x.shape, w.shape, ('NHWC', 'HWIO', 'NHWC'))
   call = functools.partial(lax.conv_general_dilated, x, w, (1, 1), 'SAME', rhs_dilation=(2, 2),
                            dimension_numbers=dn)
-  got = conv.patches_conv_general_dilated(x, w, (1, 1), 'SAME', rhs_dilation=(2, 2),
+  got = conv.cpu_conv_general_dilated(x, w, (1, 1), 'SAME', rhs_dilation=(2, 2),
                                           dimension_numbers=dn)
   np.testing.assert_allclose(got, call(), rtol=1e-6)
 
@@ -200,9 +211,9 @@ def _encoder_loss(model):
   return jax.jit(jax.value_and_grad(loss))
 
 
-def test_resnet_with_patches_conv_has_the_same_params_and_gradients():
+def test_resnet_with_cpu_conv_has_the_same_params_and_gradients():
   plain = encoders.ResNet(stage_sizes=(1, 1), block_cls=encoders.BasicBlock, num_filters=4)
-  fast = plain.clone(conv=conv.PatchesConv)
+  fast = plain.clone(conv=conv.CpuConv)
   x = _normal(3, (4, 32, 32, 3))
   variables = jax.jit(functools.partial(plain.init, train=False))(jax.random.key(0), x)
   fast_shapes = jax.eval_shape(functools.partial(fast.init, train=False), jax.random.key(0), x)
@@ -217,7 +228,8 @@ def test_resnet_with_patches_conv_has_the_same_params_and_gradients():
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize('impl, module', [('xla', nn.Conv), ('patches', conv.PatchesConv)])
+@pytest.mark.parametrize('impl, module', [('xla', nn.Conv), ('cpu', conv.CpuConv),
+                                          ('patches', conv.CpuConv)])
 def test_lrcn_passes_the_conv_module_to_the_encoder(impl, module):
   model = models.LRCN(encoder='small_cnn', num_classes=3, lstm_size=4, conv_impl=impl)
   video = jax.ShapeDtypeStruct((1, 2, 16, 16, 3), jnp.uint8)

@@ -15,6 +15,7 @@ import pytest
 
 from har_jax import models
 from har_jax.models import encoders
+from har_jax.models.cpu_kernels import pool
 
 
 def _key(seed=0):
@@ -80,6 +81,24 @@ def test_encoder_output_shape(name):
       jax.random.key(0), x)
   assert out.shape == (3, models.encoder_feature_dim(name))
   assert set(variables) == {'params', 'batch_stats'}
+
+
+def _poison_pool(*args, **kwargs):
+  raise AssertionError('an encoder without a max pool called max_pool')
+
+
+@pytest.mark.parametrize('name', sorted(encoders.ENCODERS))
+def test_every_encoder_takes_conv_max_pool_and_remat_blocks(name):
+  """The common interface LRCN passes: same attributes for all, the same variables with any."""
+  cls = encoders.ENCODERS[name]
+  assert isinstance(cls.has_blocks, bool)
+  x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  want = _init(cls(), x)
+  no_pool = name == 'small_cnn'
+  got = _init(cls(conv=models.CpuConv, remat_blocks=True,
+                  max_pool=_poison_pool if no_pool else pool.max_pool), x)
+  assert jax.tree.map(lambda s: (s.shape, s.dtype), got) == jax.tree.map(
+      lambda s: (s.shape, s.dtype), want)
 
 
 @pytest.mark.parametrize('block_cls', [encoders.BasicBlock,
@@ -309,7 +328,7 @@ def test_resnet_remat_is_per_block_same_gradients_less_memory():
   assert 'optimization_barrier' not in grad_fn(plain).lower(variables['params']).as_text()
 
 
-@pytest.mark.parametrize('conv_impl', ['xla', 'patches'])
+@pytest.mark.parametrize('conv_impl', ['xla', 'cpu'])
 def test_bfloat16_loss_and_gradients_agree_with_float32(conv_impl):
   """Mixed precision: bf16 encoder, f32 params, LSTM and loss, close to the f32 model."""
   f32 = _lrcn(num_lstm_layers=1, dropout_rate=0.0, conv_impl=conv_impl)

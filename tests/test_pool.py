@@ -1,4 +1,5 @@
-"""Tests for har_jax.models.pool: the max pool with a CPU-fast gradient, and its selection."""
+"""Tests for har_jax.models.cpu_kernels.pool: the max pool with a CPU-fast gradient and its
+selection."""
 
 import functools
 
@@ -9,9 +10,9 @@ import numpy as np
 import pytest
 
 from har_jax import models
-from har_jax.models import conv
 from har_jax.models import encoders
-from har_jax.models import pool
+from har_jax.models.cpu_kernels import conv
+from har_jax.models.cpu_kernels import pool
 
 
 def _inputs(kind: str, shape) -> jnp.ndarray:
@@ -77,10 +78,11 @@ def test_bad_arguments_are_rejected(x_shape, window, strides, padding, match):
 
 def test_max_pool_fn_selects_by_implementation():
   assert pool.max_pool_fn('xla') is nn.max_pool
-  assert pool.max_pool_fn('patches') is pool.max_pool
+  assert pool.max_pool_fn('cpu') is pool.max_pool
 
 
-@pytest.mark.parametrize('impl, xla_scatter', [('xla', True), ('patches', False)])
+@pytest.mark.parametrize('impl, xla_scatter', [('xla', True), ('cpu', False),
+                                                 ('patches', False)])
 def test_lrcn_uses_the_pool_of_its_conv_impl(impl, xla_scatter):
   model = models.LRCN(encoder='resnet18', num_classes=3, lstm_size=4, dropout_rate=0.0,
                       conv_impl=impl)

@@ -5,10 +5,10 @@ from typing import Any, Optional
 import jax.numpy as jnp
 import ml_collections
 
-from har_jax.models.conv import CONV_IMPLS
-from har_jax.models.conv import PatchesConv
-from har_jax.models.conv import conv_module
-from har_jax.models.conv import resolve_conv_impl
+from har_jax.models.cpu_kernels.conv import CONV_IMPLS
+from har_jax.models.cpu_kernels.conv import CpuConv
+from har_jax.models.cpu_kernels.conv import conv_module
+from har_jax.models.cpu_kernels.conv import resolve_conv_impl
 from har_jax.models.encoders import ENCODERS
 from har_jax.models.encoders import encoder_feature_dim
 from har_jax.models.encoders import get_encoder_cls
@@ -64,7 +64,7 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int,
 
 
 __all__ = [
-    'CONV_IMPLS', 'ENCODERS', 'LRCN', 'PREPROCESSING', 'PatchesConv',
+    'CONV_IMPLS', 'CpuConv', 'ENCODERS', 'LRCN', 'PREPROCESSING',
     'conv_module', 'create_model', 'encoder_feature_dim', 'get_encoder_cls',
     'resolve_conv_impl',
 ]

@@ -9,9 +9,14 @@ Every encoder is a flax.linen module with the same attributes:
     that a custom-VJP convolution can be injected. It is called with the
     `nn.Conv` signature: `conv(features, kernel_size, strides=..., padding=...,
     use_bias=False, dtype=..., param_dtype=..., kernel_init=..., name=...)`.
-ResNets also have `max_pool` (default `nn.max_pool`, called as
-`max_pool(x, window_shape, strides=..., padding=...)`) for the stem's pool.
-and is called as `encoder(x, train=...)`. None has a classifier head.
+  max_pool: the max-pool function (default `nn.max_pool`), called as
+    `max_pool(x, window_shape, strides=..., padding=...)`. An encoder without
+    a max pool ignores it.
+  remat_blocks: rematerialise each block in the backward pass (default False).
+    An encoder without blocks ignores it.
+Its class attribute `has_blocks` says whether it has blocks that remat_blocks
+rematerialises (LRCN rematerialises an encoder without blocks as a whole).
+It is called as `encoder(x, train=...)`. None has a classifier head.
 
 `ENCODERS` maps config names to classes. It is a plain dict: nothing is
 registered by importing a module.
@@ -57,13 +62,18 @@ class SmallCNN(nn.Module):
   `[N, H, W, 3] -> [N, feature_dim]`. On 32x32 inputs with the default widths the last feature map
   is 2x2. With `spatial_features` > 0 the last map is flattened and projected (Dense, BN, ReLU) so the
   features keep *where* things are (global average pooling loses position, and with it "left" vs
-  "right"); with 0 it is globally average-pooled.
+  "right"); with 0 it is globally average-pooled. It has no max pool and no blocks: `max_pool` and
+  `remat_blocks` are accepted, for the common encoder interface, and ignored.
   """
   widths: Sequence[int] = (32, 64, 128, 128)
   spatial_features: int = 256
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
   conv: ModuleDef = nn.Conv
+  max_pool: Callable = nn.max_pool  # Unused.
+  remat_blocks: bool = False  # Unused.
+
+  has_blocks = False
 
   @property
   def feature_dim(self) -> int:
@@ -174,10 +184,12 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
   conv: ModuleDef = nn.Conv
-  max_pool: Callable = nn.max_pool
+  max_pool: Callable = nn.max_pool  # The stem's pool.
   # Rematerialise each residual block in the backward pass: only block inputs are kept from the
   # forward pass, so peak activation memory is about one block's instead of the whole network's.
   remat_blocks: bool = False
+
+  has_blocks = True
 
   @property
   def feature_dim(self) -> int:

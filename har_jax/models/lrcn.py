@@ -5,9 +5,9 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from har_jax.models import conv as conv_lib
 from har_jax.models import encoders
-from har_jax.models import pool as pool_lib
+from har_jax.models.cpu_kernels import conv as conv_lib
+from har_jax.models.cpu_kernels import pool as pool_lib
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, in [0, 1] units.
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -43,10 +43,11 @@ class LRCN(nn.Module):
       per residual block for ResNets (peak activation memory of about one
       block), the whole encoder at once otherwise.
     conv_impl: the encoder's convolutions and max pool, one of
-      `conv.CONV_IMPLS`: 'xla' (nn.Conv, nn.max_pool), 'patches' (custom
-      gradients that are fast on XLA:CPU: conv.PatchesConv, pool.max_pool) or
-      'auto' ('patches' on the CPU backend, 'xla' elsewhere). Same parameters
-      and values for all.
+      `conv.CONV_IMPLS`: 'xla' (nn.Conv, nn.max_pool), 'cpu' (the CPU
+      kernels, whose gradients are fast on XLA:CPU: cpu_kernels.conv.CpuConv,
+      cpu_kernels.pool.max_pool) or 'auto' ('cpu' on the CPU backend, 'xla'
+      elsewhere); 'patches' is the old name of 'cpu'. Same parameters and
+      values for all.
     encoder_kwargs: extra encoder attributes as (name, value) pairs, e.g.
       (('stride_on_1x1', True),) for Keras-style ResNet-50 blocks.
   """
@@ -90,16 +91,10 @@ class LRCN(nn.Module):
 
     encoder_cls = encoders.get_encoder_cls(self.encoder)
     impl = conv_lib.resolve_conv_impl(self.conv_impl)
-    fields = encoder_cls.__dataclass_fields__
-    ops = {'conv': conv_lib.conv_module(impl)}
-    if 'max_pool' in fields:
-      ops['max_pool'] = pool_lib.max_pool_fn(impl)
-    remat_blocks = self.remat and 'remat_blocks' in fields
-    if remat_blocks:
-      ops['remat_blocks'] = True
-    encoder = encoder_cls(dtype=self.dtype, bn_axis_name=self.bn_axis_name, name='encoder',
-                          **ops, **dict(self.encoder_kwargs))
-    if self.remat and not remat_blocks:
+    encoder = encoder_cls(dtype=self.dtype, bn_axis_name=self.bn_axis_name,
+                          conv=conv_lib.conv_module(impl), max_pool=pool_lib.max_pool_fn(impl),
+                          remat_blocks=self.remat, name='encoder', **dict(self.encoder_kwargs))
+    if self.remat and not encoder_cls.has_blocks:
       features = nn.remat(lambda mdl, x: mdl(x, train=train))(encoder, frames)
     else:
       features = encoder(frames, train=train)

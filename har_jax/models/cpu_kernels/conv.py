@@ -2,7 +2,7 @@
 
 XLA:CPU runs forward and input-gradient convolutions at 40-100 GFLOP/s on the
 project's 2-core machine, but weight-gradient convolutions at 1-10 GFLOP/s
-(issue 7). `PatchesConv` is `nn.Conv` (same parameters, the same XLA forward)
+(issue 7). `CpuConv` is `nn.Conv` (same parameters, the same XLA forward)
 with a custom VJP whose weight gradient is one matmul per chunk of images with
 their im2col patches,
 
@@ -28,8 +28,8 @@ convolution, 1.06x on the step. Values agree with XLA's convolution to float32
 rounding (~1e-6 relative), not bit for bit. bfloat16 convolutions keep XLA's
 (Winograd's transforms lose more precision).
 
-`conv_impl` selects the module: 'xla' (`nn.Conv`), 'patches' (`PatchesConv`)
-or 'auto' ('patches' on the CPU backend, 'xla' on GPU/TPU, where nothing has
+`conv_impl` selects the module: 'xla' (`nn.Conv`), 'cpu' (`CpuConv`)
+or 'auto' ('cpu' on the CPU backend, 'xla' on GPU/TPU, where nothing has
 been measured to need it). It also selects the ResNet stem's max pool (see
 pool.py), whose XLA gradient is just as slow on CPU.
 """
@@ -43,7 +43,9 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-CONV_IMPLS = ('auto', 'xla', 'patches')
+CONV_IMPLS = ('auto', 'xla', 'cpu')
+# 'patches' is the old name of 'cpu', still accepted: checkpoints store conv_impl in their config.
+_CONV_IMPL_ALIASES = {'patches': 'cpu'}
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 # Bytes of im2col patches per chunk of images: the patches of one chunk stay in
@@ -56,24 +58,25 @@ _WINOGRAD_MIN_SIZE = 4
 
 
 def resolve_conv_impl(impl: str, backend: Optional[str] = None) -> str:
-  """'auto' -> 'patches' on the 'cpu' backend, else 'xla'; others unchanged.
+  """'auto' -> 'cpu' on the 'cpu' backend, else 'xla'; 'patches' -> 'cpu'; others unchanged.
 
   Args:
-    impl: one of CONV_IMPLS.
+    impl: one of CONV_IMPLS, or 'patches' (the old name of 'cpu').
     backend: a JAX platform name ('cpu', 'gpu', 'tpu', ...); None -> the
       default backend.
   """
+  impl = _CONV_IMPL_ALIASES.get(impl, impl)
   if impl not in CONV_IMPLS:
     raise ValueError(f'Unknown conv_impl {impl!r}; valid: {CONV_IMPLS}')
   if impl != 'auto':
     return impl
   backend = backend or jax.default_backend()
-  return 'patches' if backend == 'cpu' else 'xla'
+  return 'cpu' if backend == 'cpu' else 'xla'
 
 
 def conv_module(impl: str, backend: Optional[str] = None) -> type:
   """The module class (nn.Conv signature) for `impl`; see resolve_conv_impl."""
-  return {'xla': nn.Conv, 'patches': PatchesConv}[resolve_conv_impl(impl, backend)]
+  return {'xla': nn.Conv, 'cpu': CpuConv}[resolve_conv_impl(impl, backend)]
 
 
 def _xla_conv(x, w, strides, padding, precision):
@@ -366,7 +369,7 @@ def _winograd_applies(x, w, strides, padding) -> bool:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _patches_conv(x, w, strides, padding, precision):
+def _cpu_conv(x, w, strides, padding, precision):
   return _forward(x, w, strides, padding, precision)
 
 
@@ -376,11 +379,11 @@ def _forward(x, w, strides, padding, precision):
   return _xla_conv(x, w, strides, padding, precision)
 
 
-def _patches_conv_fwd(x, w, strides, padding, precision):
+def _cpu_conv_fwd(x, w, strides, padding, precision):
   return _forward(x, w, strides, padding, precision), (x, w)
 
 
-def _patches_conv_bwd(strides, padding, precision, residuals, dy):
+def _cpu_conv_bwd(strides, padding, precision, residuals, dy):
   x, w = residuals
   if _winograd_applies(x, w, strides, padding):  # The transposed convolution is one too.
     return (winograd_conv(dy, w, precision, transpose=True),
@@ -393,7 +396,7 @@ def _patches_conv_bwd(strides, padding, precision, residuals, dy):
   return dx, weight_grad(x, dy, w.shape[:2], strides, padding)
 
 
-_patches_conv.defvjp(_patches_conv_fwd, _patches_conv_bwd)
+_cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
 
 
 def _is_nhwc(lhs, rhs, dimension_numbers) -> bool:
@@ -401,7 +404,7 @@ def _is_nhwc(lhs, rhs, dimension_numbers) -> bool:
   return lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == want
 
 
-def patches_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+def cpu_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                                  rhs_dilation=None, dimension_numbers=None,
                                  feature_group_count=1, batch_group_count=1,
                                  precision=None, preferred_element_type=None) -> jnp.ndarray:
@@ -426,13 +429,13 @@ def patches_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation
         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
         feature_group_count=feature_group_count, batch_group_count=batch_group_count,
         precision=precision, preferred_element_type=preferred_element_type)
-  return _patches_conv(lhs, rhs, tuple(window_strides), padding, precision)
+  return _cpu_conv(lhs, rhs, tuple(window_strides), padding, precision)
 
 
-class PatchesConv(nn.Conv):
+class CpuConv(nn.Conv):
   """`nn.Conv` whose kernel gradient is computed as patches x matmul (see module doc).
 
   Parameters equal nn.Conv's; forward values and gradients agree to float32 rounding (Winograd
   for the 3x3 / stride 1 convolutions).
   """
-  conv_general_dilated: Any = patches_conv_general_dilated
+  conv_general_dilated: Any = cpu_conv_general_dilated

@@ -30,7 +30,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from har_jax.models import conv as conv_lib
+from har_jax.models.cpu_kernels import conv as conv_lib
 
 
 def _window_pads(padding):
@@ -126,5 +126,5 @@ def max_pool(x: jnp.ndarray, window_shape: Sequence[int], strides: Sequence[int]
 
 def max_pool_fn(impl: str) -> Callable:
   """The max-pool function for a resolved conv_impl: nn.max_pool for 'xla',
-  max_pool for 'patches' (the CPU-fast custom gradients)."""
-  return {'xla': nn.max_pool, 'patches': max_pool}[impl]
+  max_pool for 'cpu' (the CPU-fast custom gradients)."""
+  return {'xla': nn.max_pool, 'cpu': max_pool}[impl]
