@@ -8,12 +8,6 @@ Config fields can be overridden on the command line, e.g. --config.batch_size=16
 
 import sys
 
-from har_jax import hostmem
-
-if __name__ == '__main__':  # Before JAX and TensorFlow load: may re-execute this process.
-  hostmem.reexec_with_hugepage_malloc()
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging
@@ -24,6 +18,7 @@ import tensorflow as tf
 from har_jax import cli
 from har_jax import distributed
 from har_jax import errors
+from har_jax import hostmem
 from har_jax import preemption
 from har_jax import train
 from har_jax.evaluation import checkpoint_eval

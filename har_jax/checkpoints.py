@@ -35,6 +35,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from har_jax import checkpoint_files
+from har_jax import config_fields
 from har_jax import errors
 
 BEST_METRIC = 'top1'
@@ -73,12 +74,9 @@ def state_checksum(state_dict) -> str:
   return f'{crc:08x}'
 
 
-def _get(tree: dict, dotted: str):
-  for part in dotted.split('.'):
-    if not isinstance(tree, dict) or part not in tree:
-      return None
-    tree = tree[part]
-  return tree
+def _get(config, dotted: str):
+  """The field at `dotted`, None where the config does not have it."""
+  return config_fields.get(config, dotted, None)
 
 
 def config_mismatches(saved_config: dict, config: ml_collections.ConfigDict,
@@ -136,7 +134,7 @@ class CheckpointManager:
           'frame_geometry': dataset_info.frame_geometry,
       }
     # At least 2: the previous checkpoint must survive a newer save that fails to complete.
-    keep = max(2, int(config.get('keep_checkpoints', 3))) if config is not None else 2
+    keep = max(2, int(config_fields.get(config, 'keep_checkpoints'))) if config is not None else 2
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=keep),
         checkpoint_managers.BestN(get_metric_fn=_best_metric, n=1,

@@ -12,7 +12,9 @@ from typing import Any, Optional
 import jax
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 
+from har_jax import config_fields
 from har_jax import errors
 from har_jax import models
 from har_jax import optim
@@ -29,13 +31,9 @@ _POSITIVE_INTS = ('num_frames', 'frame_stride', 'image_size', 'batch_size', 'num
 _NON_NEGATIVE_INTS = ('warmup_steps', 'dataset.resize_size', 'eval.num_periodic_videos')
 
 
-def _get(config, dotted: str, default: Any = None) -> Any:
-  node = config
-  for part in dotted.split('.'):
-    if not hasattr(node, 'get') or part not in node:
-      return default
-    node = node[part]
-  return node
+def _get(config, dotted: str):
+  """The field at `dotted`, None where the config does not have it."""
+  return config_fields.get(config, dotted, None)
 
 
 def _is_int(value) -> bool:
@@ -144,12 +142,19 @@ def _crop_problems(config, frame_size: tuple[int, int]) -> list[str]:
 
 
 def _dataset_problems(config) -> tuple[list[str], Optional[Any]]:
+  """Opens config.dataset without preparing anything: the built-in synthetic set, when not yet
+  generated, comes back unprepared (its frame size is known; it has no splits yet)."""
   try:
-    builder = datasets.get_builder(config.dataset)
-    datasets.get_info(builder)
+    builder = datasets.get_builder(config.dataset, prepare=False)
+    if not _unprepared(builder):
+      datasets.get_info(builder)
   except errors.UserError as e:
     return [f'dataset.name={_get(config, "dataset.name")!r}: {e}'], None
   return [], builder
+
+
+def _unprepared(builder) -> bool:
+  return isinstance(builder, tfds.core.DatasetBuilder) and not builder.is_prepared()
 
 
 def _split_problem(builder, field: str, split: str) -> list[str]:
@@ -204,8 +209,8 @@ def find_problems(config: ml_collections.ConfigDict, *, num_devices: Optional[in
   Args:
     num_devices: the global device count batches must divide (default: jax.device_count()).
     mode: 'train' checks the train and eval batches; 'eval' only the eval batch.
-    check_dataset: resolve config.dataset (prepares the built-in synthetic set on first use),
-      check that the splits exist and hold examples (train, eval and validation in 'train' mode;
+    check_dataset: resolve config.dataset (nothing is prepared or generated here; the split checks
+      of a built-in synthetic set not yet generated wait until it is), check that the splits exist and hold examples (train, eval and validation in 'train' mode;
       `split` or the eval split in 'eval' mode), and the crop against the stored frames.
     split: 'eval' mode: the split to evaluate (--split), default dataset.eval_split.
   """
@@ -215,7 +220,8 @@ def find_problems(config: ml_collections.ConfigDict, *, num_devices: Optional[in
     dataset_problems, builder = _dataset_problems(config)
     problems += dataset_problems
     if builder is not None:
-      problems += _split_problems(config, builder, mode, split)
+      if not _unprepared(builder):  # The synthetic set is generated where the pipeline is built.
+        problems += _split_problems(config, builder, mode, split)
       problems += _crop_problems(config, stored_frame_size(builder))
   return problems
 

@@ -1,22 +1,15 @@
-"""Host memory for CPU runs: back glibc malloc's large blocks with transparent huge pages.
+"""Host memory for CPU runs: glibc malloc's large blocks on transparent huge pages, if asked.
 
-XLA:CPU allocates each step's temp buffer (1.07 GiB for the issue-7 ResNet-18 step) with malloc
-from a worker thread; glibc serves it with a fresh mmap and unmaps it after the step, so every
-step page-faults the whole buffer in again, 4 KiB at a time (~295k faults, ~1 s of system CPU per
-step on the project's 2-core VM). glibc >= 2.35 can ask the kernel for 2 MiB transparent huge
-pages for such blocks (tunable `glibc.malloc.hugetlb=1`): the same buffer then costs ~600 faults.
-Measured in benchmarks/train_step.md.
+XLA:CPU allocates each training step's temp buffer (about 1 GiB for a ResNet-18 step at 112x112)
+with malloc from a worker thread; glibc serves it with a fresh mmap and unmaps it after the step,
+so every step page-faults the whole buffer in again, 4 KiB at a time. glibc >= 2.35 can ask the
+kernel for 2 MiB transparent huge pages for such blocks: start the process with
 
-Tunables are read only when a process starts, so `reexec_with_hugepage_malloc()` re-executes the
-interpreter (same pid, same arguments) with the tunable added to GLIBC_TUNABLES. It does so only
-when it can help and cannot change an accelerator run:
+  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python main.py ...
 
-- Linux with glibc >= 2.35 and transparent huge pages in mode `always` or `madvise`;
-- no accelerator on the host (no /dev/nvidia*, /dev/accel*, /dev/vfio/*) or JAX_PLATFORMS=cpu;
-- the tunable is not already set (so it runs at most once) and HAR_JAX_HUGEPAGES is not 0.
-
-HAR_JAX_HUGEPAGES=0 turns it off; HAR_JAX_HUGEPAGES=1 forces it (e.g. a CPU-only run on a GPU
-host). Only the standard library is imported here: it runs before JAX and TensorFlow load.
+Figures in benchmarks/train_step.md. glibc reads tunables only when a process starts, so har_jax
+cannot turn this on itself (it does not re-execute the user's process); `status()` says, for the
+log, whether it is on and whether it would help. Only the standard library is imported here.
 """
 
 import glob
@@ -25,7 +18,6 @@ import platform
 import sys
 from typing import Mapping, Optional
 
-ENV_SWITCH = 'HAR_JAX_HUGEPAGES'
 TUNABLE = 'glibc.malloc.hugetlb=1'
 _THP_MODE_FILE = '/sys/kernel/mm/transparent_hugepage/enabled'
 _ACCELERATOR_GLOBS = ('/dev/nvidia[0-9]*', '/dev/accel[0-9]*', '/dev/vfio/[0-9]*')
@@ -64,53 +56,26 @@ def _tunable_set(environ: Mapping[str, str]) -> bool:
 
 
 def hugepage_decision(environ: Mapping[str, str]) -> tuple[bool, str]:
-  """(whether to re-execute with the tunable, the reason) for this process and `environ`."""
-  switch = environ.get(ENV_SWITCH, '').strip()
+  """(whether the huge-page tunable would help a run in `environ` on this host, the reason)."""
   if _tunable_set(environ):
     return False, 'GLIBC_TUNABLES already sets glibc.malloc.hugetlb'
-  if switch == '0':
-    return False, f'{ENV_SWITCH}=0'
-  if switch not in ('', '1'):
-    return False, f'{ENV_SWITCH}={switch!r} is not 0 or 1; leaving malloc as it is'
   if sys.platform != 'linux' or not _glibc_at_least(2, 35):
     return False, 'needs Linux with glibc >= 2.35'
   mode = _thp_mode()
   if mode not in ('always', 'madvise'):
     return False, f'transparent huge pages are {mode or "unavailable"}'
-  if switch != '1' and _has_accelerator(environ):
-    return False, 'an accelerator is present (set HAR_JAX_HUGEPAGES=1 to force)'
+  if _has_accelerator(environ):
+    return False, 'an accelerator is present'
   return True, f'glibc malloc with transparent huge pages (THP mode {mode})'
 
 
-def with_tunable(environ: Mapping[str, str]) -> dict[str, str]:
-  """A copy of `environ` whose GLIBC_TUNABLES also sets the huge-page tunable."""
-  env = dict(environ)
-  existing = env.get('GLIBC_TUNABLES', '')
-  env['GLIBC_TUNABLES'] = f'{existing}:{TUNABLE}' if existing else TUNABLE
-  return env
-
-
-def reexec_with_hugepage_malloc() -> None:
-  """Re-executes this process with the huge-page tunable when `hugepage_decision` says so.
-
-  Call it first thing in a script's `__main__` block, before heavy imports. Returns (without
-  re-executing) when the tunable is set already, does not apply, or the exec fails.
-  """
-  apply, _ = hugepage_decision(os.environ)
-  if not apply:
-    return
-  argv = list(getattr(sys, 'orig_argv', None) or [sys.executable, *sys.argv])
-  sys.stdout.flush()
-  sys.stderr.flush()
-  try:
-    os.execve(sys.executable, argv, with_tunable(os.environ))
-  except OSError as e:  # Keep running without it rather than fail the job.
-    print(f'har_jax: could not re-execute with {TUNABLE} ({e}); continuing without it.',
-          file=sys.stderr)
-
-
 def status() -> str:
-  """One line for the log: whether this process runs with the tunable."""
+  """One line for the log: the host malloc this process runs with, and a hint where the huge-page
+  tunable would speed up CPU steps."""
   if _tunable_set(os.environ):
     return f'host malloc: GLIBC_TUNABLES={os.environ["GLIBC_TUNABLES"]}'
-  return f'host malloc: default ({hugepage_decision(os.environ)[1]})'
+  helps, why = hugepage_decision(os.environ)
+  if helps:
+    return (f'host malloc: default; CPU training steps run faster started with '
+            f'GLIBC_TUNABLES={TUNABLE} ({why}; README, "Training on a CPU")')
+  return f'host malloc: default ({why})'

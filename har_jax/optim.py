@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from har_jax import config_fields
+
 OPTIMIZERS = ('sgd', 'adamw')
 ENCODER = 'encoder'  # The LRCN submodule whose params freeze_encoder_steps freezes.
 
@@ -34,8 +36,7 @@ def create_learning_rate_fn(config) -> optax.Schedule:
 
 def freeze_encoder_steps(config) -> int:
   """config.model.freeze_encoder_steps, 0 when absent: the number of frozen-encoder updates."""
-  model_config = config.get('model', None)
-  steps = model_config.get('freeze_encoder_steps', 0) if model_config is not None else 0
+  steps = config_fields.get(config, 'model.freeze_encoder_steps')
   steps = int(steps or 0)
   if steps < 0:
     raise ValueError(f'config.model.freeze_encoder_steps must be >= 0, got {steps}.')

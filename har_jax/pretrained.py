@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from har_jax import config_fields
 from har_jax import errors
 from har_jax.models import encoders
 
@@ -297,7 +298,7 @@ def config_mismatches(meta: dict, model_config) -> list[str]:
     current = configured.get(key, getattr(defaults, key, None))
     if current != value:
       problems.append(f'model.encoder_kwargs.{key}: checkpoint {value!r}, config {current!r}')
-  preprocessing = model_config.get('preprocessing', 'imagenet')
+  preprocessing = config_fields.model_field(model_config, 'preprocessing')
   if preprocessing != meta['preprocessing']:
     problems.append(f'model.preprocessing: checkpoint {meta["preprocessing"]!r}, config '
                     f'{preprocessing!r}')

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from har_jax import augment
+from har_jax import config_fields
 from har_jax import optim
 
 
@@ -38,7 +39,7 @@ def topk_correct(logits, labels, k: int):
   return jnp.any(topk == labels[..., None], axis=-1).astype(jnp.float32)
 
 
-def train_step(state, batch, *, model, learning_rate_fn, config):
+def train_step(state, batch, *, model, learning_rate_fn, config, frozen_encoder: bool = False):
   """One synchronous data-parallel step; runs under pmap(axis_name='batch').
 
   Args:
@@ -46,6 +47,9 @@ def train_step(state, batch, *, model, learning_rate_fn, config):
     batch: {'video': [per_device_batch, T, H, W, 3] uint8, 'label': [per_device_batch] int32};
       with 'crop' [per_device_batch, 4] and 'flip' [per_device_batch], the frames are cropped,
       resized to image_size and flipped here (har_jax.augment), else H = W = image_size.
+    frozen_encoder: a step of the frozen-encoder phase (config.model.freeze_encoder_steps): the
+      encoder runs in inference mode (LRCN frozen_encoder), so the head trains on the features
+      it is evaluated on, and its BatchNorm statistics stay as they are.
 
   Returns:
     (new_state, metrics) where metrics holds the gathered TrainMetrics and 'finite': False when
@@ -60,7 +64,7 @@ def train_step(state, batch, *, model, learning_rate_fn, config):
   def loss_fn(params):
     logits, updates = model.apply(
         {'params': params, 'batch_stats': state.batch_stats}, video, train=True,
-        mutable=['batch_stats'], rngs={'dropout': step_rng})
+        frozen_encoder=frozen_encoder, mutable=['batch_stats'], rngs={'dropout': step_rng})
     loss = cross_entropy(logits, batch['label'], num_classes, config.label_smoothing).mean()
     return loss, (logits, updates.get('batch_stats', {}))
 
@@ -76,7 +80,7 @@ def train_step(state, batch, *, model, learning_rate_fn, config):
   grad_norm = optax.global_norm(grads)
   finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(new_state.params)
             & _all_finite(new_state.batch_stats))
-  if config.get('skip_nonfinite_updates', False):
+  if config_fields.get(config, 'skip_nonfinite_updates'):
     # Keep the old state (but count the step), so that the data position still advances.
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
                              state.replace(step=state.step + 1))

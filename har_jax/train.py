@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from har_jax import checkpoints
+from har_jax import config_fields
 from har_jax import config_validation
 from har_jax import errors
 from har_jax import models
@@ -35,27 +36,13 @@ class TrainState(train_state.TrainState):
   rng: jax.Array
 
 
-def global_batch_check(batch_size: int, num_devices: int, what: str = 'config.batch_size'):
-  """Raises a clear error when a global batch cannot be split evenly over the devices."""
-  if batch_size <= 0 or batch_size % num_devices:
-    raise ValueError(
-        f'{what}={batch_size} must be a positive multiple of the global device count '
-        f'({num_devices} = {jax.process_count()} processes x {jax.local_device_count()} local '
-        f'devices). Try {max(num_devices, batch_size - batch_size % num_devices)}.')
-
-
-def build_model(config, num_classes: int, *, bn_axis_name=None):
-  return models.create_model(config.model, num_classes, dtype=config.dtype,
-                             bn_axis_name=bn_axis_name)
-
-
 def create_train_state(rng: jax.Array, config, num_classes: int,
                        learning_rate_fn: Callable) -> TrainState:
   """Initialises params and BatchNorm statistics on the host (unreplicated)."""
   init_seed, state_rng = jax.random.split(rng)
   # Param init with the 'rbg' PRNG compiles several times faster on CPU than threefry.
   init_rng = jax.random.key(jax.random.randint(init_seed, (), 0, 2**31 - 1), impl='rbg')
-  model = build_model(config, num_classes)
+  model = models.create_model(config.model, num_classes, dtype=config.dtype)
   dummy = jnp.zeros((1, config.num_frames, config.image_size, config.image_size, 3), jnp.uint8)
   variables = jax.jit(functools.partial(model.init, train=False))({'params': init_rng}, dummy)
   return TrainState.create(
@@ -124,8 +111,8 @@ class NonFiniteGuard:
   """
 
   def __init__(self, config):
-    self.skip = bool(config.get('skip_nonfinite_updates', False))
-    self.max_consecutive = int(config.get('max_consecutive_nonfinite', 10))
+    self.skip = bool(config_fields.get(config, 'skip_nonfinite_updates'))
+    self.max_consecutive = int(config_fields.get(config, 'max_consecutive_nonfinite'))
     self.consecutive = 0
     self.skipped = 0
     self._pending = None
@@ -185,7 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   manager = checkpoints.CheckpointManager(workdir, config, info)
   state = manager.restore_latest(state)
   initial_step = int(state.step)
-  if initial_step == 0 and config.model.get('encoder_init', ''):
+  if initial_step == 0 and config_fields.get(config, 'model.encoder_init'):
     state = pretrained.load_encoder_into_state(state, config.model.encoder_init,
                                                model_config=config.model)
     logging.info('Initialised the encoder from %s.', config.model.encoder_init)
@@ -193,10 +180,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info('Checkpoint is at step %d >= num_train_steps; only evaluating.', initial_step)
   state = parallel.replicate(state)
 
-  model = build_model(config, info.num_classes, bn_axis_name='batch')
-  p_train_step = jax.pmap(
+  model = models.create_model(config.model, info.num_classes, dtype=config.dtype,
+                              bn_axis_name='batch')
+  make_train_step = lambda frozen_encoder: jax.pmap(
       functools.partial(steps.train_step, model=model, learning_rate_fn=learning_rate_fn,
-                        config=config), axis_name='batch', donate_argnums=(0,))
+                        config=config, frozen_encoder=frozen_encoder),
+      axis_name='batch', donate_argnums=(0,))
+  p_train_step = make_train_step(False)
+  # Updates 1..N of a frozen-encoder phase run the encoder in inference mode (a second program,
+  # compiled only when such a phase remains).
+  num_frozen = optim.freeze_encoder_steps(config)
+  p_frozen_step = make_train_step(True) if initial_step < num_frozen else None
   p_eval_step = jax.pmap(functools.partial(steps.eval_step, model=model), axis_name='batch')
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -222,7 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         batch, host_batch = next(train_iter)
         throughput.wait += time.perf_counter() - t0
         reads.add(host_batch)
-        state, out = p_train_step(state, batch)
+        state, out = (p_frozen_step if step <= num_frozen else p_train_step)(state, batch)
         throughput.steps += 1
       guard.push(step, out['finite'])
       metric_list.append(out['metrics'])

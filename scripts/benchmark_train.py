@@ -4,17 +4,16 @@ r"""Times the project's pmapped train step on synthetic input, against the measu
       --image_size=112 --steps=3 [--conv_impl=auto|xla|cpu] [--remat] [--dtype=bfloat16] \
       [--compare_conv_impl=xla] [--device_crop_from=128]
 
-Builds the model, state and step with har_jax.train (build_model, create_train_state, train_step,
-parallel.replicate), compiles once (compile time reported), runs one warm-up step and then times
+Builds the model, state and step as training does (models.create_model, train.create_train_state,
+steps.train_step, parallel.replicate), compiles once (compile time reported), runs one warm-up step and then times
 `--steps` steps. FLOPs per step come from XLA's cost analysis of the step (see model_flops);
 the matmul peak is a square matmul in the same dtype on the same device, measured in the same run
 after the steps.
 Peak host memory is the process's maximum resident set (resource.getrusage; with
 --compare_conv_impl it covers both steps); XLA's temp buffer size of the step, the minor page faults
 and the system CPU seconds per timed step are printed next to it.
-On a CPU host the script first re-executes itself with glibc's huge-page malloc tunable (see
-har_jax/hostmem.py; HAR_JAX_HUGEPAGES=0 measures without it); the first line after the settings
-says which malloc the run used.
+The first line after the settings says which host malloc the run used: start the script with
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1 to measure CPU steps with huge-page malloc (har_jax/hostmem.py).
 --compare_conv_impl=xla also compiles the step with plain XLA ops and alternates the two step by step,
 printing `compare: ... speedup=<x>` (the median of the per-pair ratios). The last line is
 
@@ -31,11 +30,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from har_jax import hostmem  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-if __name__ == '__main__':  # Before JAX loads: may re-execute this process (see har_jax.hostmem).
-  hostmem.reexec_with_hugepage_malloc()
-
 # pylint: disable=g-import-not-at-top,wrong-import-position,g-bad-import-order
 from absl import app
 from absl import flags
@@ -44,11 +38,15 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from har_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
-from har_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
-from har_jax import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
-from har_jax import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
-from har_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from har_jax import cli
+from har_jax import config_fields
+from har_jax import config_validation
+from har_jax import hostmem
+from har_jax import models
+from har_jax import optim
+from har_jax import parallel
+from har_jax import steps
+from har_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config module.', lock_config=False)
 _BATCH = flags.DEFINE_integer('batch_size', 0, 'Global batch (clips); 0 -> the config.')
@@ -94,7 +92,7 @@ def _batch(config, num_classes: int, seed: int = 0) -> dict:
   """`{'video': [devices, per_device, T, S, S, 3] uint8, 'label': [devices, per_device]}`, with
   --device_crop_from=N frames N x N and 'crop' `[devices, per_device, 4]`, 'flip'."""
   n = jax.local_device_count()
-  train.global_batch_check(config.batch_size, n)
+  config_validation.validate(config, num_devices=n, check_dataset=False)
   per_device = config.batch_size // n
   rng = np.random.default_rng(seed)
   size = _CROP_FROM.value or config.image_size
@@ -118,9 +116,9 @@ def _flops(stage) -> float:
 
 
 def _pmapped_step(config, num_classes: int, learning_rate_fn):
-  model = train.build_model(config, num_classes, bn_axis_name='batch')
+  model = models.create_model(config.model, num_classes, dtype=config.dtype, bn_axis_name='batch')
   return jax.pmap(
-      functools.partial(train.train_step, model=model, learning_rate_fn=learning_rate_fn,
+      functools.partial(steps.train_step, model=model, learning_rate_fn=learning_rate_fn,
                         config=config), axis_name='batch', donate_argnums=(0,))
 
 
@@ -175,7 +173,7 @@ def main(argv):
   config = _CONFIG.value
   _apply_overrides(config)
   num_classes = _num_classes(config)
-  conv_impl = config.model.get('conv_impl', 'auto')
+  conv_impl = config_fields.get(config, 'model.conv_impl')
   print(f'backend={jax.default_backend()} devices={jax.local_device_count()} '
         f'conv_impl={conv_impl}->{models.resolve_conv_impl(conv_impl)} '
         f'remat={config.model.get("remat", False)} dtype={config.dtype} '

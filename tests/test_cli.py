@@ -58,7 +58,7 @@ def test_good_flags_parse_and_load_the_config(capsys, monkeypatch):
 
 
 def test_main_prints_one_line_without_a_traceback(tmp_path):
-  env = dict(os.environ, HAR_JAX_HUGEPAGES='0')
+  env = dict(os.environ)
   for args, expected in (
       (['--config=configs/synthetic.py', '--config.batch_sise=16'], '--config.batch_size?'),
       (['--config=configs/nope.py'], 'configs/nope.py'),

@@ -17,6 +17,7 @@ from har_jax import errors
 from har_jax import train
 from har_jax.data import datasets
 from har_jax.data import pipeline
+from har_jax.evaluation import checkpoint_eval
 from har_jax.models import create_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,6 +94,20 @@ def test_synthetic_train_logs_checkpoints_and_resumes(tiny_config, tmp_path, cap
   assert 'Training from step 4 to 6' in caplog.text
   assert final['num_videos'] == 20
   assert _scalars(workdir)['train/loss'] == [2, 4, 6]
+
+
+def test_train_and_evaluate_with_xla_convolutions(tiny_config, tmp_path):
+  """The path GPUs and TPUs run (conv_impl='xla': XLA's convolutions and max pool, no CPU
+  kernels), on a ResNet with its stem max pool: train, then --mode=eval of the final checkpoint
+  gives the training run's own test figures."""
+  config = tiny_config(**{'model.conv_impl': 'xla', 'model.encoder': 'resnet18',
+                          'model.encoder_kwargs': {'num_filters': 8}, 'num_train_steps': 4})
+  workdir = str(tmp_path / 'workdir')
+  final = train.train_and_evaluate(config, workdir)
+  [report] = checkpoint_eval.evaluate(config, workdir, checkpoint='latest', split='test')
+  assert report['checkpoint_step'] == 4 and report['metrics']['num_videos'] == 20
+  assert report['metrics']['top1'] == pytest.approx(final['top1'], abs=1e-6)
+  assert report['metrics']['loss'] == pytest.approx(final['loss'], rel=1e-4)
 
 
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)

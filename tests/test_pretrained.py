@@ -7,6 +7,7 @@ including conv biases and BatchNorm moving statistics, so that a wrong conversio
 import functools
 import importlib.util
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 
+from har_jax import checkpoints
 from har_jax import errors
 from har_jax import models
 from har_jax import optim
@@ -325,7 +327,7 @@ def test_train_step_freezes_the_encoder_for_n_steps(tiny_config):
                           'learning_rate': 1e-2})
   lr_fn = optim.create_learning_rate_fn(config)
   state = train.create_train_state(jax.random.PRNGKey(0), config, 10, lr_fn)
-  model = train.build_model(config, 10, bn_axis_name='batch')
+  model = models.create_model(config.model, 10, dtype=config.dtype, bn_axis_name='batch')
   devices = jax.devices()[:1]
   p_step = jax.pmap(functools.partial(steps.train_step, model=model, learning_rate_fn=lr_fn,
                                       config=config), axis_name='batch', devices=devices)
@@ -346,3 +348,59 @@ def test_train_step_freezes_the_encoder_for_n_steps(tiny_config):
   changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(thawed['encoder']),
                                                       jax.tree.leaves(state.params['encoder']))]
   assert all(changed)
+
+
+def _one_device_step(config, model, lr_fn, frozen_encoder: bool):
+  return jax.pmap(functools.partial(steps.train_step, model=model, learning_rate_fn=lr_fn,
+                                    config=config, frozen_encoder=frozen_encoder),
+                  axis_name='batch', devices=jax.devices()[:1])
+
+
+def test_frozen_encoder_step_trains_the_head_on_the_features_it_is_evaluated_on(tiny_config):
+  """While frozen, the encoder's BatchNorm normalises with its running statistics (inference
+  mode): the loss the head trains on is the loss of the model as evaluated."""
+  config = tiny_config(**{'model.freeze_encoder_steps': 5, 'warmup_steps': 0})
+  lr_fn = optim.create_learning_rate_fn(config)
+  state = train.create_train_state(jax.random.PRNGKey(0), config, 10, lr_fn)
+  # Running statistics unlike any batch's, so inference mode and batch statistics differ.
+  state = state.replace(batch_stats=jax.tree.map(lambda x: x + 0.5, state.batch_stats))
+  model = models.create_model(config.model, 10, dtype=config.dtype, bn_axis_name='batch')
+  rng = np.random.default_rng(0)
+  video = rng.integers(0, 256, (8, config.num_frames, config.image_size, config.image_size, 3),
+                       dtype=np.uint8)
+  labels = rng.integers(0, 10, (8,)).astype(np.int32)
+  eval_model = models.create_model(config.model, 10, dtype=config.dtype)
+  logits = eval_model.apply({'params': state.params, 'batch_stats': state.batch_stats}, video,
+                            train=False)
+  evaluated = float(steps.cross_entropy(logits, labels, 10).mean())
+  losses = {}
+  for frozen in (True, False):
+    new, out = _one_device_step(config, model, lr_fn, frozen)(
+        parallel.replicate(state, jax.devices()[:1]), {'video': video[None], 'label': labels[None]})
+    losses[frozen] = float(parallel.unreplicate(out['metrics']).compute()['loss'])
+    if frozen:
+      new = parallel.unreplicate(new)
+      jax.tree.map(np.testing.assert_array_equal, new.params['encoder'], state.params['encoder'])
+      jax.tree.map(np.testing.assert_array_equal, new.batch_stats, state.batch_stats)
+  np.testing.assert_allclose(losses[True], evaluated, rtol=1e-5)
+  assert abs(losses[False] - evaluated) > 1e-3, losses  # Batch statistics: what was fixed.
+
+
+@pytest.mark.slow
+def test_resume_across_the_end_of_the_frozen_phase_is_exact(tiny_config, tmp_path):
+  """A run resumed at step 2 of a 3-step frozen phase ends bitwise equal to one never stopped."""
+  config = tiny_config(**{'model.freeze_encoder_steps': 3, 'num_train_steps': 6,
+                          'deterministic_data': True, 'checkpoint_every_steps': 2,
+                          'keep_checkpoints': 10, 'eval_every_steps': 6})
+  straight = tmp_path / 'straight'
+  train.train_and_evaluate(config, str(straight))
+  resumed = tmp_path / 'resumed'
+  shutil.copytree(straight / 'checkpoints' / '2', resumed / 'checkpoints' / '2')
+  train.train_and_evaluate(config, str(resumed))
+  manager = checkpoints.CheckpointManager(str(straight), read_only=True)
+  want = manager.read_meta(6)['variables_crc32']
+  manager.close()
+  manager = checkpoints.CheckpointManager(str(resumed), read_only=True)
+  assert manager.all_steps() == [2, 4, 6]
+  assert manager.read_meta(6)['variables_crc32'] == want
+  manager.close()

@@ -24,6 +24,7 @@ import pytest
 import conftest
 from configs import synthetic
 from har_jax import errors
+from har_jax import models
 from har_jax import parallel
 from har_jax import steps
 from har_jax import train
@@ -246,7 +247,7 @@ def test_skip_nonfinite_updates_keeps_the_state_and_counts_the_step(tiny_config)
   # A NaN learning rate at optimizer count 1: the second update is NaN.
   lr_fn = lambda step: jnp.where(step == 1, jnp.nan, 1e-3)  # pylint: disable=g-long-lambda
   state = train.create_train_state(jax.random.PRNGKey(0), config, 10, lr_fn)
-  model = train.build_model(config, 10, bn_axis_name='batch')
+  model = models.create_model(config.model, 10, dtype=config.dtype, bn_axis_name='batch')
   p_step = jax.pmap(functools.partial(steps.train_step, model=model, learning_rate_fn=lr_fn,
                                       config=config), axis_name='batch', devices=devices)
   rng = np.random.RandomState(0)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from har_jax import models
 from har_jax import optim
 from har_jax import parallel
 from har_jax import steps
@@ -19,7 +20,7 @@ from har_jax.evaluation import runner
 def _state_and_model(config, num_classes=10):
   lr_fn = optim.create_learning_rate_fn(config)
   state = train.create_train_state(jax.random.PRNGKey(0), config, num_classes, lr_fn)
-  model = train.build_model(config, num_classes, bn_axis_name='batch')
+  model = models.create_model(config.model, num_classes, dtype=config.dtype, bn_axis_name='batch')
   return state, model, lr_fn
 
 
@@ -74,11 +75,6 @@ def test_four_devices_match_one_device(tiny_config):
     leaf = np.asarray(leaf)
     for r in range(1, 4):
       np.testing.assert_array_equal(leaf[r], leaf[0])
-
-
-def test_non_divisible_batch_is_rejected():
-  with pytest.raises(ValueError, match='multiple of the global device count'):
-    train.global_batch_check(6, 4)
 
 
 class _FakeModel:

@@ -13,10 +13,12 @@ import tensorflow_datasets as tfds
 
 from har_jax import errors
 from har_jax.data import frame_store
-from har_jax.data import synthetic_actions  # Defines (and so registers) the TFDS builder.
-from har_jax.data import video_folder
+
+# The dataset-preparation modules (synthetic_actions, video_folder with PyAV, the ucf101
+# builders) are imported where a dataset of theirs is opened, not by the training path.
 
 SYNTHETIC_NAME = 'synthetic_actions'
+VIDEO_FOLDER_NAME = 'video_folder'  # Datasets of prepare_video_folder.py (video_folder.py).
 # Datasets whose videos carry UCF101 groups (people): 'group' records and metadata.json
 # 'group_counts' (ucf101_meta, see ucf101.py), or a 'group' column (frame stores of UCF101).
 GROUPED_DATASETS = ('ucf101_meta', 'ucf101_frames')
@@ -65,10 +67,11 @@ def _split_name_and_config(name: str) -> tuple[str, Optional[str]]:
   return base, (config_name or None)
 
 
-def get_builder(dataset_config) -> tfds.core.DatasetBuilder:
+def get_builder(dataset_config, *, prepare: bool = True) -> tfds.core.DatasetBuilder:
   """Returns the prepared TFDS builder named by `dataset_config.name`.
 
-  The built-in synthetic dataset is generated on first use; any other dataset must already be
+  The built-in synthetic dataset is generated on first use (with prepare=False, its builder is
+  returned unprepared: features and class names, no splits); any other dataset must already be
   prepared in `dataset_config.data_dir` (this function never downloads anything).
   """
   name = dataset_config.name
@@ -84,7 +87,11 @@ def get_builder(dataset_config) -> tfds.core.DatasetBuilder:
         f'--source <UCF101 folder or zips> --data_dir {data_dir or "<data_dir>"} '
         f'--short_side {config_name.lstrip("s") if config_name else "128"}')
   if base == SYNTHETIC_NAME:
+    from har_jax.data import synthetic_actions  # pylint: disable=g-import-not-at-top
     _check_synthetic_config(name, config_name or 'default')
+    if not prepare:
+      return synthetic_actions.SyntheticActions(config=config_name or 'default',
+                                                data_dir=data_dir or _default_data_dir())
     return synthetic_actions.prepare(data_dir or _default_data_dir(), config_name or 'default')
   if base in ('ucf101',) + GROUPED_DATASETS and config_name not in UCF101_CONFIGS:
     raise errors.UserError(
@@ -92,7 +99,8 @@ def get_builder(dataset_config) -> tfds.core.DatasetBuilder:
         f"'{base}/<config>' with <config> one of {UCF101_CONFIGS}.")
   if base in GROUPED_DATASETS:
     return _prepared_grouped_builder(dataset_config, base, config_name)
-  if base == video_folder.NAME:
+  if base == VIDEO_FOLDER_NAME:
+    from har_jax.data import video_folder  # pylint: disable=g-import-not-at-top
     return video_folder.load(data_dir or _default_data_dir(), config_name)
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -109,6 +117,7 @@ def get_builder(dataset_config) -> tfds.core.DatasetBuilder:
 
 
 def _check_synthetic_config(name: str, config_name: str):
+  from har_jax.data import synthetic_actions  # pylint: disable=g-import-not-at-top
   configs = sorted(synthetic_actions.SyntheticActions.builder_configs)
   if config_name not in configs:
     raise errors.UserError(f'Unknown synthetic_actions config {config_name!r} in '
@@ -196,7 +205,7 @@ def frame_geometry(builder) -> dict:
       return dict(settings['frame_geometry'])
     short_side = int(settings.get('short_side', 0) or 0)
     return {'resize': 'short_side', 'size': short_side} if short_side else {'resize': 'none'}
-  if builder.info.name == video_folder.NAME:
+  if builder.info.name == VIDEO_FOLDER_NAME:
     short_side = int((builder.info.metadata or {}).get('settings', {}).get('short_side', 0) or 0)
     return {'resize': 'short_side', 'size': short_side} if short_side else {'resize': 'none'}
   size = static_frame_size(builder)

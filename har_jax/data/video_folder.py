@@ -52,10 +52,11 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from har_jax import errors
+from har_jax.data import datasets
 from har_jax.data import ucf101
 from har_jax.data import video_files
 
-NAME = 'video_folder'
+NAME = datasets.VIDEO_FOLDER_NAME
 DATASET_VERSION = '1.0.0'
 VIDEO_EXTENSIONS = ('.avi', '.mp4', '.mkv', '.webm', '.mov')
 SPLIT_DIRS = ('train', 'test')

@@ -5,6 +5,7 @@ from typing import Any, Optional
 import jax.numpy as jnp
 import ml_collections
 
+from har_jax import config_fields
 from har_jax.models.cpu_kernels.conv import CONV_IMPLS
 from har_jax.models.cpu_kernels.conv import CpuConv
 from har_jax.models.cpu_kernels.conv import conv_module
@@ -42,9 +43,9 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int,
     bn_axis_name: the pmap axis name for synchronous BatchNorm, or None.
   """
   get_encoder_cls(model_config.encoder)  # ValueError naming valid encoders.
-  conv_impl = model_config.get('conv_impl', 'auto')
+  conv_impl = config_fields.model_field(model_config, 'conv_impl')
   resolve_conv_impl(conv_impl)  # ValueError naming valid implementations.
-  preprocessing = model_config.get('preprocessing', 'imagenet')
+  preprocessing = config_fields.model_field(model_config, 'preprocessing')
   if preprocessing not in PREPROCESSING:
     raise ValueError(f'Unknown preprocessing {preprocessing!r}; valid: '
                      f'{sorted(PREPROCESSING)}')
@@ -52,10 +53,10 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int,
       encoder=model_config.encoder,
       num_classes=num_classes,
       lstm_size=model_config.lstm_size,
-      num_lstm_layers=model_config.get('num_lstm_layers', 1),
+      num_lstm_layers=config_fields.model_field(model_config, 'num_lstm_layers'),
       dropout_rate=model_config.dropout_rate,
       temporal_pooling=model_config.temporal_pooling,
-      remat=model_config.get('remat', False),
+      remat=config_fields.model_field(model_config, 'remat'),
       conv_impl=conv_impl,
       dtype=jnp.dtype(dtype),
       bn_axis_name=bn_axis_name,

@@ -3,6 +3,7 @@
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from har_jax.models import encoders
@@ -79,36 +80,66 @@ class LRCN(nn.Module):
     std = jnp.asarray(self.input_std, jnp.float32)
     return ((x - mean) / std).astype(self.dtype)
 
-  @nn.compact
-  def __call__(self, video: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-    """`[batch, time, height, width, 3]` uint8 -> `[batch, num_classes]`
-    float32 logits."""
+  def setup(self):
     if self.temporal_pooling not in TEMPORAL_POOLINGS:
       raise ValueError(f'temporal_pooling {self.temporal_pooling!r} not in '
                        f'{TEMPORAL_POOLINGS}')
-    batch, time = video.shape[:2]
-    frames = self.normalise(video).reshape((batch * time,) + video.shape[2:])
-
     encoder_cls = encoders.get_encoder_cls(self.encoder)
     impl = conv_lib.resolve_conv_impl(self.conv_impl)
-    encoder = encoder_cls(dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                          conv=conv_lib.conv_module(impl), max_pool=pool_lib.max_pool_fn(impl),
-                          remat_blocks=self.remat, name='encoder', **dict(self.encoder_kwargs))
-    if self.remat and not encoder_cls.has_blocks:
-      features = nn.remat(lambda mdl, x: mdl(x, train=train))(encoder, frames)
+    self.encoder_module = encoder_cls(
+        dtype=self.dtype, bn_axis_name=self.bn_axis_name, conv=conv_lib.conv_module(impl),
+        max_pool=pool_lib.max_pool_fn(impl), remat_blocks=self.remat, name='encoder',
+        **dict(self.encoder_kwargs))
+    self._remat_whole_encoder = self.remat and not encoder_cls.has_blocks
+    # Parameter paths: encoder/..., lstm_<i>/cell/..., head/... (nn.RNN adopts a cell made with
+    # parent=None as its child 'cell').
+    self.lstms = [
+        nn.RNN(nn.OptimizedLSTMCell(self.lstm_size, dtype=jnp.float32,
+                                    param_dtype=jnp.float32, parent=None), name=f'lstm_{i}')
+        for i in range(self.num_lstm_layers)]
+    self.dropout = nn.Dropout(self.dropout_rate)
+    self.head = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32,
+                         name='head')
+
+  def encode_frames(self, frames: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    """`[n, height, width, 3]` uint8 RGB frames -> `[n, feature_dim]` float32 features.
+
+    Each frame is encoded on its own (in inference mode, BatchNorm uses its running
+    statistics), so a frame's features do not depend on the frames batched with it.
+    """
+    x = self.normalise(frames)
+    if self._remat_whole_encoder:
+      features = nn.remat(lambda mdl, x: mdl(x, train=train))(self.encoder_module, x)
     else:
-      features = encoder(frames, train=train)
-    y = features.reshape(batch, time, -1).astype(jnp.float32)
+      features = self.encoder_module(x, train=train)
+    return features.astype(jnp.float32)
 
-    for i in range(self.num_lstm_layers):
-      # parent=None lets nn.RNN adopt the cell: params are lstm_i/cell/...
-      cell = nn.OptimizedLSTMCell(self.lstm_size, dtype=jnp.float32,
-                                  param_dtype=jnp.float32, parent=None)
-      y = nn.RNN(cell, name=f'lstm_{i}')(y)  # [batch, time, lstm_size]
+  def classify(self, features: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    """`[batch, time, feature_dim]` frame features -> `[batch, num_classes]` float32 logits.
 
-    y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
-    head = nn.Dense(self.num_classes, dtype=jnp.float32,
-                    param_dtype=jnp.float32, name='head')
+    The recurrent part: the LSTM layers from a zero state over `time` steps, dropout, the head,
+    then the last step's logits or their mean over time (temporal_pooling).
+    """
+    y = features.astype(jnp.float32)
+    for lstm in self.lstms:
+      y = lstm(y)  # [batch, time, lstm_size]
+    y = self.dropout(y, deterministic=not train)
     if self.temporal_pooling == 'last':
-      return head(y[:, -1])
-    return jnp.mean(head(y), axis=1)
+      return self.head(y[:, -1])
+    return jnp.mean(self.head(y), axis=1)
+
+  def __call__(self, video: jnp.ndarray, *, train: bool,
+               frozen_encoder: bool = False) -> jnp.ndarray:
+    """`[batch, time, height, width, 3]` uint8 -> `[batch, num_classes]` float32 logits.
+
+    frozen_encoder: run the encoder in inference mode (BatchNorm normalises with its running
+      statistics and does not update them) and pass no gradient into it, while the rest of the
+      model trains as `train` says: the frozen-encoder phase of fine-tuning, in which the head
+      trains on the features it will be evaluated on.
+    """
+    batch, time = video.shape[:2]
+    frames = video.reshape((batch * time,) + video.shape[2:])
+    features = self.encode_frames(frames, train=train and not frozen_encoder)
+    if frozen_encoder:
+      features = jax.lax.stop_gradient(features)
+    return self.classify(features.reshape(batch, time, -1), train=train)
