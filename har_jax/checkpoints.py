@@ -20,6 +20,7 @@ moves a checkpoint. An unwritable workdir is an error at start, and at the next 
 
 import contextlib
 import json
+import logging as py_logging
 import os
 import time
 from typing import Any, Optional
@@ -39,6 +40,20 @@ from har_jax import config_fields
 from har_jax import errors
 
 BEST_METRIC = 'top1'
+
+# Orbax warns at every save without metrics when it tracks a best checkpoint; periodic checkpoints
+# between evaluations have none by design (BestN ignores them). Only that message is dropped.
+_NO_METRICS_WARNING = 'Requested `tracked_metric`; did not provide metrics.'
+
+
+class _DropNoMetricsWarning(py_logging.Filter):
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.getMessage() != _NO_METRICS_WARNING
+
+
+if not any(isinstance(f, _DropNoMetricsWarning) for f in py_logging.getLogger('absl').filters):
+  py_logging.getLogger('absl').addFilter(_DropNoMetricsWarning())
 # Config fields that change the parameter tree or the meaning of the outputs: a resume with any of
 # these changed is refused. Everything else (steps, eval cadence, learning rate...) may change.
 STRUCTURAL_FIELDS = ('model.encoder', 'model.lstm_size', 'model.num_lstm_layers',

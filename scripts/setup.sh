@@ -1,9 +1,24 @@
 #!/usr/bin/env bash
-# Creates .venv and installs har_jax with its test dependencies (idempotent).
+# Creates a venv (default .venv) and installs har_jax with its test dependencies (idempotent).
+# Uses $PYTHON if set, else the newest supported interpreter on the machine (3.13, 3.12, 3.11).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python3.11}"
-command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[test]'
+VENV="${VENV:-.venv}"
+supported='import sys; sys.exit(not (3, 11) <= sys.version_info[:2] < (3, 14))'
+if [ -z "${PYTHON:-}" ]; then
+  for candidate in python3.13 python3.12 python3.11 python3; do
+    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c "$supported" 2>/dev/null; then
+      PYTHON="$candidate"
+      break
+    fi
+  done
+fi
+if [ -z "${PYTHON:-}" ] || ! "$PYTHON" -c "$supported" 2>/dev/null; then
+  echo "error: har_jax needs Python 3.11, 3.12 or 3.13 (none found${PYTHON:+; $PYTHON is not one})." \
+       "Install one, or point PYTHON at it: PYTHON=/path/to/python3.12 bash scripts/setup.sh" >&2
+  exit 1
+fi
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+echo "setup: $VENV with $("$VENV/bin/python" --version)"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q -e '.[test]'

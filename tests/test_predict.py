@@ -1,5 +1,6 @@
 """Prediction on video files: PyAV decoding, eval-identical views, the right class, errors."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -314,3 +315,42 @@ def test_corrupt_checkpoint_is_called_corrupt(tiny_config, tmp_path):
   with pytest.raises(errors.UserError, match='Checkpoint 3 .* is corrupt') as error:
     inference.load(str(tmp_path), 'latest')
   assert 'does not match' not in str(error.value)
+
+
+@pytest.mark.slow
+def test_raw_videos_get_the_geometry_of_the_training_records(trained, tmp_path):
+  """Raw files at another aspect ratio than the records (as UCF101's 320x240 AVIs are to the
+  stock 256x256 records): prediction squashes them as the records were made, and then agrees
+  with evaluation on the records; keeping the raw aspect ratio agrees less."""
+  config, workdir = trained
+  model = inference.load(workdir, 'latest')
+  assert model.preprocessing.frame_geometry == {'resize': 'squash', 'size': [32, 32]}
+  videos = _training_videos(config, 20)
+  paths = []
+  for i, (_, frames, _) in enumerate(videos):  # 32x32 records -> 48x36 (4:3) "raw" files.
+    wide = tf.image.resize(frames, (36, 48), method='bilinear', antialias=True)
+    paths.append(write_video(tmp_path / f'raw_{i}.avi',
+                             np.asarray(tf.round(tf.clip_by_value(wide, 0, 255)), np.uint8)))
+  builder = datasets.get_builder(config.dataset)
+  devices = jax.devices()[:1]
+  eval_model = models.create_model(config.model, 10, dtype=config.dtype, bn_axis_name='batch')
+  outputs, _ = checkpoint_eval.evaluate_variables(
+      model.variables, checkpoint_eval.eval_steps(eval_model, devices), builder, config,
+      'train[:20]', devices=devices)
+  by_id = dict(zip(outputs.tfds_ids, outputs.logits))
+  on_records = np.stack([np.asarray(jax.nn.softmax(by_id[t])) for t, _, _ in videos])
+
+  kept_aspect = dataclasses.replace(model, preprocessing=dataclasses.replace(
+      model.preprocessing, frame_geometry={'resize': 'none'}))
+  agreement, distance = {}, {}
+  for name, loaded in (('squash', model), ('kept', kept_aspect)):
+    results = predict.predict_files(paths, top_k=10, model=loaded)
+    probs = np.zeros_like(on_records)
+    for row, r in enumerate(results):
+      for entry in r['top_k']:
+        probs[row, entry['index']] = entry['probability']
+    agreement[name] = np.mean(probs.argmax(-1) == on_records.argmax(-1))
+    distance[name] = np.abs(probs - on_records).sum(-1).mean()
+  assert agreement['squash'] >= 0.9, (agreement, distance)
+  assert distance['squash'] < distance['kept'], (agreement, distance)
+  assert agreement['squash'] >= agreement['kept'], (agreement, distance)

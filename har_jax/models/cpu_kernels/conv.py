@@ -1,37 +1,29 @@
-"""Encoder convolutions: XLA's, or one whose weight gradient is fast on CPU.
+"""Encoder convolutions: XLA's, or `CpuConv`, whose forward and gradients are fast on XLA:CPU.
 
-XLA:CPU runs forward and input-gradient convolutions at 40-100 GFLOP/s on the
-project's 2-core machine, but weight-gradient convolutions at 1-10 GFLOP/s
-(issue 7). `CpuConv` is `nn.Conv` (same parameters, the same XLA forward)
-with a custom VJP whose weight gradient is one matmul per chunk of images with
-their im2col patches,
+`CpuConv` is an `nn.Conv` (same parameters, same values to float32 rounding) computed as
+follows. Measured speed-ups are in benchmarks/train_step.md.
 
-  dW[(i, j, c), o] = sum_{n, h, w} x_pad[n, s*h + i, s*w + j, c] dy[n, h, w, o],
+- 3x3 / stride 1 / padding 1 float32 convolutions on maps of at least 4x4 (the ResNet blocks'):
+  Winograd F(2x2, 3x3) forward (`winograd_conv`: 16 instead of 36 multiplies per 2x2 output
+  tile, as 16 batched matmuls over cache-sized chunks of images) and input gradient (the
+  transposed convolution is again 3x3 / stride 1 / padding 1, with the kernel flipped and its
+  channels swapped); weight gradient by Winograd F(3x3, 2x2) (`winograd_weight_grad`, the
+  adjoint of the forward transform: 16 batched `[C, P] x [P, O]` matmuls).
+- Every other convolution: XLA's forward. Weight gradient by im2col, one matmul per chunk of
+  images,
 
-computed as `dy^T patches` (`[O, M] x [M, kh*kw*C]`, M = chunk * Ho * Wo) and
-summed over the chunks in a scan. A chunk's patches are ~4 MiB, so they stay
-in cache between their construction and their matmul; one im2col over the
-whole batch (hundreds of MiB) was measured slower than XLA. The input gradient
-is XLA's for stride 1; for strided convolutions it is `dy W^T` and col2im
-(`input_grad`), 1.1-17x faster than XLA's convolution of the zero-dilated dy.
+    dW[(i, j, c), o] = sum_{n, h, w} x_pad[n, s*h + i, s*w + j, c] dy[n, h, w, o],
 
-The ResNet blocks' 3x3 / stride 1 / padding 1 convolutions in float32 (on maps of
-at least 4x4) run as Winograd F(2x2, 3x3) (`winograd_conv`), forward and input
-gradient (the transposed convolution is again 3x3 / stride 1 / padding 1, with
-the kernel flipped and its channels swapped): 16 instead of 36 multiplies per
-2x2 output tile, as 16 batched matmuls on ~8 MiB chunks of images. Measured on
-the issue-7 ResNet-18 step: 1.10x (benchmarks/train_step.md). Their weight
-gradients are Winograd F(3x3, 2x2) (`winograd_weight_grad`, the adjoint of the
-forward transform: 16 instead of 36 multiplies per tile and channel pair, as 16
-batched `[C, P] x [P, O]` matmuls): 1.2-1.5x faster than im2col per
-convolution, 1.06x on the step. Values agree with XLA's convolution to float32
-rounding (~1e-6 relative), not bit for bit. bfloat16 convolutions keep XLA's
-(Winograd's transforms lose more precision).
+  computed as `dy^T patches` (`[O, M] x [M, kh*kw*C]`, M = chunk * Ho * Wo) and summed over the
+  chunks in a scan; a chunk's patches (~4 MiB) stay in cache between their construction and
+  their matmul. Input gradient: XLA's for stride 1; `dy W^T` and col2im (`input_grad`) for
+  strided convolutions.
 
-`conv_impl` selects the module: 'xla' (`nn.Conv`), 'cpu' (`CpuConv`)
-or 'auto' ('cpu' on the CPU backend, 'xla' on GPU/TPU, where nothing has
-been measured to need it). It also selects the ResNet stem's max pool (see
-pool.py), whose XLA gradient is just as slow on CPU.
+Values agree with XLA's convolution to float32 rounding (~1e-6 relative), not bit for bit.
+bfloat16 convolutions use XLA's (Winograd's transforms lose more precision in bfloat16).
+
+`conv_impl` selects the module: 'xla' (`nn.Conv`), 'cpu' (`CpuConv`) or 'auto' ('cpu' on the
+CPU backend, 'xla' on GPU/TPU). It also selects the ResNet stem's max pool (see pool.py).
 """
 
 import functools

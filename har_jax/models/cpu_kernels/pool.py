@@ -2,8 +2,8 @@
 
 JAX differentiates `lax.reduce_window(max)` through XLA's select-and-scatter,
 which XLA:CPU lowers to a variadic reduce-window carrying four s32 index
-arrays, index iotas and a scatter: for the ResNet stem's 3x3/2 pool over
-128 frames of 56x56x64 that is ~0.75 s of a ~6 s CPU train step (issue 7).
+arrays, index iotas and a scatter: slow for the ResNet stem's 3x3/2 pool
+(benchmarks/train_step.md).
 
 `max_pool` has the same forward (the same `reduce_window`) and the same
 gradient, written with elementwise ops, contiguous slices and one interleave:
