@@ -57,6 +57,8 @@ def test_report_numbers_exact_from_known_logits():
   counts = np.array(report['confusion_matrix']['counts'])
   assert counts.sum() == 6 and counts[0, 0] == 1 and counts[1, 0] == 1 and counts[4, 9] == 1
   assert counts[4, 5] == 1 and counts[2, 3] == 1 and counts[9, 8] == 1
+  assert report['most_confused'][0] == {'true': 'move_right', 'predicted': 'move_left', 'count': 1}
+  assert len(report['most_confused']) == 5
   # Pairs: video 0 (0 vs 1: 4 > 2 right), 1 (1 vs 0: 10 < 12 wrong), 2 (4 vs 5: 2 < 4 wrong),
   # 3 (2 vs 3: 2 < 4 wrong), 4 (9 vs 8: 2 < 4 wrong), 5 (4 vs 5: 2 < 12 wrong) -> 1/6.
   pairs = report['temporal_order']['reversal_pairs']
@@ -85,6 +87,27 @@ def test_confusion_matrix_image_is_rendered_with_names():
   assert image.min() < 60 and image.max() == 255  # Dark cells on a white background.
   with pytest.raises(ValueError, match='does not match 2 class names'):
     reports.confusion_matrix_image(matrix, ['walk', 'run'])
+
+
+def test_confusion_order_puts_confused_classes_together_and_drops_absent_ones():
+  matrix = np.zeros((101, 101), np.int64)
+  for c in (3, 50, 7, 90, 12):
+    matrix[c, c] = 5
+  matrix[50, 90] = 4  # 50 and 90 are confused most, then 90 and 12, then 3 and 7.
+  matrix[12, 90] = 2
+  matrix[90, 12] = 1
+  matrix[3, 7] = 1
+  assert metrics.confusion_order(matrix) == [50, 90, 12, 3, 7]
+  assert metrics.most_confused(matrix, 3) == [(50, 90, 4), (12, 90, 2), (3, 7, 1)]
+  names = [f'class_{i}' for i in range(101)]
+  pairs = reports.most_confused_pairs(matrix, names, 2)
+  assert pairs == [{'true': 'class_50', 'predicted': 'class_90', 'count': 4},
+                   {'true': 'class_12', 'predicted': 'class_90', 'count': 2}]
+  assert '| class_50 | class_90 | 4 |' in reports.most_confused_markdown(pairs)
+  # Five classes drawn, not 101: the image is about the size of a 5-class one.
+  small = reports.confusion_matrix_image(matrix, names, 'test')
+  full = reports.confusion_matrix_image(np.eye(101, dtype=np.int64), names, 'test')
+  assert small.shape[0] < full.shape[0] / 2, (small.shape, full.shape)
 
 
 class _OrderSensitiveModel:
@@ -188,7 +211,7 @@ def test_all_checkpoints_evaluated_on_one_device(trained, capsys):
   assert steps == [100, 200, 300]
   for tag in ('test/top5', 'test/mean_class_accuracy', 'test/clip_top1',
               'test/shuffled_time/top1', 'test/temporal_order_top1_drop',
-              'test/reversal_pair_accuracy', 'test/confusion_matrix'):
+              'test/reversal_pair_accuracy', 'test/confusion_matrix', 'test/most_confused'):
     assert tag in tags, f'{tag} not in {tags}'
   # The final periodic eval of training saw the same 20 videos with the same weights.
   val = json.load(open(reports_[-1]['report_path']))['metrics']['top1']

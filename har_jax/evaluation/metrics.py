@@ -24,6 +24,45 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
   return matrix
 
 
+def most_confused(matrix: np.ndarray, k: int = 10) -> list[tuple[int, int, int]]:
+  """The k largest off-diagonal counts of a confusion matrix as (true, predicted, count),
+  largest first (ties: by true, then predicted class index)."""
+  matrix = np.asarray(matrix)
+  off = [(int(matrix[i, j]), i, j) for i, j in zip(*np.nonzero(matrix)) if i != j]
+  off.sort(key=lambda c: (-c[0], c[1], c[2]))
+  return [(i, j, count) for count, i, j in off[:k]]
+
+
+def confusion_order(matrix: np.ndarray) -> list[int]:
+  """The classes that occur (as a true or a predicted class), ordered so that classes confused
+  with each other sit together.
+
+  Chains are grown greedily from the most-confused pair: each chain appends the unplaced class
+  most confused (both directions summed) with its last class, and a new chain starts from the
+  most-confused pair left. Classes never confused follow, in index order.
+  """
+  matrix = np.asarray(matrix)
+  occurs = np.nonzero(matrix.sum(0) + matrix.sum(1))[0].tolist()
+  mutual = (matrix + matrix.T).astype(np.int64)
+  np.fill_diagonal(mutual, 0)
+  placed, order = set(), []
+  for _, i, j in sorted(((-int(mutual[i, j]), i, j) for i in occurs for j in occurs
+                         if i < j and mutual[i, j] > 0)):
+    if i in placed or j in placed:
+      continue
+    chain = [i, j]
+    placed.update(chain)
+    while True:
+      candidates = [(int(mutual[chain[-1], c]), -c) for c in occurs
+                    if c not in placed and mutual[chain[-1], c] > 0]
+      if not candidates:
+        break
+      chain.append(-max(candidates)[1])
+      placed.add(chain[-1])
+    order += chain
+  return order + [c for c in occurs if c not in placed]
+
+
 def scalar_metrics(outputs: EvalOutputs, num_classes: int) -> dict:
   """Video-level top-1/top-5/loss/mean-class accuracy and clip-level (single view) top-1."""
   logits, labels = outputs.logits, outputs.labels

@@ -3,7 +3,8 @@
 Layout under `<workdir>/eval/`:
   <split>_step_<N>.json         every number of one evaluation, its protocol and the class names
   <split>_step_<N>_videos.npz   per-video logits and labels, to recompute any metric independently
-  events.out.tfevents.*         TensorBoard scalars and the confusion-matrix image (run 'eval')
+  events.out.tfevents.*         TensorBoard scalars, the confusion-matrix image and the
+                                most-confused pairs as text (run 'eval')
 """
 
 import datetime
@@ -77,8 +78,13 @@ def write_videos(path: str, **arrays: np.ndarray) -> str:
   return path
 
 
-def confusion_matrix_image(matrix: np.ndarray, class_names, title: str = '') -> np.ndarray:
-  """Renders a confusion matrix with labelled axes.
+def confusion_matrix_image(matrix: np.ndarray, class_names, title: str = '',
+                           max_pairs: int = 10) -> np.ndarray:
+  """Renders a confusion matrix a person can read, with the most-confused pairs beside it.
+
+  Only the classes that occur (as a true or a predicted class) are drawn, ordered so that
+  classes confused with each other sit together (metrics.confusion_order); beside the grid, the
+  `max_pairs` most-confused pairs (count, true -> predicted).
 
   Args:
     matrix: [num_classes, num_classes] counts; rows are true classes, columns predictions.
@@ -87,39 +93,69 @@ def confusion_matrix_image(matrix: np.ndarray, class_names, title: str = '') -> 
 
   Returns:
     [height, width, 3] uint8 RGB image. Cell colour is the row-normalised fraction (recall);
-    counts are printed in the cells when there are at most 25 classes.
+    counts are printed in the cells when at most 25 classes are drawn.
   """
   matrix = np.asarray(matrix)
-  n = len(class_names)
-  if matrix.shape != (n, n):
-    raise ValueError(f'Confusion matrix of shape {matrix.shape} does not match {n} class names.')
-  rows = matrix.sum(axis=1, keepdims=True)
-  fractions = matrix / np.maximum(rows, 1)
+  if matrix.shape != (len(class_names), len(class_names)):
+    raise ValueError(f'Confusion matrix of shape {matrix.shape} does not match '
+                     f'{len(class_names)} class names.')
+  order = metrics.confusion_order(matrix) or list(range(len(class_names)))
+  shown = matrix[np.ix_(order, order)]
+  names = [class_names[i] for i in order]
+  n = len(order)
+  fractions = shown / np.maximum(matrix[order].sum(axis=1, keepdims=True), 1)
+  pairs = metrics.most_confused(matrix, max_pairs)
+  lines = ['most confused', 'count  true -> predicted', '']
+  lines += [f'{c:5d}  {class_names[t]} -> {class_names[p]}' for t, p, c in pairs]
+  side_inches = min(12.0, 1.0 + 0.075 * max(len(line) for line in lines)) if pairs else 0.0
   inches = max(5.0, 0.18 * n + 3.0)
   fontsize = max(3.0, min(9.0, 420.0 / max(n, 1)))
-  fig = mpl_figure.Figure(figsize=(inches, inches), dpi=100)
+  label_inches = 0.07 * max(len(str(name)) for name in names)  # Rotated tick labels below.
+  fig = mpl_figure.Figure(figsize=(inches + side_inches, inches + label_inches), dpi=100)
   canvas = backend_agg.FigureCanvasAgg(fig)
-  ax = fig.add_subplot(1, 1, 1)
+  grid = fig.add_gridspec(1, 2, width_ratios=(inches, side_inches)) if pairs else None
+  ax = fig.add_subplot(grid[0, 0] if pairs else 111)
   im = ax.imshow(fractions, cmap='Blues', vmin=0.0, vmax=1.0, interpolation='nearest')
   ax.set_xticks(range(n))
   ax.set_yticks(range(n))
-  ax.set_xticklabels(class_names, rotation=90, fontsize=fontsize)
-  ax.set_yticklabels(class_names, fontsize=fontsize)
+  ax.set_xticklabels(names, rotation=90, fontsize=fontsize)
+  ax.set_yticklabels(names, fontsize=fontsize)
   ax.set_xlabel('predicted class')
   ax.set_ylabel('true class')
   if title:
-    ax.set_title(title)
+    ax.set_title(title + (f' ({n} of {len(class_names)} classes occur)'
+                          if n < len(class_names) else ''))
   if n <= 25:
     for i in range(n):
       for j in range(n):
-        if matrix[i, j]:
+        if shown[i, j]:
           colour = 'white' if fractions[i, j] > 0.5 else 'black'
-          ax.text(j, i, str(int(matrix[i, j])), ha='center', va='center', fontsize=fontsize,
+          ax.text(j, i, str(int(shown[i, j])), ha='center', va='center', fontsize=fontsize,
                   color=colour)
   fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label='fraction of the true class')
+  if pairs:
+    side = fig.add_subplot(grid[0, 1])
+    side.axis('off')
+    side.text(0.0, 1.0, '\n'.join(lines), va='top', ha='left', fontsize=8, family='monospace',
+              transform=side.transAxes)
   fig.tight_layout()
   canvas.draw()
   return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def most_confused_pairs(matrix: np.ndarray, class_names, k: int = 10) -> list[dict]:
+  """[{'true', 'predicted', 'count'}] of the k largest off-diagonal counts, largest first."""
+  return [{'true': class_names[t], 'predicted': class_names[p], 'count': c}
+          for t, p, c in metrics.most_confused(matrix, k)]
+
+
+def most_confused_markdown(pairs: list[dict]) -> str:
+  """A Markdown table of most_confused_pairs, for TensorBoard's text dashboard."""
+  if not pairs:
+    return 'No confusions: every video was classified as its true class.'
+  rows = ['| true | predicted | count |', '|---|---|---:|']
+  rows += [f"| {p['true']} | {p['predicted']} | {p['count']} |" for p in pairs]
+  return '\n'.join(rows)
 
 
 def write_summaries(writer, step: int, scalars: dict, images: dict):
@@ -197,6 +233,7 @@ def build_report(outputs: metrics.EvalOutputs, shuffled: metrics.EvalOutputs,
       'per_class_accuracy': dict(zip(class_names, full['per_class_accuracy'].tolist())),
       'confusion_matrix': {'rows': 'true class', 'columns': 'predicted class',
                            'counts': full['confusion_matrix'].tolist()},
+      'most_confused': most_confused_pairs(full['confusion_matrix'], class_names),
       'temporal_order': temporal,
       'protocol': proto,
       'class_names': class_names,
@@ -224,8 +261,8 @@ def write_report(workdir: str, report: dict, outputs: metrics.EvalOutputs,
   report = dict(report, per_video_file=os.path.basename(videos),
                 written=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))
   write_videos(videos, logits=outputs.logits, labels=outputs.labels,
-                       view_top1=outputs.view_top1, tfds_ids=outputs.tfds_ids.astype(str),
-                       shuffled_logits=shuffled.logits, shuffled_view_top1=shuffled.view_top1)
+               view_top1=outputs.view_top1, tfds_ids=outputs.tfds_ids.astype(str),
+               shuffled_logits=shuffled.logits, shuffled_view_top1=shuffled.view_top1)
   write_json(path, report)
   if writer is not None:
     tag = split_tag(report['split'])
@@ -234,5 +271,8 @@ def write_report(workdir: str, report: dict, outputs: metrics.EvalOutputs,
     image = confusion_matrix_image(
         np.asarray(report['confusion_matrix']['counts']), report['class_names'], title)
     write_summaries(writer, report['checkpoint_step'], summary_scalars(report, tag),
-                            {f'{tag}/confusion_matrix': image})
+                    {f'{tag}/confusion_matrix': image})
+    writer.write_texts(report['checkpoint_step'], {
+        f'{tag}/most_confused': most_confused_markdown(report['most_confused'])})
+    writer.flush()
   return path
