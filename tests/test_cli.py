@@ -57,6 +57,7 @@ def test_good_flags_parse_and_load_the_config(capsys, monkeypatch):
   assert capsys.readouterr().err == ''
 
 
+@pytest.mark.slow
 def test_main_prints_one_line_without_a_traceback(tmp_path):
   env = dict(os.environ)
   for args, expected in (

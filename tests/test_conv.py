@@ -151,6 +151,7 @@ def test_winograd_weight_grad_equals_xla(monkeypatch, shape, out_channels, chunk
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6 * float(np.abs(want).max()))
 
 
+@pytest.mark.slow
 def test_cpu_conv_takes_the_winograd_weight_grad_where_it_applies(monkeypatch):
   calls = []
   real = conv.winograd_weight_grad
@@ -211,6 +212,7 @@ def _encoder_loss(model):
   return jax.jit(jax.value_and_grad(loss))
 
 
+@pytest.mark.slow
 def test_resnet_with_cpu_conv_has_the_same_params_and_gradients():
   plain = encoders.ResNet(stage_sizes=(1, 1), block_cls=encoders.BasicBlock, num_filters=4)
   fast = plain.clone(conv=conv.CpuConv)

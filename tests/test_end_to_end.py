@@ -48,6 +48,7 @@ def mock_ucf101(data_dir, num_examples=9):
                                 policy=tfds.testing.MockPolicy.USE_FILES)
 
 
+@pytest.mark.slow
 def test_mock_ucf101_end_to_end(tmp_path):
   """A few steps of the UCF101 config (tiny model) on TFDS mock data, 9 videos (odd) evaluated."""
   config = load_config(os.path.join(REPO, 'configs', 'default.py'))
@@ -73,6 +74,7 @@ def _scalars(workdir):
   return {tag: [e.step for e in acc.Tensors(tag)] for tag in acc.Tags()['tensors']}
 
 
+@pytest.mark.slow
 def test_synthetic_train_logs_checkpoints_and_resumes(tiny_config, tmp_path, caplog):
   workdir = tmp_path / 'workdir'
   train.train_and_evaluate(tiny_config(num_train_steps=4), str(workdir))
@@ -96,6 +98,7 @@ def test_synthetic_train_logs_checkpoints_and_resumes(tiny_config, tmp_path, cap
   assert _scalars(workdir)['train/loss'] == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_with_xla_convolutions(tiny_config, tmp_path):
   """The path GPUs and TPUs run (conv_impl='xla': XLA's convolutions and max pool, no CPU
   kernels), on a ResNet with its stem max pool: train, then --mode=eval of the final checkpoint
@@ -110,7 +113,10 @@ def test_train_and_evaluate_with_xla_convolutions(tiny_config, tmp_path):
   assert report['metrics']['loss'] == pytest.approx(final['loss'], rel=1e-4)
 
 
-@pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
+@pytest.mark.parametrize('path', [  # The synthetic config in the fast subset, all in CI.
+    pytest.param(p, id=os.path.basename(p),
+                 marks=() if os.path.basename(p) == 'synthetic.py' else pytest.mark.slow)
+    for p in CONFIG_FILES])
 def test_config_loads_and_builds(path, tmp_path):
   """Every config: its model initialises (shapes only) and its pipelines yield a batch."""
   config = load_config(path)

@@ -130,6 +130,7 @@ class _OrderSensitiveModel:
     return self.logits(video)
 
 
+@pytest.mark.slow
 def test_report_matches_independent_recomputation(tiny_config, tmp_path):
   """Fake model with known logits over the real eval pipeline: JSON == recomputation by hand.
 

@@ -68,6 +68,7 @@ def _batches(config, process_index, process_count, local_batch, steps, start_ste
   return [b for _, b in zip(range(steps), ds.as_numpy_iterator())]
 
 
+@pytest.mark.slow
 def test_global_batches_depend_on_seed_and_step_only(store_config):
   """1 process x 8 == 2 processes x 4, step by step; a resume at step 3 continues exactly."""
   config = store_config(deterministic_data=True)
@@ -85,6 +86,7 @@ def test_global_batches_depend_on_seed_and_step_only(store_config):
       'tfds_id'].tolist() != single[0]['tfds_id'].tolist()
 
 
+@pytest.mark.slow
 def test_each_process_reads_its_share_of_every_epoch(store_config):
   """Two epochs of a 2-process run: each process reads half the clips of each epoch, and
   exactly their frames: NUM_TRAIN / 2 clips x CLIP records per epoch."""
@@ -102,6 +104,7 @@ def test_each_process_reads_its_share_of_every_epoch(store_config):
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == NUM_TRAIN
 
 
+@pytest.mark.slow
 def test_tfds_records_with_deterministic_data_are_all_read_by_every_process(tiny_config):
   """The contrast: with TFDS records each process reads the whole split (P records per clip)."""
   config = tiny_config(deterministic_data=True)
@@ -109,6 +112,7 @@ def test_tfds_records_with_deterministic_data_are_all_read_by_every_process(tiny
   assert sum(int(np.sum(b['read_records'])) for b in batches) == NUM_TRAIN
 
 
+@pytest.mark.slow
 def test_eval_covers_every_video_exactly_once_across_processes(store_config):
   config = store_config(**{'eval.num_clips': 2, 'eval.num_crops': 3})
   store = datasets.get_builder(config.dataset)
@@ -146,6 +150,7 @@ def bad_store(tmp_path):
   return tmp_path
 
 
+@pytest.mark.slow
 def test_bad_frames_are_skipped_in_training_and_named_in_evaluation(tiny_config, bad_store):
   config = tiny_config(num_frames=4, image_size=16, deterministic_data=True,
                        **{'dataset.name': 'bad_frames/v1', 'dataset.data_dir': str(bad_store),

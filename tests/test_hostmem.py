@@ -61,6 +61,7 @@ def test_unsupported_systems(monkeypatch, libc, mode, reason):
   assert reason in why
 
 
+@pytest.mark.slow
 def test_main_never_re_executes_the_process():
   """main.py leaves the process and its environment as the user started it (debuggers,
   profilers and child processes see what they expect)."""

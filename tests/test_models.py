@@ -87,6 +87,7 @@ def _poison_pool(*args, **kwargs):
   raise AssertionError('an encoder without a max pool called max_pool')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(encoders.ENCODERS))
 def test_every_encoder_takes_conv_max_pool_and_remat_blocks(name):
   """The common interface LRCN passes: same attributes for all, the same variables with any."""
@@ -103,6 +104,7 @@ def test_every_encoder_takes_conv_max_pool_and_remat_blocks(name):
 
 @pytest.mark.parametrize('block_cls', [encoders.BasicBlock,
                                        encoders.Bottleneck])
+@pytest.mark.slow
 def test_small_resnet_runs_with_zero_init_residual(block_cls):
   model = encoders.ResNet(stage_sizes=(1, 1), block_cls=block_cls,
                           num_filters=4, zero_init_residual=True)
@@ -152,6 +154,7 @@ def lrcn_last():
   return model, variables, video, logits
 
 
+@pytest.mark.slow
 def test_lrcn_logits_and_param_tree(lrcn_last):
   model, variables, video, logits = lrcn_last
   assert logits.shape == (2, 5) and logits.dtype == jnp.float32
@@ -161,6 +164,7 @@ def test_lrcn_logits_and_param_tree(lrcn_last):
   assert variables['params']['head']['kernel'].shape == (16, 5)
 
 
+@pytest.mark.slow
 def test_lrcn_last_pooling_depends_on_frame_order(lrcn_last):
   model, variables, video, logits = lrcn_last
   apply = jax.jit(functools.partial(model.apply, train=False))
@@ -173,6 +177,7 @@ def test_lrcn_last_pooling_depends_on_frame_order(lrcn_last):
   assert not np.allclose(swapped_first, logits, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_lrcn_mean_pooling_averages_per_step_logits():
   model = _lrcn(temporal_pooling='mean', num_lstm_layers=1)
   video = _video(3, (2, 3, 16, 16, 3))
@@ -187,6 +192,7 @@ def test_lrcn_mean_pooling_averages_per_step_logits():
   assert not np.allclose(logits, steps[:, -1], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_lrcn_dropout_is_active_only_in_training(lrcn_last):
   model, variables, video, logits = lrcn_last
   model = model.clone(dropout_rate=0.9)
@@ -300,6 +306,7 @@ def test_remat_keeps_the_param_tree_and_logits(lrcn_last):
       logits, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_resnet_remat_is_per_block_same_gradients_less_memory():
   """remat on a ResNet: one checkpoint per residual block and the same gradients. The recomputation
   is fenced by optimization barriers in the lowered program; GPU/TPU keep them, XLA:CPU removes
@@ -328,6 +335,7 @@ def test_resnet_remat_is_per_block_same_gradients_less_memory():
   assert 'optimization_barrier' not in grad_fn(plain).lower(variables['params']).as_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('conv_impl', ['xla', 'cpu'])
 def test_bfloat16_loss_and_gradients_agree_with_float32(conv_impl):
   """Mixed precision: bf16 encoder, f32 params, LSTM and loss, close to the f32 model."""

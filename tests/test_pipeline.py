@@ -74,6 +74,7 @@ def _file_order_labels(builder, split):
   return [int(ex['label']) for ex in ds.as_numpy_iterator()]
 
 
+@pytest.mark.slow
 def test_training_skips_and_counts_corrupt_examples(bad_builder, tiny_config):
   config = _config(tiny_config)
   ds = pipeline.create_train_dataset(bad_builder, config, local_batch=2)
@@ -107,6 +108,7 @@ def test_training_skip_count_in_fast_nondeterministic_mode(bad_builder, tiny_con
   assert 'num_skipped' in pipeline.HOST_ONLY_KEYS
 
 
+@pytest.mark.slow
 def test_training_fails_when_most_examples_are_bad(bad_builder, tiny_config):
   bad = _file_order_labels(bad_builder, 'train').index(1)
   config = _config(tiny_config, **{'dataset.train_split': f'train[{bad}:{bad + 1}]'})
@@ -133,6 +135,7 @@ def test_eval_corrupt_example_is_an_error_naming_it(bad_builder, tiny_config):
     assert len(list(ok.dataset.as_numpy_iterator())) == ok.num_batches
 
 
+@pytest.mark.slow
 def test_eval_views_hold_the_right_frames(bad_builder, tiny_config):
   """2 clips x 3 crops of an 8-frame video, 4 frames at stride 1: clip starts 0 and 4."""
   config = _config(tiny_config, num_frames=4, **{'eval.num_clips': 2, 'eval.num_crops': 3})
@@ -159,6 +162,7 @@ def _eval_ids(builder, config, split, process_index, process_count, local_batch)
   return ids, data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('split', ['test[:13]', 'train[75%:]'])
 def test_two_processes_read_disjoint_shards_covering_the_split(tiny_config, split):
   config = tiny_config(**{'eval.num_clips': 1, 'eval.num_crops': 1})
@@ -200,6 +204,7 @@ def test_truncated_record_file_is_a_clear_error(tiny_config, tmp_path):
     list(pipeline.device_iterator(data.dataset))
 
 
+@pytest.mark.slow
 def test_deterministic_batches_do_not_depend_on_topology_and_resume_exactly(tiny_config):
   """Global batch s = f(seed, s): 1 process x 8 == 2 processes x 4, and start_step skips exactly."""
   from har_jax.data import datasets as datasets_lib  # pylint: disable=g-import-not-at-top

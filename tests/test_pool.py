@@ -98,6 +98,7 @@ def test_lrcn_uses_the_pool_of_its_conv_impl(impl, xla_scatter):
   assert ('select_and_scatter_add' in jaxpr) == xla_scatter
 
 
+@pytest.mark.slow
 def test_resnet_with_fast_pool_has_the_same_gradients():
   plain = encoders.ResNet(stage_sizes=(1,), block_cls=encoders.BasicBlock, num_filters=4)
   fast = plain.clone(max_pool=pool.max_pool)

@@ -114,6 +114,7 @@ def _save_fresh_state(workdir, config, num_classes: int, class_names: str, step:
   manager.close()
 
 
+@pytest.mark.slow
 def test_checkpoint_not_matching_its_metadata_is_refused(tiny_config, tmp_path):
   """Saved with 10-class weights but 5 class names: a clear error, not a shape crash."""
   _save_fresh_state(tmp_path, tiny_config(), 10, 'abcde')
@@ -263,6 +264,7 @@ for path in sys.argv[1:]:
 '''
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_the_resolution(synthetic_data_dir, tmp_path):
   """Issue 16.13: a 2-second 4K clip took 6.8 GB. Here 1080p (24 frames) against 128x128 in one
   process: the peak RSS may grow by what the model input needs, not by 80 full-HD frames."""
@@ -303,6 +305,7 @@ def test_directories_and_playlists_are_refused_by_name(tiny_config, tmp_path):
   assert predict.read_clip_frames(str(segment), _prep(config)).num_available == 4  # MPEG-TS.
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_called_corrupt(tiny_config, tmp_path):
   """Issue 16.14: a CRC failure was reported as 'does not match its saved config'."""
   _save_fresh_state(tmp_path, tiny_config(), 10, 'abcdefghij')

@@ -163,6 +163,7 @@ def _random_like(tree, seed):
   return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), tree)
 
 
+@pytest.mark.slow
 def test_load_encoder_into_state_replaces_exactly_the_encoder(tiny_config, tmp_path):
   config = tiny_config()
   state = train.create_train_state(jax.random.PRNGKey(0), config, 10,
@@ -288,6 +289,7 @@ def test_frozen_encoder_optimizer_phase(optimizer):
     assert not np.allclose(before, after)
 
 
+@pytest.mark.slow
 def test_frozen_encoder_gradients_do_not_shrink_the_rest():
   config = _optim_config('sgd', freeze=2)
   lr_fn = optim.create_learning_rate_fn(config)
@@ -356,6 +358,7 @@ def _one_device_step(config, model, lr_fn, frozen_encoder: bool):
                   axis_name='batch', devices=jax.devices()[:1])
 
 
+@pytest.mark.slow
 def test_frozen_encoder_step_trains_the_head_on_the_features_it_is_evaluated_on(tiny_config):
   """While frozen, the encoder's BatchNorm normalises with its running statistics (inference
   mode): the loss the head trains on is the loss of the model as evaluated."""

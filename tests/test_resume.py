@@ -285,6 +285,7 @@ def test_nonfinite_guard_without_skipping_names_the_step():
     guard.push(3, np.array([True, True]))
 
 
+@pytest.mark.slow
 def test_fresh_shuffle_only_without_deterministic_data(tiny_config):
   """Non-deterministic resume reshuffles; deterministic resume continues the same stream."""
   from har_jax.data import datasets, pipeline  # pylint: disable=g-import-not-at-top

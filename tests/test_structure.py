@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from configs import default
 from har_jax import config_fields
 from har_jax import config_validation
@@ -29,6 +31,7 @@ def test_getter_reads_config_dicts_and_saved_json_alike():
   assert config_fields.get(saved, 'model.encoder.deeper', 'x') == 'x'
 
 
+@pytest.mark.slow
 def test_the_training_path_imports_no_dataset_preparation_code():
   code = ('import sys; import main; from har_jax import inference; '
           'bad = [m for m in ("av", "har_jax.data.video_folder", "har_jax.data.synthetic_actions",'

@@ -181,6 +181,7 @@ def rendered():
   }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('pair', range(5))
 def test_direction_needs_temporal_order(rendered, pair):
   in_pair = rendered['pairs'] == pair

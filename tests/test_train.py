@@ -37,6 +37,7 @@ def _pmapped_step(config, model, lr_fn, devices):
                                     config=config), axis_name='batch', devices=devices)
 
 
+@pytest.mark.slow
 def test_every_param_changes_after_one_step(tiny_config):
   config = tiny_config(warmup_steps=0, learning_rate=1e-2)
   state, model, lr_fn = _state_and_model(config)
@@ -52,6 +53,7 @@ def test_every_param_changes_after_one_step(tiny_config):
   assert int(parallel.unreplicate(new_state).step) == 1
 
 
+@pytest.mark.slow
 def test_four_devices_match_one_device(tiny_config):
   assert jax.device_count() == 4
   # SGD: the update is linear in the gradient (Adam's first step amplifies rounding noise).
@@ -103,6 +105,7 @@ def test_scalar_metrics_exact_from_known_logits():
   assert m['loss'] == pytest.approx(float(expected_loss), rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('num_devices', [1, 2, 4])
 def test_eval_counts_every_video_once(tiny_config, num_devices):
   """13 videos (odd), batches of 8 over 1/2/4 devices: every video once, views averaged."""

@@ -119,6 +119,7 @@ def _load_default_config(name='default'):
   return module.get_config()
 
 
+@pytest.mark.slow
 def test_prepare_frames_then_train_with_a_group_validation_split(source, tmp_path):
   """prepare_ucf101.py --short_side: one frame store for the three splits, short side 32 px with
   the aspect kept (64x48 -> 43x32), trained with configs/ucf101_frames.py."""
@@ -178,6 +179,7 @@ def test_meta_variant_from_zips_has_names_groups_and_counts(meta_dir):
   assert sorted(ex['group'] for ex in examples) == [8, 8, 9, 9, 10, 10]
 
 
+@pytest.mark.slow
 def test_group_validation_split_holds_out_whole_groups(meta_dir, tiny_config):
   config = tiny_config(**{'dataset.name': 'ucf101_meta/ucf101_1', 'dataset.data_dir': meta_dir,
                           'dataset.val_split': 0.34, 'eval.num_clips': 1, 'eval.num_crops': 1})

@@ -291,6 +291,7 @@ def _tiny_config(data_dir: str, **overrides):
   return make_tiny_config(data_dir, **overrides)
 
 
+@pytest.mark.slow
 def test_pipeline_reads_the_records(built):
   config = _tiny_config(built[2])
   builder = vf.load(built[2], 'lab')
