@@ -17,6 +17,7 @@ def frames():
   return np.clip(np.round(smooth), 0, 255).astype(np.uint8).reshape(2, 3, 64, 80, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('window', [[10, 5, 40, 50], [3, 7, 20, 20], [0, 0, 64, 80]],
                          ids=['enlarge', 'shrink', 'whole'])
 def test_crop_resize_matches_tf_inside_the_window(frames, window):
@@ -33,6 +34,7 @@ def test_crop_resize_matches_tf_inside_the_window(frames, window):
     np.testing.assert_allclose(got, want, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_identity_window_and_flip_are_exact(frames):
   window = jnp.asarray([[0, 0, 28, 28], [4, 9, 28, 28]], jnp.float32)
   got = np.asarray(augment.crop_resize_flip(jnp.asarray(frames), window,

@@ -129,6 +129,7 @@ def _train_state_template(config):
     ({'model.freeze_encoder_steps': 5}, {'model.freeze_encoder_steps': 0},
      'model.freeze_encoder_steps'),
 ])
+@pytest.mark.slow
 def test_optimizer_layout_change_names_the_field(tmp_path, tiny_config, saved_with,
                                                  resumed_with, field):
   """Issue 16.6: these were reported as unreadable checkpoints, with advice to move them away."""
@@ -212,6 +213,7 @@ _MID_RUN = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_checkpoints_folder_turning_read_only_mid_run_fails_promptly(tmp_path, synthetic_data_dir):
   """Issue 16.7: a traceback, then a ~5-minute hang on orbax's background timeout."""
   workdir = tmp_path / 'workdir'

@@ -83,6 +83,7 @@ def _conv_grads(module_cls, x, *, features, kernel, strides, padding):
     (1, 1, 'VALID', 8),
     (3, 2, 'SAME', 8),
 ])
+@pytest.mark.slow
 @pytest.mark.parametrize('chunk_bytes', [4 << 20, 2000])  # 2000: a scan over batch chunks.
 def test_cpu_conv_gradients_equal_nn_conv(monkeypatch, kernel, strides, padding, size,
                                           chunk_bytes):

@@ -239,6 +239,7 @@ def test_sync_batch_norm_under_pmap_equals_whole_batch_stats():
     assert not np.allclose(alone[0], want, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_bfloat16_computes_in_bf16_with_float32_params_and_logits():
   model = _lrcn(dtype=jnp.bfloat16, num_lstm_layers=1)
   video = _video(5, (2, 3, 16, 16, 3))
@@ -290,6 +291,7 @@ def _has_remat(fn, *args) -> bool:
              for e in eqns)
 
 
+@pytest.mark.slow
 def test_remat_keeps_the_param_tree_and_logits(lrcn_last):
   model, variables, video, logits = lrcn_last
   remat = model.clone(remat=True)

@@ -99,6 +99,7 @@ def test_training_skips_and_counts_corrupt_examples(bad_builder, tiny_config):
   assert skipped_at[-1] >= 4
 
 
+@pytest.mark.slow
 def test_training_skip_count_in_fast_nondeterministic_mode(bad_builder, tiny_config):
   config = _config(tiny_config, deterministic_data=False, **{'dataset.shuffle_buffer': 16})
   ds = pipeline.create_train_dataset(bad_builder, config, local_batch=2)
@@ -117,6 +118,7 @@ def test_training_fails_when_most_examples_are_bad(bad_builder, tiny_config):
     next(ds.as_numpy_iterator())
 
 
+@pytest.mark.slow
 def test_eval_corrupt_example_is_an_error_naming_it(bad_builder, tiny_config):
   config = _config(tiny_config)
   ids = {ex['tfds_id'].decode(): int(ex['label']) for ex in bad_builder.as_dataset(

@@ -81,6 +81,7 @@ def test_max_pool_fn_selects_by_implementation():
   assert pool.max_pool_fn('cpu') is pool.max_pool
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('impl, xla_scatter', [('xla', True), ('cpu', False),
                                                  ('patches', False)])
 def test_lrcn_uses_the_pool_of_its_conv_impl(impl, xla_scatter):

@@ -194,6 +194,7 @@ def test_direction_needs_temporal_order(rendered, pair):
   assert aware > 0.8, (name, aware)
 
 
+@pytest.mark.slow
 def test_pairs_are_distinguishable_without_temporal_order(rendered):
   num_train = len(rendered['pairs']) // 2
   accuracy = _ridge_accuracy(rendered['invariant'], rendered['pairs'], num_train)
