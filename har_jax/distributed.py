@@ -18,7 +18,9 @@ import jax
 from har_jax import errors
 
 # Libraries whose INFO lines drown the training log (orbax logs every file it writes).
-_CHATTY_PATHS = ('/orbax/', '/tensorflow_datasets/core/')
+# INFO records dropped from the log: orbax and TFDS internals, and JAX's backend probing ("Unable
+# to initialize backend 'tpu'" on every machine without one).
+_CHATTY_PATHS = ('/orbax/', '/tensorflow_datasets/core/', '/jax/_src/xla_bridge.py')
 # Environment variables that mean "this process is one of several" to JAX's cluster detection.
 _CLUSTER_ENV = {
     'SLURM_NTASKS': 'SLURM',
@@ -148,8 +150,21 @@ class _QuietLibraries(py_logging.Filter):
     return not any(p in record.pathname for p in _CHATTY_PATHS)
 
 
+class _NoLibraryDeprecations(py_logging.Filter):
+  """Drops TensorFlow's deprecation warnings about calls made inside TFDS (nothing a user can
+  change); deprecations in the user's own code still show."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return not (record.pathname.endswith('deprecation.py')
+                and '/tensorflow_datasets/' in record.getMessage())
+
+
 def quiet_library_logs():
-  """Drops INFO/DEBUG records from orbax and TFDS internals; their warnings still show."""
+  """Drops INFO/DEBUG records from orbax, TFDS and JAX backend probing, and TensorFlow's
+  deprecation warnings about TFDS internals; other warnings still show."""
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
     handler.addFilter(_QuietLibraries())
+  tf_logger = py_logging.getLogger('tensorflow')
+  if not any(isinstance(f, _NoLibraryDeprecations) for f in tf_logger.filters):
+    tf_logger.addFilter(_NoLibraryDeprecations())

@@ -213,11 +213,13 @@ def test_group_validation_split_holds_out_whole_groups(meta_dir, tiny_config):
   assert batch['video'].shape[0] == 2
 
 
-def test_val_split_without_groups_warns_and_splits_by_percent(tiny_config, caplog):
+def test_val_split_without_groups_warns_and_splits_by_percent(tiny_config, caplog, monkeypatch):
   config = tiny_config(**{'dataset.val_split': 0.25})
   caplog.set_level(logging.WARNING)
+  monkeypatch.setattr(datasets, '_WARNED_PLAIN_VAL_SPLIT', set())
   assert datasets.resolve_split(config.dataset, 'val') == 'train[75%:]'
-  assert 'no UCF101 group information' in caplog.text
+  assert datasets.resolve_split(config.dataset, 'train') == 'train[:75%]'
+  assert caplog.text.count('no UCF101 group information') == 1  # Once per run, not per call.
 
 
 def test_interrupted_prepare_leaves_nothing_readable_and_rerun_completes(source, tmp_path,

@@ -233,12 +233,21 @@ def resolve_split(dataset_config, purpose: str) -> str:
   base, _ = _split_name_and_config(dataset_config.name)
   if base in GROUPED_DATASETS:
     return f'{train}|{purpose}_groups={fraction:g}'
+  if (dataset_config.name, fraction) not in _WARNED_PLAIN_VAL_SPLIT:
+    _WARNED_PLAIN_VAL_SPLIT.add((dataset_config.name, fraction))
+    _warn_plain_val_split(dataset_config.name, fraction, train)
+  return percent_split(train, fraction, purpose)
+
+
+_WARNED_PLAIN_VAL_SPLIT = set()  # (dataset name, fraction): warned once per process.
+
+
+def _warn_plain_val_split(name: str, fraction: float, train: str):
   logging.warning(
       'config.dataset.val_split=%g: %r has no UCF101 group information, so validation is a plain '
       '%d%% split of %r and the same person may appear in train and val. Use '
       "'ucf101_meta/<config>' (prepare_ucf101.py --variant ucf101_meta) for a split by group.",
-      fraction, dataset_config.name, round(100 * fraction), train)
-  return percent_split(train, fraction, purpose)
+      fraction, name, round(100 * fraction), train)
 
 
 def percent_split(train: str, fraction: float, purpose: str) -> str:
