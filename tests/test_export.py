@@ -429,3 +429,25 @@ def test_export_script_writes_both_formats_and_refuses_with_one_line(fresh_workd
   assert no_checkpoints.stderr.strip().splitlines()[-1].startswith(
       'error: No checkpoints directory at')
   assert not (tmp_path / 'other').exists()
+
+
+@pytest.mark.slow
+def test_benchmark_script_times_every_path(fresh_workdir):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  script = os.path.join(REPO, 'scripts', 'benchmark_export.py')
+  done = subprocess.run([sys.executable, script, f'--workdir={fresh_workdir}',
+                         '--checkpoint=latest', '--rounds=2', '--height=40', '--width=56'],
+                        env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
+                        check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  summary = json.loads(done.stdout.strip().splitlines()[-1])
+  assert summary['clip'] == [1, 4, 40, 56, 3] and summary['rounds'] == 2
+  for name in ('saved_model', 'jax_export', 'har_jax_apply', 'har_jax_predict'):
+    assert summary[f'{name}_ms'] > 0
+  assert summary['saved_model_mb'] > 0 and summary['jax_mb'] > 0
+  both = subprocess.run([sys.executable, script, f'--workdir={fresh_workdir}',
+                         '--config=configs/synthetic.py'], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=600, check=False)
+  assert both.returncode == 1
+  assert both.stderr.strip().splitlines()[-1] == (
+      'error: give exactly one of --config (fresh weights) or --workdir (a trained run).')
