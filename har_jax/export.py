@@ -131,7 +131,12 @@ def _move_into_place(staging: str, out: str):
     return
   old = _new_folder(os.path.dirname(out), f'.{os.path.basename(out)}.old')
   os.rename(out, os.path.join(old, 'export'))
-  os.rename(staging, out)
+  try:
+    os.rename(staging, out)
+  except OSError:
+    os.rename(os.path.join(old, 'export'), out)
+    os.rmdir(old)
+    raise
   shutil.rmtree(old, ignore_errors=True)
 
 

@@ -61,9 +61,11 @@ class Signature:
 
 
 def xla_model(loaded: inference.LoadedModel) -> models.LRCN:
-  """The checkpoint's model with XLA convolutions and float32 computation (same parameters)."""
+  """The checkpoint's model with XLA convolutions and float32 computation, without remat (a
+  backward-pass setting); the same parameters."""
   model_config = ml_collections.ConfigDict(loaded.config.model.to_dict())
   model_config.conv_impl = 'xla'
+  model_config.remat = False
   return models.create_model(model_config, loaded.num_classes, dtype='float32')
 
 
