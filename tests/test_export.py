@@ -370,6 +370,7 @@ def test_existing_out_is_refused_and_kept(fresh_workdir, tmp_path):
   assert a_file.read_text() == 'mine too' and _leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_an_earlier_export_only_once_the_new_one_is_written(
     fresh_workdir, tmp_path, monkeypatch):
   """Also the dynamic-size preprocessing path (geometry 'none') through jax.export."""
