@@ -1,0 +1,243 @@
+r"""Export a trained checkpoint for serving: a TensorFlow SavedModel and a portable JAX artifact.
+
+  export.export('workdirs/synthetic', 'exports/synthetic', checkpoint='best')
+
+The output folder holds:
+  saved_model/  a SavedModel (jax2tf, native serialization: the StableHLO of `har_jax.serving`
+                inside XlaCallModule ops, the variables as tf.Variables). Signatures:
+                serving_default   frames uint8 [batch, num_frames, height, width, 3]
+                                  -> probabilities, logits float32 [batch, num_classes]
+                encode_frames     frames uint8 [n, height, width, 3] -> features float32 [n, D]
+                classify_features features float32 [batch, time, D] -> probabilities, logits
+                class_names       () -> class_names string [num_classes]
+                and assets/class_names.txt, one name per line, in logit order.
+  model.jax     `jax.export.Exported.serialize()` of serving_default with the variables inside:
+                `jax.export.deserialize(data).call(frames)` -> {'logits', 'probabilities'}.
+  model.json    class names, each signature's inputs and outputs (dimension names for the sizes
+                that may vary), the preprocessing, the source checkpoint and the versions used.
+
+Batch, frame height and width (and the time of classify_features) are symbolic: one artifact
+serves every size. Both formats are lowered for CPU, CUDA GPUs and TPUs (`PLATFORMS`) with the XLA
+convolutions. A `jax.export` artifact runs on a JAX (jaxlib) built up to 6 months after the one
+that exported it, or up to 3 weeks before it (jax.export's compatibility guarantees).
+"""
+
+import datetime
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from typing import Optional, Sequence
+
+from absl import logging
+import jax
+import numpy as np
+import tensorflow as tf
+
+from har_jax import errors
+from har_jax import inference
+from har_jax import serving
+
+FORMATS = ('saved_model', 'jax')
+PLATFORMS = ('cpu', 'cuda', 'tpu')
+SAVED_MODEL_DIR = 'saved_model'
+JAX_FILE = 'model.jax'
+METADATA_FILE = 'model.json'
+CLASS_NAMES_SIGNATURE = 'class_names'
+
+
+def parse_formats(formats) -> tuple[str, ...]:
+  """'saved_model,jax' (or a sequence) -> the formats in FORMATS order; UserError if unknown."""
+  names = formats.split(',') if isinstance(formats, str) else list(formats)
+  names = [n.strip().lower() for n in names if n.strip()]
+  unknown = sorted(set(names) - set(FORMATS))
+  if unknown or not names:
+    raise errors.UserError(f'--formats={",".join(names)!r}: give one or more of '
+                           f'{",".join(FORMATS)} (comma-separated); unknown: {unknown}.')
+  return tuple(f for f in FORMATS if f in names)
+
+
+def check_out(out: str, overwrite: bool) -> str:
+  """The absolute output folder, if it may be written; a UserError says why not.
+
+  An existing path is refused unless `overwrite`; even then only an earlier export (a folder with
+  model.json) or an empty folder is replaced, never anything else.
+  """
+  if not out:
+    raise errors.UserError('--out is empty; give the folder to write the export to.')
+  out = os.path.abspath(out)
+  if not os.path.lexists(out):
+    return out
+  if not overwrite:
+    raise errors.UserError(f'--out {out} already exists; pass --overwrite to replace it, or '
+                           'choose another folder.')
+  if not os.path.isdir(out) or os.path.islink(out):
+    raise errors.UserError(f'--out {out} exists and is not a folder; not replacing it.')
+  if os.listdir(out) and not os.path.isfile(os.path.join(out, METADATA_FILE)):
+    raise errors.UserError(f'--out {out} is not an earlier export (it has no {METADATA_FILE}); '
+                           'not replacing it with --overwrite. Remove it yourself or choose '
+                           'another folder.')
+  return out
+
+
+def export(workdir: str, out: str, *, checkpoint='best', formats=FORMATS,
+           overwrite: bool = False, platforms: Sequence[str] = PLATFORMS) -> dict:
+  """Exports checkpoint `checkpoint` of `workdir` to the folder `out`; returns model.json's dict.
+
+  Everything is written to a new folder beside `out` and moved into place at the end, so a failed
+  export leaves `out` as it was (and a refused one touches nothing).
+
+  Args:
+    workdir: the training run's workdir (holding checkpoints/).
+    out: the folder to create (see the module docstring for its contents).
+    checkpoint: 'best' (falls back to the latest without metrics), 'latest' or a step number.
+    formats: 'saved_model', 'jax' or both (a sequence or a comma-separated string).
+    overwrite: replace `out` if it is an earlier export.
+    platforms: what the StableHLO is lowered for (a subset of 'cpu', 'cuda', 'rocm', 'tpu').
+
+  Raises:
+    errors.UserError: a wrong workdir or checkpoint, unknown formats, or an `out` that may not
+      be written.
+  """
+  formats = parse_formats(formats)
+  out = check_out(out, overwrite)
+  loaded = inference.load(workdir, checkpoint)
+  signatures = serving.signatures(loaded)
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  staging = _new_folder(parent, f'.{os.path.basename(out)}.partial')
+  try:
+    if 'saved_model' in formats:
+      write_saved_model(os.path.join(staging, SAVED_MODEL_DIR), loaded, signatures, platforms)
+    if 'jax' in formats:
+      write_jax(os.path.join(staging, JAX_FILE), loaded, signatures['serving_default'],
+                platforms)
+    metadata = describe(loaded, signatures, formats, platforms)
+    with open(os.path.join(staging, METADATA_FILE), 'w') as f:
+      json.dump(metadata, f, indent=2)
+    _move_into_place(staging, check_out(out, overwrite))
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  logging.info('Exported checkpoint %d of %s to %s (%s).', loaded.step, workdir, out,
+               ', '.join(formats))
+  return metadata
+
+
+def _move_into_place(staging: str, out: str):
+  """Renames `staging` to `out`, replacing an earlier export there only once staging is done."""
+  if not os.path.lexists(out):
+    os.rename(staging, out)
+    return
+  old = _new_folder(os.path.dirname(out), f'.{os.path.basename(out)}.old')
+  os.rename(out, os.path.join(old, 'export'))
+  try:
+    os.rename(staging, out)
+  except OSError:
+    os.rename(os.path.join(old, 'export'), out)
+    os.rmdir(old)
+    raise
+  shutil.rmtree(old, ignore_errors=True)
+
+
+def _new_folder(parent: str, prefix: str) -> str:
+  """A new empty folder `<parent>/<prefix>-<random>`, with the umask's permissions."""
+  while True:
+    path = os.path.join(parent, f'{prefix}-{uuid.uuid4().hex[:12]}')
+    try:
+      os.mkdir(path)
+      return path
+    except FileExistsError:
+      continue
+
+
+def describe(loaded: inference.LoadedModel, signatures: dict, formats: Sequence[str],
+             platforms: Sequence[str]) -> dict:
+  """model.json: what a client needs to call the artifacts, and where they came from."""
+  p = loaded.preprocessing
+  return {
+      'class_names': list(loaded.class_names),
+      'signatures': {name: s.to_json() for name, s in signatures.items()},
+      'preprocessing': {'frame_geometry': p.frame_geometry, 'resize_size': p.resize_size,
+                        'image_size': p.image_size, 'num_frames': p.num_frames,
+                        'frame_stride': p.frame_stride},
+      'files': {f: (SAVED_MODEL_DIR if f == 'saved_model' else JAX_FILE) for f in formats},
+      'jax_function': 'serving_default' if 'jax' in formats else None,
+      'platforms': list(platforms),
+      'source': {'workdir': os.path.abspath(loaded.workdir), 'step': loaded.step},
+      'versions': {'jax': jax.__version__, 'jaxlib': _jaxlib_version(),
+                   'tensorflow': tf.__version__},
+      'exported_at': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+  }
+
+
+def _jaxlib_version() -> Optional[str]:
+  try:
+    import jaxlib  # pylint: disable=g-import-not-at-top
+    return jaxlib.__version__
+  except (ImportError, AttributeError):
+    return None
+
+
+def write_jax(path: str, loaded: inference.LoadedModel, signature: serving.Signature,
+              platforms: Sequence[str]):
+  """Writes `signature` with the checkpoint's variables as constants, serialized by jax.export,
+  with its named dimensions symbolic."""
+  variables = jax.tree.map(np.asarray, loaded.variables)
+  spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(signature.symbolic_shape()),
+                              np.dtype(signature.input_dtype))
+  exported = jax.export.export(jax.jit(lambda x: signature.fn(variables, x)),
+                               platforms=list(platforms))(spec)
+  with open(path, 'wb') as f:
+    f.write(exported.serialize())
+
+
+def write_saved_model(path: str, loaded: inference.LoadedModel, signatures: dict,
+                      platforms: Sequence[str]):
+  """Writes the SavedModel described in the module docstring."""
+  from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
+
+  module = tf.Module()
+  tf_variables = jax.tree_util.tree_map_with_path(
+      lambda keys, v: tf.Variable(np.asarray(v), trainable=False, name=_variable_name(keys)),
+      loaded.variables)
+  module.model_variables = tf.nest.flatten(tf_variables)
+  tf_signatures = {}
+  for name, signature in signatures.items():
+    converted = jax2tf.convert(
+        signature.fn, polymorphic_shapes=[None, f'({signature.symbolic_shape()})'],
+        with_gradient=False, native_serialization_platforms=tuple(platforms))
+    spec = tf.TensorSpec([d if isinstance(d, int) else None for d in signature.input_shape],
+                         tf.as_dtype(signature.input_dtype), name=signature.input_name)
+    function = _tf_function(converted, tf_variables, spec)
+    setattr(module, name, function)
+    tf_signatures[name] = function.get_concrete_function()
+
+  with tempfile.TemporaryDirectory() as folder:
+    names_file = os.path.join(folder, 'class_names.txt')
+    with open(names_file, 'w') as f:
+      f.write(''.join(f'{name}\n' for name in _one_line_names(loaded.class_names)))
+    module.class_names_file = tf.saved_model.Asset(names_file)
+    names = tf.constant(list(loaded.class_names))
+    module.class_names = tf.function(lambda: {'class_names': names}, input_signature=[])
+    tf_signatures[CLASS_NAMES_SIGNATURE] = module.class_names.get_concrete_function()
+    tf.saved_model.save(module, path, signatures=tf_signatures)
+
+
+def _tf_function(converted, tf_variables, spec: tf.TensorSpec):
+  """A tf.function of one input, `spec`, calling a jax2tf function with the variables."""
+  def call(inputs):
+    return converted(tf_variables, inputs)
+  return tf.function(call, input_signature=[spec], autograph=False)
+
+
+def _variable_name(keys) -> str:
+  return '/'.join(str(getattr(k, 'key', k)) for k in keys)
+
+
+def _one_line_names(class_names) -> list[str]:
+  bad = [n for n in class_names if '\n' in n or '\r' in n]
+  if bad:
+    raise errors.UserError(f'Class names {bad[:3]} contain line breaks; the SavedModel lists one '
+                           'name per line in assets/class_names.txt.')
+  return list(class_names)

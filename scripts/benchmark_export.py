@@ -1,0 +1,182 @@
+r"""Latency of one clip through the exported SavedModel, the jax.export artifact and har_jax.
+
+  python scripts/benchmark_export.py --config=configs/default.py [--num_classes=101] \
+      [--height=240 --width=320] [--rounds=20]
+  python scripts/benchmark_export.py --workdir=workdirs/synthetic [--checkpoint=best]
+
+With --config, a freshly initialised checkpoint of that config is saved in a temporary workdir
+(latency does not depend on the weights; the frame geometry is the one its dataset's records
+have); with --workdir, a trained run's checkpoint is used. The checkpoint is exported
+(har_jax.export, both formats, into a temporary folder) and one clip of --height x --width frames
+(uint8, num_frames of them) is timed, batch 1, on this machine's CPU:
+
+  saved_model      serving_default of the SavedModel in TensorFlow, raw frames in (preprocessing
+                   inside the graph), probabilities out
+  jax_export       the deserialized jax.export artifact, raw frames in
+  har_jax_apply    LoadedModel.apply on the clip already preprocessed to image_size (the model alone,
+                   with the checkpoint's conv_impl, as har_jax evaluates)
+  har_jax_predict  what predict.py does after decoding, from the raw frames: the decoder's scaling
+                   (Preprocessing.decode_size; TF's resize standing in for FFmpeg's), eval_views
+                   (resize and crop), LoadedModel.apply
+
+Each is compiled and run twice before timing; then every round times each path once, in turn (load
+spikes on a shared machine hit single rounds), and the figures are medians over rounds, in ms. The
+last line is one JSON object with all figures, the load average before and after, and the export
+time and the sizes of the two artifacts.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+import numpy as np
+import tensorflow as tf
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+
+from har_jax import checkpoints
+from har_jax import cli
+from har_jax import distributed
+from har_jax import errors
+from har_jax import export
+from har_jax import inference
+from har_jax import optim
+from har_jax import predict
+from har_jax import serving
+from har_jax import train
+from har_jax.data import datasets
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config module (fresh weights).',
+                                          lock_config=False)
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'A trained run (instead of --config).')
+flags.DEFINE_string('checkpoint', 'best', "With --workdir: 'best', 'latest' or a step.")
+flags.DEFINE_integer('num_classes', 101, 'With --config: classes of the fresh head.')
+flags.DEFINE_integer('height', 240, 'Frame height of the timed clip, pixels.')
+flags.DEFINE_integer('width', 320, 'Frame width of the timed clip, pixels.')
+flags.DEFINE_integer('rounds', 20, 'Timed rounds; figures are medians over rounds.')
+
+
+def fresh_workdir(config, num_classes: int, workdir: str) -> str:
+  """Saves step 0 of a freshly initialised `config` model into `workdir`."""
+  state = train.create_train_state(jax.random.PRNGKey(0), config, num_classes,
+                                   optim.create_learning_rate_fn(config))
+  name = str(config.dataset.name)
+  info = datasets.DatasetInfo(name=name, class_names=tuple(f'class_{i}' for i in range(num_classes)),
+                              split_sizes={}, frame_geometry=inference.guess_frame_geometry(name))
+  manager = checkpoints.CheckpointManager(workdir, config, info)
+  manager.save_now(0, state)
+  manager.close()
+  return workdir
+
+
+def decoder_scaled(frames: np.ndarray, p: inference.Preprocessing) -> np.ndarray:
+  """`[T, H, W, 3]` frames at the size predict.py has its video decoder scale them to
+  (`Preprocessing.decode_size`), by TF's antialiased bilinear resize instead of FFmpeg's."""
+  size = p.decode_size(*frames.shape[1:3])
+  if size is None or tuple(size) == frames.shape[1:3]:
+    return frames
+  resized = tf.image.resize(frames, size, method='bilinear', antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8).numpy()
+
+
+def _megabytes(path: str) -> float:
+  """Size of a file, or of all files under a folder, in MB (10^6 bytes)."""
+  if os.path.isfile(path):
+    return round(os.path.getsize(path) / 1e6, 1)
+  return round(sum(os.path.getsize(os.path.join(root, name))
+                   for root, _, names in os.walk(path) for name in names) / 1e6, 1)
+
+
+def _timed(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return (time.perf_counter() - start) * 1e3
+
+
+def measure(loaded: inference.LoadedModel, out: str, clip: np.ndarray, rounds: int) -> dict:
+  """Median ms per call of each path (see the module docstring) on `clip` [1, T, H, W, 3]."""
+  saved_model = tf.saved_model.load(os.path.join(out, export.SAVED_MODEL_DIR))
+  serving_default = saved_model.signatures['serving_default']
+  with open(os.path.join(out, export.JAX_FILE), 'rb') as f:
+    artifact = jax.jit(jax.export.deserialize(f.read()).call)
+  one_view = dataclasses.replace(loaded.preprocessing, num_clips=1, num_crops=1)
+
+  def predict_views():
+    return predict.eval_views(decoder_scaled(clip[0], one_view), one_view)
+
+  views = predict_views()
+  tf_clip = tf.constant(clip)
+  paths = {
+      'saved_model': lambda: serving_default(frames=tf_clip)['probabilities'].numpy(),
+      'jax_export': lambda: np.asarray(artifact(clip)['probabilities']),
+      'har_jax_apply': lambda: loaded.apply(views),
+      'har_jax_predict': lambda: loaded.apply(predict_views()),
+  }
+  for fn in list(paths.values()) * 2:  # Compile, warm up.
+    fn()
+  times = {name: [] for name in paths}
+  for _ in range(rounds):
+    for name, fn in paths.items():
+      times[name].append(_timed(fn))
+  figures = {f'{name}_ms': round(float(np.median(t)), 1) for name, t in times.items()}
+  return figures
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if (_CONFIG.value is None) == (FLAGS.workdir is None):
+    print('error: give exactly one of --config (fresh weights) or --workdir (a trained run).',
+          file=sys.stderr)
+    return 1
+  tf.config.set_visible_devices([], 'GPU')
+  distributed.quiet_library_logs()
+  load_before = os.getloadavg()
+  with tempfile.TemporaryDirectory() as folder:
+    try:
+      if FLAGS.workdir:
+        workdir, checkpoint = FLAGS.workdir, FLAGS.checkpoint
+      else:
+        workdir = fresh_workdir(_CONFIG.value, FLAGS.num_classes, os.path.join(folder, 'run'))
+        checkpoint = 'latest'
+      start = time.perf_counter()
+      export.export(workdir, os.path.join(folder, 'export'), checkpoint=checkpoint)
+      export_s = time.perf_counter() - start
+      loaded = inference.load(workdir, checkpoint)
+    except errors.UserError as e:
+      print(f'error: {e}', file=sys.stderr)
+      return 1
+    p = loaded.preprocessing
+    clip = np.random.default_rng(0).integers(
+        0, 256, (1, p.num_frames, FLAGS.height, FLAGS.width, 3), np.uint8)
+    figures = measure(loaded, os.path.join(folder, 'export'), clip, FLAGS.rounds)
+    sizes = {name: _megabytes(os.path.join(folder, 'export', path))
+             for name, path in (('saved_model_mb', export.SAVED_MODEL_DIR),
+                                ('jax_mb', export.JAX_FILE))}
+  model = serving.xla_model(loaded)
+  summary = {
+      'clip': list(clip.shape), 'encoder': model.encoder, 'num_classes': loaded.num_classes,
+      'image_size': p.image_size, 'frame_geometry': p.frame_geometry,
+      'conv_impl_har_jax': str(loaded.config.model.get('conv_impl', 'auto')),
+      'export_s': round(export_s, 1), **sizes, **figures, 'rounds': FLAGS.rounds,
+      'loadavg_before': [round(x, 2) for x in load_before],
+      'loadavg_after': [round(x, 2) for x in os.getloadavg()],
+      'cpus': os.cpu_count(), 'jax': jax.__version__, 'tensorflow': tf.__version__,
+  }
+  for name in ('saved_model', 'jax_export', 'har_jax_apply', 'har_jax_predict'):
+    print(f'{name:16s} {figures[name + "_ms"]:8.1f} ms per clip')
+  print(json.dumps(summary))
+  return 0
+
+
+if __name__ == '__main__':
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)

@@ -1,0 +1,454 @@
+"""Export for serving: the SavedModel and the jax.export artifact give the Flax model's answers,
+in processes without har_jax (and, for the SavedModel, without JAX); preprocessing as
+evaluation does it; bad input refused clearly, nothing lost."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from har_jax import checkpoints
+from har_jax import errors
+from har_jax import export
+from har_jax import inference
+from har_jax import optim
+from har_jax import predict
+from har_jax import serving
+from har_jax import train
+from har_jax.data import datasets
+from har_jax.data import stages
+import conftest
+from test_predict import write_video
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIGNATURES = ('serving_default', 'encode_frames', 'classify_features', 'class_names')
+# (batch, height, width) of the parity checks: two batch sizes and two frame sizes.
+CASES = [(1, 48, 64), (3, 48, 64), (1, 90, 70), (3, 90, 70)]
+
+# Makes the named top-level packages unimportable, so a client script proves it needs none of
+# them. (TensorFlow 2.21 imports jax when it can, for tf.lite; it copes when it cannot.)
+BLOCK_IMPORTS = """
+import importlib.abc
+import sys
+
+
+class _Blocked(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in BLOCKED:
+      raise ModuleNotFoundError(f'{name} is blocked in this client', name=name)
+    return None
+
+
+sys.meta_path.insert(0, _Blocked())
+"""
+
+TF_CLIENT = """
+BLOCKED = ('jax', 'jaxlib', 'flax', 'har_jax')
+""" + BLOCK_IMPORTS + """
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+saved_model, cases_file, results_file = sys.argv[1:]
+model = tf.saved_model.load(saved_model)
+cases = np.load(cases_file)
+results = {}
+for key in cases.files:
+  clips = tf.constant(cases[key])
+  out = model.signatures['serving_default'](frames=clips)
+  results[key + '/probabilities'] = out['probabilities'].numpy()
+  results[key + '/logits'] = out['logits'].numpy()
+  frames = tf.reshape(clips, [-1] + clips.shape[2:].as_list())
+  features = model.signatures['encode_frames'](frames=frames)['features']
+  results[key + '/features'] = features.numpy()
+  window = tf.reshape(features, [clips.shape[0], clips.shape[1], -1])
+  results[key + '/window'] = model.signatures['classify_features'](features=window)[
+      'probabilities'].numpy()
+np.savez(results_file, **results)
+names = model.signatures['class_names']()['class_names'].numpy()
+with open(os.path.join(saved_model, 'assets', 'class_names.txt')) as f:
+  asset = f.read().splitlines()
+print(json.dumps({'class_names': [n.decode() for n in names], 'asset': asset,
+                  'imported': [m for m in BLOCKED if m in sys.modules]}))
+"""
+
+JAX_CLIENT = """
+BLOCKED = ('flax', 'har_jax', 'tensorflow')
+""" + BLOCK_IMPORTS + """
+import json
+
+import jax
+import numpy as np
+
+artifact, cases_file, results_file = sys.argv[1:]
+with open(artifact, 'rb') as f:
+  exported = jax.export.deserialize(f.read())
+cases = np.load(cases_file)
+results = {}
+for key in cases.files:
+  out = exported.call(cases[key])
+  results[key + '/probabilities'] = np.asarray(out['probabilities'])
+  results[key + '/logits'] = np.asarray(out['logits'])
+np.savez(results_file, **results)
+print(json.dumps({'in_avals': str(exported.in_avals), 'platforms': list(exported.platforms),
+                  'imported': [m for m in BLOCKED if m in sys.modules]}))
+"""
+
+
+def _run_client(code: str, args, tmp_path, name: str) -> dict:
+  """Runs `code` in a fresh Python in tmp_path; returns the JSON its last line prints."""
+  script = tmp_path / name
+  script.write_text(code)
+  out = subprocess.run([sys.executable, str(script)] + [str(a) for a in args], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600, check=False)
+  assert out.returncode == 0, out.stderr[-4000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _clips(config, batch: int, height: int, width: int) -> np.ndarray:
+  """`[batch, num_frames, height, width, 3]` uint8: training videos of the tiny set, resized."""
+  ds = datasets.get_builder(config.dataset).as_dataset(split=f'train[:{batch}]')
+  return np.stack([stages.resize_bilinear(tf.constant(example['video'][:config.num_frames]),
+                                          tf.constant([height, width])).numpy()
+                   for example in tfds.as_numpy(ds)])
+
+
+def _flax_reference(loaded: inference.LoadedModel, clips: np.ndarray) -> dict:
+  """What har_jax computes for `clips`: the exported preprocessing (jitted here), then the
+  checkpoint's own Flax model as `LoadedModel.apply` runs it."""
+  batch, time = clips.shape[:2]
+  preprocess = jax.jit(lambda x: serving.preprocess_frames(x, loaded.preprocessing))
+  views = np.asarray(preprocess(clips.reshape((batch * time,) + clips.shape[2:])))
+  logits = loaded.apply(views.reshape((batch, time) + views.shape[1:]))
+  features = loaded.model.apply(loaded.variables, views, train=False,
+                                method=type(loaded.model).encode_frames)
+  return {'probabilities': np.asarray(jax.nn.softmax(logits)), 'logits': logits,
+          'features': np.asarray(features)}
+
+
+@pytest.fixture(scope='module')
+def exported(trained, tmp_path_factory):
+  """(config, loaded model, export folder) of the trained tiny run, exported in both formats."""
+  config, workdir = trained
+  out = tmp_path_factory.mktemp('export') / 'tiny'
+  export.export(workdir, str(out), checkpoint='latest')
+  return config, inference.load(workdir, 'latest'), out
+
+
+@pytest.fixture(scope='module')
+def parity_cases(exported, tmp_path_factory):
+  """(cases.npz path, {case: clips}, {case: flax reference}) for CASES."""
+  config, loaded, _ = exported
+  clips = {f'b{b}_{h}x{w}': _clips(config, b, h, w) for b, h, w in CASES}
+  path = tmp_path_factory.mktemp('cases') / 'cases.npz'
+  np.savez(path, **clips)
+  return path, clips, {k: _flax_reference(loaded, v) for k, v in clips.items()}
+
+
+@pytest.mark.slow
+def test_saved_model_in_tensorflow_alone_gives_the_flax_probabilities(exported, parity_cases,
+                                                                      tmp_path):
+  _, loaded, out = exported
+  cases_file, clips, reference = parity_cases
+  answer = _run_client(TF_CLIENT, [out / export.SAVED_MODEL_DIR, cases_file,
+                                   tmp_path / 'tf.npz'], tmp_path, 'tf_client.py')
+  assert answer['imported'] == []
+  assert answer['class_names'] == list(loaded.class_names) == answer['asset']
+  results = np.load(tmp_path / 'tf.npz')
+  for key in clips:
+    ref = reference[key]
+    assert results[f'{key}/probabilities'].shape == (clips[key].shape[0], loaded.num_classes)
+    np.testing.assert_allclose(results[f'{key}/probabilities'], ref['probabilities'], atol=1e-4,
+                               rtol=0, err_msg=key)
+    np.testing.assert_allclose(results[f'{key}/logits'], ref['logits'], atol=1e-3, rtol=1e-4,
+                               err_msg=key)
+    # The streaming pair composes to serving_default.
+    np.testing.assert_allclose(results[f'{key}/features'], ref['features'], atol=1e-3, rtol=1e-4,
+                               err_msg=key)
+    np.testing.assert_allclose(results[f'{key}/window'], ref['probabilities'], atol=1e-4, rtol=0,
+                               err_msg=key)
+  # The clips are real videos the model learned: the check compares confident answers.
+  confident = np.concatenate([reference[k]['probabilities'].max(-1) for k in clips])
+  assert np.median(confident) > 0.5, confident
+
+
+@pytest.mark.slow
+def test_jax_artifact_without_har_jax_gives_the_flax_probabilities(exported, parity_cases,
+                                                                   tmp_path):
+  _, loaded, out = exported
+  cases_file, clips, reference = parity_cases
+  answer = _run_client(JAX_CLIENT, [out / export.JAX_FILE, cases_file, tmp_path / 'jax.npz'],
+                       tmp_path, 'jax_client.py')
+  assert answer['imported'] == []
+  assert answer['in_avals'] == f'(ShapedArray(uint8[batch,{loaded.preprocessing.num_frames},' \
+                               'height,width,3]),)'
+  assert answer['platforms'] == list(export.PLATFORMS)
+  results = np.load(tmp_path / 'jax.npz')
+  for key in clips:
+    np.testing.assert_allclose(results[f'{key}/probabilities'],
+                               reference[key]['probabilities'], atol=1e-4, rtol=0, err_msg=key)
+
+
+@pytest.mark.slow
+def test_saved_model_cli_lists_the_signatures(exported):
+  _, loaded, out = exported
+  cli = os.path.join(os.path.dirname(sys.executable), 'saved_model_cli')
+  shown = subprocess.run([cli, 'show', '--dir', str(out / export.SAVED_MODEL_DIR), '--all'],
+                         capture_output=True, text=True, timeout=300, check=False)
+  assert shown.returncode == 0, shown.stderr[-3000:]
+  text = shown.stdout
+  for name in SIGNATURES:
+    assert f"signature_def['{name}']" in text, text
+  serving_default = text.split("signature_def['serving_default']")[1].split('signature_def')[0]
+  frames = loaded.preprocessing.num_frames
+  assert "inputs['frames']" in serving_default and 'DT_UINT8' in serving_default
+  assert f'shape: (-1, {frames}, -1, -1, 3)' in serving_default, serving_default
+  for output in ('probabilities', 'logits'):
+    assert f"outputs['{output}']" in serving_default
+  assert f'shape: (-1, {loaded.num_classes})' in serving_default
+  metadata = json.loads((out / export.METADATA_FILE).read_text())
+  assert metadata['class_names'] == list(loaded.class_names)
+  assert metadata['signatures']['serving_default']['inputs']['frames']['shape'] == [
+      'batch', frames, 'height', 'width', 3]
+  assert metadata['source']['step'] == loaded.step == 300
+
+
+@pytest.mark.slow
+def test_export_predicts_what_predict_py_predicts_from_the_video_files(exported, tmp_path):
+  """The looser check: the raw frames of video files through the export against predict.py on
+  the files (FFmpeg's area filter and the export's antialiased bilinear resize differ a little)."""
+  config, loaded, out = exported
+  clips = _clips(config, 10, 72, 96)
+  results = predict.predict_files(
+      [write_video(tmp_path / f'{i}.avi', clip) for i, clip in enumerate(clips)],
+      model=loaded, top_k=loaded.num_classes)
+  from_files = np.zeros((len(clips), loaded.num_classes))
+  for i, result in enumerate(results):
+    assert result['ok'], result
+    for entry in result['top_k']:
+      from_files[i, entry['index']] = entry['probability']
+  with open(out / export.JAX_FILE, 'rb') as f:
+    exported_fn = jax.export.deserialize(f.read())
+  from_export = np.asarray(exported_fn.call(clips)['probabilities'])
+  agree = np.mean(from_export.argmax(-1) == from_files.argmax(-1))
+  gaps = np.abs(from_export - from_files).max(-1)
+  assert agree >= 0.9, (from_export.argmax(-1), from_files.argmax(-1))
+  assert gaps.mean() < 0.02 and gaps.max() < 0.1, gaps
+
+
+# Preprocessing: the exported frames are evaluation's (fast; no trained model needed).
+
+
+def _pattern(num: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+  """`[num, height, width, 3]` uint8 stripes and noise: detail at every scale."""
+  y, x = np.mgrid[:height, :width]
+  frames = np.stack([np.stack([(3 * x + y + 9 * t) % 256, (2 * y + 5 * t) % 256,
+                               (x + 3 * y) % 256], -1) for t in range(num)])
+  noise = np.random.default_rng(seed).integers(0, 24, frames.shape)
+  return np.clip(frames + noise, 0, 255).astype(np.uint8)
+
+
+GEOMETRIES = {
+    'as_decoded_resized': ({'resize': 'none'}, 32),
+    'as_decoded': ({'resize': 'none'}, 0),
+    'short_side_stored': ({'resize': 'short_side', 'size': 40}, 0),
+    'short_side_resized': ({'resize': 'short_side', 'size': 64}, 36),
+    'squash': ({'resize': 'squash', 'size': [64, 64]}, 32),
+}
+
+
+def _evaluation_views(frames: np.ndarray, p: inference.Preprocessing) -> np.ndarray:
+  """evaluation's views of frames given at their decoded size (predict.eval_views), after a
+  squash to the size the training frames were decoded at (TF's antialiased bilinear resize)."""
+  if p.frame_geometry['resize'] == 'squash':
+    size = stages.jpeg_scaled_size(tuple(p.frame_geometry['size']), p.resize_size)
+    frames = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(
+        frames, size, method='bilinear', antialias=True)), 0, 255), tf.uint8).numpy()
+  elif p.frame_geometry['resize'] == 'short_side' and not p.resize_size:
+    p = dataclasses.replace(p, resize_size=int(p.frame_geometry['size']))
+  return predict.eval_views(frames, p)[0]
+
+
+@pytest.mark.parametrize('geometry', sorted(GEOMETRIES))
+def test_preprocessing_gives_evaluation_views_for_any_frame_size(geometry):
+  """Within one grey level of evaluation's views: the same bilinear resizes, JAX's
+  scale_and_translate against tf.image.resize, round differently where a value falls near a
+  half (exactly half, in float arithmetic, for scales like 3/4)."""
+  frame_geometry, resize_size = GEOMETRIES[geometry]
+  p = inference.Preprocessing(frame_geometry, resize_size, num_frames=2, frame_stride=1,
+                              image_size=28, num_clips=1, num_crops=1, short_video='loop')
+  preprocess = jax.jit(lambda x: serving.preprocess_frames(x, p))
+  for height, width in [(48, 64), (90, 70), (240, 320), (32, 32), (28, 28), (17, 50)]:
+    frames = _pattern(2, height, width)
+    ours = np.asarray(preprocess(frames)).astype(int)
+    theirs = _evaluation_views(frames, p)
+    assert ours.shape == theirs.shape == (2, 28, 28, 3)
+    diff = np.abs(ours - theirs)
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.05, (height, width, diff.max(),
+                                                          (diff > 0).mean())
+
+
+@pytest.mark.parametrize('geometry', ['as_decoded_resized', 'squash'])
+def test_preprocessing_exports_with_symbolic_frame_sizes(geometry):
+  """One artifact for every frame size gives what the function traced for each size gives."""
+  frame_geometry, resize_size = GEOMETRIES[geometry]
+  p = inference.Preprocessing(frame_geometry, resize_size, num_frames=2, frame_stride=1,
+                              image_size=28, num_clips=1, num_crops=1, short_video='loop')
+  spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape('n, height, width, 3'), np.uint8)
+  symbolic = jax.export.export(jax.jit(lambda x: serving.preprocess_frames(x, p)))(spec)
+  assert str(symbolic.out_avals) == '(ShapedArray(uint8[n,28,28,3]),)'
+  for n, height, width in [(1, 33, 100), (3, 240, 320), (2, 20, 20)]:
+    frames = _pattern(n, height, width, seed=n)
+    np.testing.assert_array_equal(np.asarray(symbolic.call(frames)),
+                                  np.asarray(jax.jit(lambda x: serving.preprocess_frames(x, p))(
+                                      frames)))
+
+
+# Bad input and the output folder (fast: a freshly initialised checkpoint).
+
+
+@pytest.fixture(scope='module')
+def fresh_workdir(tmp_path_factory):
+  """A workdir with checkpoints 3 and 5 of a fresh tiny model (10 classes, geometry 'none')."""
+  workdir = tmp_path_factory.mktemp('fresh')
+  config = conftest.make_tiny_config(workdir / 'tfds')
+  state = train.create_train_state(jax.random.PRNGKey(0), config, 10,
+                                   optim.create_learning_rate_fn(config))
+  info = datasets.DatasetInfo(name='fresh', class_names=tuple('abcdefghij'), split_sizes={})
+  manager = checkpoints.CheckpointManager(str(workdir), config, info)
+  for step in (3, 5):
+    manager.save_now(step, state)
+  manager.close()
+  return str(workdir)
+
+
+def _leftovers(folder) -> list[str]:
+  return [n for n in os.listdir(folder) if '.partial-' in n or '.old-' in n]
+
+
+def test_workdir_without_checkpoints_or_unknown_checkpoint_is_a_clear_error(fresh_workdir,
+                                                                            tmp_path):
+  out = tmp_path / 'out'
+  with pytest.raises(errors.UserError, match='No checkpoints directory at'):
+    export.export(str(tmp_path), str(out))
+  (tmp_path / 'empty' / 'checkpoints').mkdir(parents=True)
+  with pytest.raises(errors.UserError, match='No checkpoints in'):
+    export.export(str(tmp_path / 'empty'), str(out))
+  with pytest.raises(errors.UserError, match='is not a directory'):
+    export.export(str(tmp_path / 'nope'), str(out))
+  with pytest.raises(errors.UserError, match=r'No checkpoint at step 4 .*\[3, 5\]'):
+    export.export(fresh_workdir, str(out), checkpoint='4')
+  with pytest.raises(errors.UserError, match="'bogus' is not one of"):
+    export.export(fresh_workdir, str(out), checkpoint='bogus')
+  with pytest.raises(errors.UserError, match="unknown: \\['onnx'\\]"):
+    export.export(fresh_workdir, str(out), formats='saved_model,onnx')
+  assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_existing_out_is_refused_and_kept(fresh_workdir, tmp_path):
+  out = tmp_path / 'out'
+  out.mkdir()
+  (out / 'notes.txt').write_text('mine')
+  with pytest.raises(errors.UserError, match='already exists; pass --overwrite'):
+    export.export(fresh_workdir, str(out))
+  with pytest.raises(errors.UserError, match='is not an earlier export'):
+    export.export(fresh_workdir, str(out), overwrite=True)
+  a_file = tmp_path / 'file'
+  a_file.write_text('mine too')
+  with pytest.raises(errors.UserError, match='is not a folder'):
+    export.export(fresh_workdir, str(a_file), overwrite=True)
+  assert os.listdir(out) == ['notes.txt'] and (out / 'notes.txt').read_text() == 'mine'
+  assert a_file.read_text() == 'mine too' and _leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_overwrite_replaces_an_earlier_export_only_once_the_new_one_is_written(
+    fresh_workdir, tmp_path, monkeypatch):
+  """Also the dynamic-size preprocessing path (geometry 'none') through jax.export."""
+  out = tmp_path / 'out'
+  first = export.export(fresh_workdir, str(out), checkpoint='3', formats='jax')
+  assert sorted(os.listdir(out)) == [export.JAX_FILE, export.METADATA_FILE]
+  assert first['source']['step'] == 3 and first['files'] == {'jax': export.JAX_FILE}
+
+  def broken(*args, **kwargs):
+    raise RuntimeError('disk full')
+
+  monkeypatch.setattr(export, 'write_jax', broken)
+  with pytest.raises(RuntimeError, match='disk full'):
+    export.export(fresh_workdir, str(out), checkpoint='5', formats='jax', overwrite=True)
+  assert json.loads((out / export.METADATA_FILE).read_text())['source']['step'] == 3
+  assert _leftovers(tmp_path) == []
+  monkeypatch.undo()
+
+  second = export.export(fresh_workdir, str(out), checkpoint='5', formats='jax', overwrite=True)
+  assert second['source']['step'] == 5 and _leftovers(tmp_path) == []
+  loaded = inference.load(fresh_workdir, '5')
+  assert loaded.preprocessing.frame_geometry == {'resize': 'none'}
+  with open(out / export.JAX_FILE, 'rb') as f:
+    exported_fn = jax.export.deserialize(f.read())
+  for batch, height, width in [(1, 40, 56), (2, 75, 33)]:
+    clips = _pattern(batch * 4, height, width).reshape(batch, 4, height, width, 3)
+    got = exported_fn.call(clips)
+    ref = _flax_reference(loaded, clips)
+    np.testing.assert_allclose(np.asarray(got['logits']), ref['logits'], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(got['probabilities']), ref['probabilities'],
+                               atol=1e-5, rtol=0)
+
+
+def _run_script(args):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  return subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'export.py')] + args,
+                        env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
+                        check=False)
+
+
+@pytest.mark.slow
+def test_export_script_writes_both_formats_and_refuses_with_one_line(fresh_workdir, tmp_path):
+  out = tmp_path / 'out'
+  done = _run_script([f'--workdir={fresh_workdir}', f'--out={out}', '--checkpoint=latest'])
+  assert done.returncode == 0, done.stderr[-3000:]
+  summary = json.loads(done.stdout.strip().splitlines()[-1])
+  assert summary['step'] == 5 and summary['num_classes'] == 10
+  assert sorted(os.listdir(out)) == sorted([export.JAX_FILE, export.METADATA_FILE,
+                                            export.SAVED_MODEL_DIR])
+  refused = _run_script([f'--workdir={fresh_workdir}', f'--out={out}'])
+  assert refused.returncode == 1
+  assert refused.stderr.strip().splitlines()[-1] == (
+      f'error: --out {out} already exists; pass --overwrite to replace it, or choose another '
+      'folder.')
+  no_checkpoints = _run_script([f'--workdir={tmp_path}', f'--out={tmp_path / "other"}'])
+  assert no_checkpoints.returncode == 1
+  assert no_checkpoints.stderr.strip().splitlines()[-1].startswith(
+      'error: No checkpoints directory at')
+  assert not (tmp_path / 'other').exists()
+
+
+@pytest.mark.slow
+def test_benchmark_script_times_every_path(fresh_workdir):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  script = os.path.join(REPO, 'scripts', 'benchmark_export.py')
+  done = subprocess.run([sys.executable, script, f'--workdir={fresh_workdir}',
+                         '--checkpoint=latest', '--rounds=2', '--height=40', '--width=56'],
+                        env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
+                        check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  summary = json.loads(done.stdout.strip().splitlines()[-1])
+  assert summary['clip'] == [1, 4, 40, 56, 3] and summary['rounds'] == 2
+  for name in ('saved_model', 'jax_export', 'har_jax_apply', 'har_jax_predict'):
+    assert summary[f'{name}_ms'] > 0
+  assert summary['saved_model_mb'] > 0 and summary['jax_mb'] > 0
+  both = subprocess.run([sys.executable, script, f'--workdir={fresh_workdir}',
+                         '--config=configs/synthetic.py'], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=600, check=False)
+  assert both.returncode == 1
+  assert both.stderr.strip().splitlines()[-1] == (
+      'error: give exactly one of --config (fresh weights) or --workdir (a trained run).')
