@@ -2,7 +2,7 @@ r"""Recognise actions in a stream: a camera, a network stream, a pipe or a long 
 
   python scripts/stream.py --workdir=workdirs/synthetic [--checkpoint=best] SOURCE \
       [--every=1] [--smooth=0] [--threshold=0] [--top_k=3] [--live=auto] \
-      [--timeline=out.json] [--plot=out.png]
+      [--max_delay=0.5] [--timeline=out.json] [--plot=out.png]
 
 SOURCE: a video file; a camera, /dev/video0 or its index 0 (Linux); a URL FFmpeg reads (rtsp://,
 http://, udp://...); '-' for a video piped into stdin (ffmpeg ... -f matroska - | stream.py -).
@@ -10,8 +10,9 @@ http://, udp://...); '-' for a video piped into stdin (ffmpeg ... -f matroska - 
 Each frame at the checkpoint's frame stride is encoded once; the LSTM runs over the last
 num_frames encoded frames. Every --every seconds of video it prints the time and the top-k
 classes (or that nothing is recognised, when the top probability is below --threshold). A live
-source (cameras, network streams, pipes; --live overrides) is never fallen behind: frames that
-arrive while the model is busy are dropped and counted. The last line is
+source (cameras, network streams, pipes; --live overrides) is never fallen behind: a frame that
+has waited more than --max_delay seconds for the model while newer ones arrived is dropped and
+counted. The last line is
 
   frames=<n> seconds=<video seconds> frames_per_s=<frames per wall-clock second> dropped=<n>
 
@@ -50,6 +51,8 @@ flags.DEFINE_integer('top_k', 3, 'Classes per report.', lower_bound=1)
 flags.DEFINE_enum('live', 'auto', ['auto', 'yes', 'no'],
                   'Drop frames rather than fall behind: auto = for cameras, network streams and '
                   'pipes, not for files.')
+flags.DEFINE_float('max_delay', 0.5, 'Live sources: seconds a frame may wait for the model while '
+                   'newer ones arrive; older ones are dropped.', lower_bound=0.0)
 flags.DEFINE_string('timeline', '', 'Write {"class_names", "times", "probabilities"} JSON here.')
 flags.DEFINE_string('plot', '', 'Draw the probabilities of the top classes over time (PNG).')
 flags.DEFINE_integer('plot_classes', 5, 'Classes drawn by --plot.', lower_bound=1)
@@ -76,7 +79,7 @@ def main(argv):
     return 130
   print(_describe(source, recogniser, model.step), flush=True)
   reader = video_sources.FrameReader(source.frames(), live=source.live, keep=recogniser.keeps,
-                                     frame_rate=source.frame_rate)
+                                     frame_rate=source.frame_rate, max_delay=FLAGS.max_delay)
   run = streaming.StreamRun(recogniser, every=FLAGS.every, smooth=FLAGS.smooth,
                             on_report=lambda time, p: print(streaming.format_report(
                                 time, p, recogniser.class_names, top_k=FLAGS.top_k,

@@ -8,9 +8,12 @@
   print(reader.frames, reader.dropped, reader.seconds, reader.error)
 
 A live source (a camera, a network stream, a pipe) runs at its own pace; the reader never lets
-its consumer fall behind it: the consumer always gets the newest frame, and a frame still waiting
-when a newer one arrives is dropped and counted. A file is read as fast as the consumer takes its
-frames, and nothing is dropped.
+its consumer fall behind it: a frame that has waited longer than `max_delay` seconds for the
+consumer while a newer one is there is dropped and counted, so the consumer is at most about
+max_delay behind the source. (Network streams and muxers deliver frames in bursts, a fraction of
+a second of video at once: dropping every frame but the newest would drop most of a burst that
+the consumer has time for.) A file is read as fast as the consumer takes its frames, and nothing
+is dropped.
 """
 
 import collections
@@ -186,7 +189,7 @@ class FrameReader:
 
   Attributes, up to the last frame handed out (all frames once the source has ended):
     frames: source frames taken: handed out, or refused by `keep`; not dropped.
-    dropped: kept frames dropped because a newer one arrived first (live sources only).
+    dropped: kept frames dropped because they waited longer than max_delay (live sources).
     seconds: seconds of video covered.
     error: the exception that ended the source early, or None.
     ended: whether the source ended (rather than the consumer stopping).
@@ -196,18 +199,22 @@ class FrameReader:
 
   def __init__(self, frames: Iterable[tuple[float, object]], *, live: bool,
                keep: Callable[[int], bool] = lambda index: True,
-               frame_rate: Optional[float] = None, queue_size: Optional[int] = None):
+               frame_rate: Optional[float] = None, max_delay: float = 0.5,
+               queue_size: Optional[int] = None):
     """Args:
       frames: (seconds, frame) pairs, e.g. `Source.frames()`.
-      live: drop the oldest waiting frame when a new one arrives, rather than wait.
+      live: drop frames that waited longer than max_delay, rather than make the source wait.
       keep: which frame indices the consumer wants.
       frame_rate: frames per second, for `seconds` (the last frame's duration); None: 0.
-      queue_size: frames that may wait (live: 1, the newest; otherwise 8).
+      max_delay: live: wall-clock seconds a frame may wait while a newer one is there.
+      queue_size: frames that may wait (live: 64, the oldest dropped beyond; otherwise 8, the
+        source waits).
     """
     self._frames, self._live, self._keep = frames, live, keep
     self._frame_time = 1 / frame_rate if frame_rate else 0.0
+    self._max_delay = float(max_delay)
     self._queue = collections.deque()
-    self._queue_size = queue_size or (1 if live else 8)
+    self._queue_size = queue_size or (64 if live else 8)
     self._lock = threading.Condition()
     self._read, self._read_time, self._dropped_total = 0, 0.0, 0
     self._done, self._stop = False, False
@@ -243,7 +250,7 @@ class FrameReader:
           if self._live and len(self._queue) >= self._queue_size:
             self._queue.popleft()
             self._dropped_total += 1
-          self._queue.append((index, seconds, frame))
+          self._queue.append((index, seconds, frame, time_lib.monotonic()))
           self._lock.notify_all()
     except Exception as e:  # pylint: disable=broad-except  (handed to the consumer)
       with self._lock:
@@ -267,7 +274,12 @@ class FrameReader:
           self._last_at = time_lib.monotonic() if self._first_at is not None else None
           self.ended = True
           return
-        index, seconds, frame = self._queue.popleft()
+        if self._live:
+          now = time_lib.monotonic()
+          while len(self._queue) > 1 and now - self._queue[0][3] >= self._max_delay:
+            self._queue.popleft()
+            self._dropped_total += 1
+        index, seconds, frame, _ = self._queue.popleft()
         self._lock.notify_all()
         self.frames = index + 1 - self._dropped_total
         self.dropped = self._dropped_total
