@@ -41,19 +41,26 @@ class Recogniser:
     preprocessing: the checkpoint's, with one clip and one centre crop.
     num_frames, frame_stride: the window: num_frames kept frames, frame_stride apart.
     encoded: kept frames encoded since the start (or the last `reset`).
-    probabilities: [num_classes] float32 of the latest full window, or None before one.
+    probabilities: [num_classes] float32 of the latest window classified, or None.
   """
 
-  def __init__(self, model: inference.LoadedModel):
+  def __init__(self, model: inference.LoadedModel, *, conv_impl: Optional[str] = None):
+    """Args:
+      model: from `inference.load`.
+      conv_impl: run the encoder's convolutions with this `conv.CONV_IMPLS` implementation
+        instead of the checkpoint's (same parameters, values equal to float rounding): at one
+        frame per call, plain 'xla' convolutions are faster on a CPU than the 'cpu' kernels
+        that 'auto' picks there for training (benchmarks/RESULTS.md). None: the checkpoint's.
+    """
+    module = model.model if conv_impl is None else model.model.clone(conv_impl=conv_impl)
     self.class_names = model.class_names
     self.preprocessing = dataclasses.replace(model.preprocessing, num_clips=1, num_crops=1)
     self._frame_preprocessing = dataclasses.replace(self.preprocessing, num_frames=1)
     self.num_frames = self.preprocessing.num_frames
     self.frame_stride = max(1, self.preprocessing.frame_stride)
     self._variables = jax.device_put(model.variables)
-    self._encode = jax.jit(functools.partial(model.model.apply, train=False,
-                                             method='encode_frames'))
-    classify = functools.partial(model.model.apply, train=False, method='classify')
+    self._encode = jax.jit(functools.partial(module.apply, train=False, method='encode_frames'))
+    classify = functools.partial(module.apply, train=False, method='classify')
     self._classify = jax.jit(lambda v, x: jax.nn.softmax(classify(v, x), axis=-1))
     self._ring = None
     self.reset()
@@ -68,7 +75,8 @@ class Recogniser:
     """Whether frame `index` of the stream is encoded (the checkpoint's frame stride)."""
     return index % self.frame_stride == 0
 
-  def push(self, frame, index: Optional[int] = None) -> Optional[np.ndarray]:
+  def push(self, frame, index: Optional[int] = None, *,
+           classify: bool = True) -> Optional[np.ndarray]:
     """Takes the next frame of the stream.
 
     Args:
@@ -76,10 +84,12 @@ class Recogniser:
       index: the frame's number in the stream; by default the one after the last pushed. Give it
         when frames were lost (dropped on a live source), so the stride stays on the stream's
         frames. Must grow.
+      classify: run the recurrent part if the window is full; False only encodes the frame
+        (when its probabilities are not needed: the window's features stay up to date).
 
     Returns:
       [num_classes] float32 probabilities when this frame completed a window (a kept frame with
-      at least num_frames kept frames so far), else None.
+      at least num_frames kept frames so far) and `classify`, else None.
     """
     index = self._next_index if index is None else int(index)
     if index < self._next_index:
@@ -92,7 +102,7 @@ class Recogniser:
       self._ring = np.zeros((self.num_frames, features.shape[-1]), np.float32)
     self._ring[self.encoded % self.num_frames] = features
     self.encoded += 1
-    if self.encoded < self.num_frames:
+    if self.encoded < self.num_frames or not classify:
       return None
     self.probabilities = self.classify(self.window())
     return self.probabilities
@@ -181,7 +191,8 @@ class Timeline:
 
 class StreamRun:
   """Feeds timed frames to a Recogniser and reports its probabilities every `every` seconds of
-  video, smoothed over time.
+  video, smoothed over time. Without smoothing, the recurrent part runs only for the windows
+  reported.
 
   Attributes:
     timeline: the reported (smoothed) probabilities and their times.
@@ -206,11 +217,12 @@ class StreamRun:
   def feed(self, index: int, time: float, frame) -> Optional[np.ndarray]:
     """Pushes frame `index` (at `time` seconds of video); returns the probabilities reported
     for it, if it is reported."""
-    probabilities = self.recogniser.push(frame, index)
+    due = self._next_report is None or time >= self._next_report - 1e-6
+    probabilities = self.recogniser.push(frame, index, classify=due or self._smooth > 0)
     if probabilities is None:
       return None
     probabilities = self._smoothed_at(time, probabilities)
-    if self._next_report is not None and time < self._next_report - 1e-6:
+    if not due:
       return None
     if self._every > 0:
       self._next_report = (math.floor(time / self._every + 1e-6) + 1) * self._every

@@ -99,10 +99,15 @@ class _FakeRecogniser:
 
   def __init__(self, outputs):
     self._outputs = iter(outputs)
+    self.classified = []
 
-  def push(self, frame, index):
-    del frame, index
-    return next(self._outputs)
+  def push(self, frame, index, classify=True):
+    del frame
+    probabilities = next(self._outputs)
+    if not classify:
+      return None
+    self.classified.append(index)
+    return probabilities
 
 
 def test_reports_every_interval_of_video_time_and_smooth():
@@ -126,6 +131,15 @@ def test_reports_every_interval_of_video_time_and_smooth():
   for i in range(len(outputs)):
     every_window.feed(i, i * 0.2, None)
   assert len(every_window.timeline.times) == len(outputs) - 2
+
+  # Without smoothing, only the reported windows (and those before the first) are classified.
+  recogniser = _FakeRecogniser(outputs)
+  unsmoothed = streaming.StreamRun(recogniser, every=0.5)
+  for i in range(len(outputs)):
+    unsmoothed.feed(i, i * 0.2, None)
+  assert unsmoothed.timeline.times == pytest.approx(times)
+  assert recogniser.classified == [0, 1, 2, 3, 5, 8, 10, 13]
+  assert unsmoothed.timeline.probabilities[2] == [0.0, 1.0]
 
 
 def test_report_line_and_threshold():
