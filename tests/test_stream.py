@@ -485,3 +485,23 @@ def test_script_bad_sources(trained, tmp_path):
   frames_done, seconds, _, _ = script.summary()
   assert 10 < frames_done < 64 and f'processed {frames_done} frames ({seconds:.2f} s' in error[0]
   assert len(json.loads(timeline_path.read_text())['times']) == len(script.reports()) > 0
+
+
+@pytest.mark.slow
+def test_benchmark_stream_prints_its_figures():
+  """scripts/benchmark_stream.py end to end on a few frames (no assertion on time)."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'scripts', 'benchmark_stream.py'),
+       '--models=small_cnn', '--frames=20', '--rounds=1', '--conv_impls=auto,xla'],
+      capture_output=True, text=True, timeout=WAIT_S, env=env, cwd=REPO, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = [line for line in result.stdout.splitlines() if line.startswith('small_cnn ')]
+  assert len(lines) == 2 and 'conv_impl=auto' in lines[0] and 'conv_impl=xla' in lines[1]
+  for line in lines:
+    figures = dict(re.findall(r'(\w+)=([0-9.]+)', line.split('): ')[1]))
+    assert set(figures) == {'preprocess_ms', 'encoder_ms', 'lstm_ms', 'latency_ms',
+                            'kept_per_s', 'source_per_s'}, line
+    assert all(float(v) > 0 for v in figures.values()), line
+    assert float(figures['source_per_s']) == pytest.approx(2 * float(figures['kept_per_s']),
+                                                           rel=0.01)  # Stride 2.
