@@ -34,7 +34,8 @@ class Recogniser:
   """Class probabilities of the last `num_frames` kept frames of a stream, frame by frame.
 
   Frames are numbered from 0 in stream order; frame `i` is kept (preprocessed and encoded) when
-  `i % frame_stride == 0`, as clip-mode prediction samples a clip starting at a kept frame.
+  `i % frame_stride == 0`. A window is the last num_frames kept frames: a clip as training and
+  clip-mode prediction sample it, frame_stride frames apart.
 
   Attributes:
     class_names: the names of the probabilities, in order.
@@ -131,9 +132,10 @@ class Recogniser:
     return np.asarray(self._classify(self._variables, window[None]), np.float32)[0]
 
   def warm_up(self):
-    """Compiles the encoder and the recurrent part (a live stream should not wait for it)."""
+    """Traces the preprocessing and compiles the encoder and the recurrent part (a live stream
+    should not wait for them)."""
     size = self.preprocessing.image_size
-    features = self.encode(np.zeros((size, size, 3), np.uint8))
+    features = self.encode(self.frame_view(np.zeros((size, size, 3), np.uint8)))
     self.classify(np.zeros((self.num_frames, features.shape[-1]), np.float32))
 
 

@@ -80,9 +80,18 @@ def test_streaming_equals_clip_prediction(trained, tmp_path, stride, geometry, r
   assert max(p.max() for p in outputs if p is not None) > 0.5  # Not a uniform, vacuous match.
 
 
-def test_push_checks_its_input(trained):
+def test_push_checks_its_input_and_conv_impl_keeps_the_values(trained):
   _, workdir = trained
-  recogniser = streaming.Recogniser(inference.load(workdir, 'latest'))
+  model = inference.load(workdir, 'latest')
+  frames = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+  outputs = {}
+  for conv_impl in (None, 'xla', 'cpu'):
+    recogniser = streaming.Recogniser(model, conv_impl=conv_impl)
+    outputs[conv_impl] = [recogniser.push(frame) for frame in frames][3:]
+  for conv_impl in ('xla', 'cpu'):
+    np.testing.assert_allclose(outputs[conv_impl], outputs[None], rtol=0, atol=1e-6)
+
+  recogniser = streaming.Recogniser(model)
   with pytest.raises(ValueError, match=r'\[H, W, 3\] uint8'):
     recogniser.push(np.zeros((32, 32), np.uint8))
   recogniser.push(np.zeros((32, 32, 3), np.uint8), index=5)

@@ -68,15 +68,16 @@ class Source:
       Any PyAV error of a source that fails while it is read (a damaged file, a lost stream).
     """
     rate = self.frame_rate
-    first, started, count, last = None, time_lib.monotonic(), 0, 0.0
+    first, started, count, last = None, None, 0, 0.0
     try:
       for frame in self.container.decode(video=0):
-        if frame.time is not None:
+        started = time_lib.monotonic() if started is None else started
+        if frame.time is not None:  # Presentation time.
           first = frame.time if first is None else first
           last = frame.time - first
-        elif rate and not self.live:
+        elif rate and not self.live:  # No timestamps: the declared rate.
           last = count / rate
-        else:
+        else:  # A live source without timestamps: the wall clock.
           last = time_lib.monotonic() - started
         count += 1
         yield last, frame
@@ -92,8 +93,10 @@ class Source:
           f'its header announces {stream.frames} frames, {count} could be decoded')
     if stream.duration and stream.time_base:
       duration = float(stream.duration * stream.time_base)
-    else:
+    elif len(self.container.streams) == 1:  # The container's duration is the video's.
       duration = (self.container.duration or 0) / av.time_base
+    else:
+      duration = 0.0
     frame_time = 1 / rate if rate else 0.0
     if duration and last + frame_time < duration - max(0.5, 2 * frame_time):
       raise video_files.VideoError(f'its header announces {duration:.2f} s of video, the frames '
