@@ -56,7 +56,7 @@ flags.DEFINE_float('max_delay', 0.5, 'Live sources: seconds a frame may wait for
 flags.DEFINE_enum('conv_impl', 'xla', ['', 'auto', 'xla', 'cpu'],
                   "The encoder's convolutions ('' = the checkpoint's, 'auto' on a CPU = the 'cpu' "
                   "kernels made for training's gradients). Plain 'xla' gives the same values and "
-                  'is 2x faster for ResNet-18 at one frame per call on a CPU (README "Streaming '
+                  'is about 2x faster for ResNet-18 at one frame per call on a CPU (README "Streaming '
                   'recognition"); on GPU/TPU the checkpoint\'s \'auto\' is \'xla\' too.')
 flags.DEFINE_string('timeline', '', 'Write {"class_names", "times", "probabilities"} JSON here.')
 flags.DEFINE_string('plot', '', 'Draw the probabilities of the top classes over time (PNG).')
