@@ -56,8 +56,8 @@ flags.DEFINE_float('max_delay', 0.5, 'Live sources: seconds a frame may wait for
 flags.DEFINE_enum('conv_impl', 'xla', ['', 'auto', 'xla', 'cpu'],
                   "The encoder's convolutions ('' = the checkpoint's, 'auto' on a CPU = the 'cpu' "
                   "kernels made for training's gradients). Plain 'xla' gives the same values and "
-                  'is about 2x faster for ResNet-18 at one frame per call on a CPU (README "Streaming '
-                  'recognition"); on GPU/TPU the checkpoint\'s \'auto\' is \'xla\' too.')
+                  'is about 2x faster for ResNet-18 at one frame per call on a CPU (README '
+                  '"Streaming recognition"); on GPU/TPU the checkpoint\'s \'auto\' is \'xla\' too.')
 flags.DEFINE_string('timeline', '', 'Write {"class_names", "times", "probabilities"} JSON here.')
 flags.DEFINE_string('plot', '', 'Draw the probabilities of the top classes over time (PNG).')
 flags.DEFINE_integer('plot_classes', 5, 'Classes drawn by --plot.', lower_bound=1)
@@ -67,6 +67,12 @@ flags.mark_flag_as_required('workdir')
 def main(argv):
   if len(argv) != 2:
     raise app.UsageError('Give exactly one SOURCE after the flags (a file, a camera, a URL or -).')
+  for flag in ('timeline', 'plot'):
+    folder = os.path.dirname(os.path.abspath(FLAGS[flag].value)) if FLAGS[flag].value else ''
+    if folder and not os.path.isdir(folder):
+      print(f'error: --{flag}={FLAGS[flag].value}: folder {folder} does not exist.',
+            file=sys.stderr)
+      return 1
   tf.config.set_visible_devices([], 'GPU')
   distributed.quiet_library_logs()
   try:

@@ -473,7 +473,8 @@ def test_ctrl_c_prints_the_summary_and_writes_the_timeline(trained, tmp_path):
 @pytest.mark.slow
 def test_script_bad_sources(trained, tmp_path):
   """A missing camera is named; a truncated file is processed as far as it goes, said to have
-  ended early, and its timeline written."""
+  ended early, and its timeline written; a video shorter than the window says so; an output folder
+  that does not exist is refused before anything runs."""
   config, workdir = trained
   camera = _Script([f'--workdir={workdir}', '/dev/video97'])
   assert camera.finish() == 1
@@ -494,6 +495,18 @@ def test_script_bad_sources(trained, tmp_path):
   frames_done, seconds, _, _ = script.summary()
   assert 10 < frames_done < 64 and f'processed {frames_done} frames ({seconds:.2f} s' in error[0]
   assert len(json.loads(timeline_path.read_text())['times']) == len(script.reports()) > 0
+
+  short = write_video(tmp_path / 'short.avi', frames[:2])  # The window is 4 frames.
+  script = _Script([f'--workdir={workdir}', '--checkpoint=latest', short])
+  assert script.finish() == 1 and script.summary()[:2] == (2, 0.2)
+  assert any('short.avi ended after 2 frames (0.20 s), before the first window of 4 frames' in line
+             for line in script.stderr), script.stderr[-5:]
+
+  missing = tmp_path / 'no' / 't.json'
+  nowhere = _Script([f'--workdir={workdir}', f'--timeline={missing}', short])
+  assert nowhere.finish() == 1
+  expected = f'error: --timeline={missing}: folder {missing.parent} does not exist.'
+  assert expected in nowhere.stderr, nowhere.stderr[-5:]
 
 
 @pytest.mark.slow

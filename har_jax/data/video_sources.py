@@ -169,7 +169,7 @@ def _open_camera(spec: str):
     raise video_files.VideoError(f'camera {device} does not exist; {listing}.')
   try:
     return av.open(device, format='v4l2')
-  except Exception as e:  # pylint: disable=broad-except  (busy, no permission, not a capture device)
+  except Exception as e:  # pylint: disable=broad-except  (busy, no access, not a capture device)
     raise video_files.VideoError(
         f'camera {device} cannot be opened ({type(e).__name__}: {e}).') from None
 
