@@ -5,6 +5,8 @@ import os
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+import av  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -34,6 +36,27 @@ def make_tiny_config(data_dir: str, **overrides):
       target = target[p]
     target[leaf] = value
   return config
+
+
+def write_video(path, frames: np.ndarray, *, lossless: bool = True, fps: int = 10) -> str:
+  """Writes [T, H, W, 3] uint8 frames: lossless FFV1 (any size) or H.264 (even sizes)."""
+  codec, pix_fmt = ('ffv1', 'bgr0') if lossless else ('libx264', 'yuv420p')
+  with av.open(str(path), 'w') as container:
+    stream = container.add_stream(codec, rate=fps, options={} if lossless else {'crf': '12'})
+    stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+    for frame in frames:
+      container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format='rgb24')))
+    container.mux(stream.encode())
+  return str(path)
+
+
+def training_videos(config, count):
+  """[(tfds_id, frames [T, H, W, 3] uint8, label)] of the first `count` training videos."""
+  from har_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = datasets.get_builder(config.dataset)
+  ds = builder.as_dataset(split=f'train[:{count}]', read_config=tfds.ReadConfig(add_tfds_id=True))
+  return [(ex['tfds_id'].decode(), ex['video'], int(ex['label'])) for ex in tfds.as_numpy(ds)]
 
 
 @pytest.fixture(scope='session')

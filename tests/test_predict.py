@@ -6,12 +6,10 @@ import os
 import subprocess
 import sys
 
-import av
 import jax
 import numpy as np
 import pytest
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from har_jax import checkpoints
 from har_jax import errors
@@ -26,20 +24,10 @@ from har_jax.data import stages
 from har_jax.data import synthetic_actions
 from har_jax.data import video_files
 from har_jax.evaluation import checkpoint_eval
+from conftest import training_videos  # pylint: disable=g-bad-import-order
+from conftest import write_video  # pylint: disable=g-bad-import-order
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def write_video(path, frames: np.ndarray, *, lossless: bool = True, fps: int = 10) -> str:
-  """Writes [T, H, W, 3] uint8 frames: lossless FFV1 (any size) or H.264 (even sizes)."""
-  codec, pix_fmt = ('ffv1', 'bgr0') if lossless else ('libx264', 'yuv420p')
-  with av.open(str(path), 'w') as container:
-    stream = container.add_stream(codec, rate=fps, options={} if lossless else {'crf': '12'})
-    stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
-    for frame in frames:
-      container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format='rgb24')))
-    container.mux(stream.encode())
-  return str(path)
 
 
 def _prep(config, geometry=None) -> inference.Preprocessing:
@@ -129,13 +117,6 @@ def test_checkpoint_not_matching_its_metadata_is_refused(tiny_config, tmp_path):
     inference.load(str(tmp_path / 'checkpoints' / '3'))
 
 
-def _training_videos(config, count):
-  """[(tfds_id, frames [T, H, W, 3] uint8, label)] of the first `count` training videos."""
-  builder = datasets.get_builder(config.dataset)
-  ds = builder.as_dataset(split=f'train[:{count}]', read_config=tfds.ReadConfig(add_tfds_id=True))
-  return [(ex['tfds_id'].decode(), ex['video'], int(ex['label'])) for ex in tfds.as_numpy(ds)]
-
-
 @pytest.mark.slow
 def test_predict_names_the_right_class(trained, tmp_path):
   """AVI and MP4 files of videos the model learned: mostly right, and the same answer as the
@@ -144,7 +125,7 @@ def test_predict_names_the_right_class(trained, tmp_path):
   model = inference.load(workdir, 'latest')
   assert model.class_names == tuple(synthetic_actions.CLASS_NAMES)
   assert model.step == 300
-  videos = _training_videos(config, 20)
+  videos = training_videos(config, 20)
   paths, labels = [], []
   for i, (_, frames, label) in enumerate(videos):
     ext, lossless = ('avi', True) if i % 2 == 0 else ('mp4', False)
@@ -191,7 +172,7 @@ def _run_script(args, timeout=600):
 @pytest.mark.slow
 def test_predict_script_json_and_exit_codes(trained, tmp_path):
   config, workdir = trained
-  (_, frames, _), = _training_videos(config, 1)
+  (_, frames, _), = training_videos(config, 1)
   good = write_video(tmp_path / 'walk.avi', frames)
   bad = tmp_path / 'broken.mp4'
   bad.write_bytes(b'garbage')
