@@ -25,7 +25,7 @@ from har_jax import train
 from har_jax.data import datasets
 from har_jax.data import stages
 import conftest
-from test_predict import write_video
+from conftest import write_video  # pylint: disable=g-bad-import-order
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIGNATURES = ('serving_default', 'encode_frames', 'classify_features', 'class_names')

@@ -309,7 +309,7 @@ def test_raw_videos_get_the_geometry_of_the_training_records(trained, tmp_path):
   config, workdir = trained
   model = inference.load(workdir, 'latest')
   assert model.preprocessing.frame_geometry == {'resize': 'squash', 'size': [32, 32]}
-  videos = _training_videos(config, 20)
+  videos = training_videos(config, 20)
   paths = []
   for i, (_, frames, _) in enumerate(videos):  # 32x32 records -> 48x36 (4:3) "raw" files.
     wide = tf.image.resize(frames, (36, 48), method='bilinear', antialias=True)
