@@ -117,6 +117,18 @@ def test_checkpoint_not_matching_its_metadata_is_refused(tiny_config, tmp_path):
     inference.load(str(tmp_path / 'checkpoints' / '3'))
 
 
+def _record_logits(config, model: inference.LoadedModel, split: str) -> dict:
+  """{tfds_id: video logits} that evaluation gives the records of `split`, with model's weights."""
+  builder = datasets.get_builder(config.dataset)
+  devices = jax.devices()[:1]
+  eval_model = models.create_model(config.model, model.num_classes, dtype=config.dtype,
+                                   bn_axis_name='batch')
+  outputs, _ = checkpoint_eval.evaluate_variables(
+      model.variables, checkpoint_eval.eval_steps(eval_model, devices), builder, config, split,
+      devices=devices)
+  return dict(zip(outputs.tfds_ids, outputs.logits))
+
+
 @pytest.mark.slow
 def test_predict_names_the_right_class(trained, tmp_path):
   """AVI and MP4 files of videos the model learned: mostly right, and the same answer as the
@@ -146,14 +158,8 @@ def test_predict_names_the_right_class(trained, tmp_path):
     assert r['top_k'][0]['class'] == synthetic_actions.CLASS_NAMES[r['top_k'][0]['index']]
 
   # What evaluation says about the same (JPEG-stored) training videos, with the same weights.
-  builder = datasets.get_builder(config.dataset)
-  devices = jax.devices()[:1]
-  eval_model = models.create_model(config.model, 10, dtype=config.dtype, bn_axis_name='batch')
-  outputs, _ = checkpoint_eval.evaluate_variables(
-      model.variables, checkpoint_eval.eval_steps(eval_model, devices), builder, config,
-      'train[:20]', devices=devices)
-  by_id = {t: int(np.argmax(l)) for t, l in zip(outputs.tfds_ids, outputs.logits)}
-  eval_pred = [by_id[tfds_id] for tfds_id, _, _ in videos]
+  by_id = _record_logits(config, model, 'train[:20]')
+  eval_pred = [int(np.argmax(by_id[tfds_id])) for tfds_id, _, _ in videos]
   eval_right = np.mean(np.array(eval_pred) == labels)
   right = np.mean(np.array(predicted) == labels)
   agree = np.mean(np.array(predicted) == eval_pred)
@@ -315,13 +321,7 @@ def test_raw_videos_get_the_geometry_of_the_training_records(trained, tmp_path):
     wide = tf.image.resize(frames, (36, 48), method='bilinear', antialias=True)
     paths.append(write_video(tmp_path / f'raw_{i}.avi',
                              np.asarray(tf.round(tf.clip_by_value(wide, 0, 255)), np.uint8)))
-  builder = datasets.get_builder(config.dataset)
-  devices = jax.devices()[:1]
-  eval_model = models.create_model(config.model, 10, dtype=config.dtype, bn_axis_name='batch')
-  outputs, _ = checkpoint_eval.evaluate_variables(
-      model.variables, checkpoint_eval.eval_steps(eval_model, devices), builder, config,
-      'train[:20]', devices=devices)
-  by_id = dict(zip(outputs.tfds_ids, outputs.logits))
+  by_id = _record_logits(config, model, 'train[:20]')
   on_records = np.stack([np.asarray(jax.nn.softmax(by_id[t])) for t, _, _ in videos])
 
   kept_aspect = dataclasses.replace(model, preprocessing=dataclasses.replace(
