@@ -18,6 +18,9 @@ def make_tiny_config(data_dir: str, **overrides):
   config.num_frames = 4
   config.frame_stride = 1
   config.image_size = 28
+  # Fixed at the tiny set's stored 32x32, whatever image_size a test sets (the configs' default
+  # follows image_size: tests/test_cli.py).
+  config.dataset.resize_size = 32
   config.model.lstm_size = 16
   config.model.dropout_rate = 0.0
   config.batch_size = 8
