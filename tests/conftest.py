@@ -1,11 +1,22 @@
 """Shared fixtures. Four fake CPU devices, so pmap code runs as it would on a 4-chip host."""
 
+import importlib.util
 import os
 
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(name: str):
+  """The module scripts/<name>.py (scripts are not a package)."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'scripts', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def make_tiny_config(data_dir: str, **overrides):
