@@ -30,9 +30,6 @@ def get_config() -> ml_collections.ConfigDict:
   # Fraction of train held out for periodic evaluation (0 -> periodic eval uses eval_split). On
   # 'ucf101_meta/...' records whole UCF101 groups (people) are held out; elsewhere a plain percentage.
   config.dataset.val_split = 0.0
-  # Frames are decoded (JPEG downscaling where possible) and resized so the short side is this many
-  # pixels, then cropped to image_size. 0 -> keep the stored size.
-  config.dataset.resize_size = 128
   config.dataset.short_video = 'loop'  # 'loop' | 'pad': clips longer than the video.
   config.dataset.cache = False  # Cache the encoded records in memory (small TFDS datasets only).
   # Clips (num_frames JPEGs each) in the shuffle buffer of TFDS records. Frame stores need neither
@@ -44,6 +41,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_frames = 16
   config.frame_stride = 2
   config.image_size = 112
+  # Frames are decoded (JPEG downscaling where possible) and resized so the short side is this many
+  # pixels, then cropped to image_size. By default it follows image_size (a crop of 87.5% of the
+  # short side: 112 -> 128, 224 -> 256, 64 -> 73), so that evaluation's centre crop sees the frame
+  # at the scale training's random crops saw it; --config.image_size=N alone moves both, and
+  # --config.dataset.resize_size=N still sets it (0 -> keep the stored size).
+  config.dataset.resize_size = config.get_ref('image_size') * 8 // 7
 
   # Augmentations that keep the label true for this dataset.
   config.augment = ml_collections.ConfigDict()

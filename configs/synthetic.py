@@ -26,14 +26,14 @@ def get_config() -> ml_collections.ConfigDict:
   config = default.get_config()
   config.dataset.name = 'synthetic_actions'
   config.dataset.data_dir = 'data'
-  # Stored 64x64; the JPEG decoder downscales by 2 (to 32x32), then a random 28x28 crop.
-  config.dataset.resize_size = 32
   config.dataset.shuffle_buffer = 1024
   config.dataset.cache = True
   config.dataset.val_split = 0.1  # Periodic eval on 10% of train; the test split is for the end.
 
   config.num_frames = 8
   config.frame_stride = 2
+  # dataset.resize_size follows: 28 * 8 // 7 = 32. Stored 64x64; the JPEG decoder downscales by 2
+  # (to 32x32), then a random 28x28 crop.
   config.image_size = 28
 
   config.augment.flip = False

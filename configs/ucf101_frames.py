@@ -32,6 +32,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.name = 'ucf101_frames/s128'
   config.dataset.train_split = 'train1'
   config.dataset.eval_split = 'test1'
-  # Stored short side 128 = resize_size: frames decode at full size, with no resize pass.
-  config.dataset.resize_size = 128
+  # dataset.resize_size follows image_size (112 -> 128 = the stored short side): the frames decode
+  # at full size, with no resize pass.
   return config

@@ -31,8 +31,7 @@ from configs import default
 def get_config() -> ml_collections.ConfigDict:
   """Returns the ImageNet-initialised ResNet-50 LRCN config for UCF101 split 1."""
   config = default.get_config()
-  config.dataset.resize_size = 256
-  config.image_size = 224
+  config.image_size = 224  # dataset.resize_size follows: 224 * 8 // 7 = 256.
   config.num_frames = 16
   config.frame_stride = 2
 

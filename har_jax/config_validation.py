@@ -3,12 +3,15 @@
   config_validation.validate(config)  # errors.UserError listing each bad field and why.
 
 Checks field types and ranges, names (encoder, optimizer, pooling, dataset...), the global batch
-against the device count, and the crop size against the frames stored in the dataset.
+against the device count, and the crop size against the frames stored in the dataset. Values that
+are possible but probably a mistake (a crop far smaller than the resized frames) are logged as
+warnings (`find_warnings`) and do not stop the run.
 """
 
 import math
 from typing import Any, Optional
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
@@ -28,7 +31,11 @@ _POSITIVE_INTS = ('num_frames', 'frame_stride', 'image_size', 'batch_size', 'num
                   'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
                   'keep_checkpoints', 'eval.batch_size', 'eval.num_clips', 'eval.num_crops',
                   'max_consecutive_nonfinite')
-_NON_NEGATIVE_INTS = ('warmup_steps', 'dataset.resize_size', 'eval.num_periodic_videos')
+_NON_NEGATIVE_INTS = ('warmup_steps', 'dataset.resize_size', 'eval.num_periodic_videos',
+                      'model.num_lstm_layers')
+# Below this image_size / (short side the crops are taken from), evaluation's centre crop sees a
+# small middle part of the frame; the configs use 7/8 (image_size * 8 // 7 = dataset.resize_size).
+MIN_CROP_FRACTION = 0.6
 
 
 def _get(config, dotted: str):
@@ -141,6 +148,47 @@ def _crop_problems(config, frame_size: tuple[int, int]) -> list[str]:
           f'{short_side}.']
 
 
+def find_warnings(config: ml_collections.ConfigDict,
+                  frame_size: Optional[tuple[int, int]] = None) -> list[str]:
+  """Settings that run but probably are not what was meant, one line each naming the fields.
+
+  Today one check: image_size far below the short side the crops are taken from
+  (dataset.resize_size, or with resize_size 0 the stored short side `min(frame_size)`, skipped when
+  frame_size is None). Evaluation then centre-crops a small middle part of each frame, and with
+  random-resized crops (augment.min_area < 1) it also sees objects at a larger scale than training
+  did, whose crops cover most of the frame and are shrunk to image_size.
+
+  Args:
+    config: the run's config.
+    frame_size: (height, width) of the stored frames in pixels, if known.
+  """
+  image_size, resize_size = _get(config, 'image_size'), _get(config, 'dataset.resize_size')
+  if not (_is_int(image_size) and _is_int(resize_size)) or image_size <= 0 or resize_size < 0:
+    return []
+  if resize_size > 0:
+    short_side, source = resize_size, f'dataset.resize_size={resize_size}'
+  elif frame_size:
+    short_side = min(frame_size)
+    source = f'the stored short side {short_side} (dataset.resize_size=0)'
+  else:
+    return []
+  fraction = image_size / short_side
+  if fraction >= MIN_CROP_FRACTION or image_size > short_side:  # Larger: a problem, not a warning.
+    return []
+  min_area = _get(config, 'augment.min_area')
+  if _is_number(min_area) and min_area < 1:
+    scale = (f'training shrinks random crops of {min_area:.0%}-100% of the frame area to '
+             f'{image_size} px, so evaluation sees objects about {math.sqrt(min_area) / fraction:.1f}'
+             f'-{1 / fraction:.1f}x as large as training did; ')
+  else:
+    scale = ''
+  suggestion = image_size * 8 // 7
+  return [f'image_size={image_size} is {fraction:.0%} of {source}: evaluation centre-crops only '
+          f'the middle {fraction:.0%} of the short side; {scale}set dataset.resize_size to about '
+          f'{suggestion} (image_size * 8 // 7, what the configs use when resize_size is not '
+          'overridden), or raise image_size.']
+
+
 def _dataset_problems(config) -> tuple[list[str], Optional[Any]]:
   """Opens config.dataset without preparing anything: the built-in synthetic set, when not yet
   generated, comes back unprepared (its frame size is known; it has no splits yet)."""
@@ -210,25 +258,41 @@ def find_problems(config: ml_collections.ConfigDict, *, num_devices: Optional[in
     num_devices: the global device count batches must divide (default: jax.device_count()).
     mode: 'train' checks the train and eval batches; 'eval' only the eval batch.
     check_dataset: resolve config.dataset (nothing is prepared or generated here; the split checks
-      of a built-in synthetic set not yet generated wait until it is), check that the splits exist and hold examples (train, eval and validation in 'train' mode;
-      `split` or the eval split in 'eval' mode), and the crop against the stored frames.
+      of a built-in synthetic set not yet generated wait until it is), check that the splits exist
+      and hold examples (train, eval and validation in 'train' mode; `split` or the eval split in
+      'eval' mode), and the crop against the stored frames.
     split: 'eval' mode: the split to evaluate (--split), default dataset.eval_split.
   """
+  return _problems_and_frame_size(config, num_devices=num_devices, mode=mode,
+                                  check_dataset=check_dataset, split=split)[0]
+
+
+def _problems_and_frame_size(config, *, num_devices: Optional[int] = None, mode: str = 'train',
+                             check_dataset: bool = True, split: Optional[str] = None
+                             ) -> tuple[list[str], Optional[tuple[int, int]]]:
+  """find_problems, and the stored frame size where the dataset was opened (else None)."""
   problems = _range_problems(config) + _choice_problems(config)
   problems += _device_problems(config, num_devices or jax.device_count(), mode)
+  frame_size = None
   if check_dataset:
     dataset_problems, builder = _dataset_problems(config)
     problems += dataset_problems
     if builder is not None:
       if not _unprepared(builder):  # The synthetic set is generated where the pipeline is built.
         problems += _split_problems(config, builder, mode, split)
-      problems += _crop_problems(config, stored_frame_size(builder))
-  return problems
+      frame_size = stored_frame_size(builder)
+      problems += _crop_problems(config, frame_size)
+  return problems, frame_size
 
 
 def validate(config: ml_collections.ConfigDict, **kwargs) -> None:
-  """Raises errors.UserError listing every bad field of `config`; see find_problems for kwargs."""
-  problems = find_problems(config, **kwargs)
+  """Raises errors.UserError listing every bad field of `config`; see find_problems for kwargs.
+
+  Logs each of find_warnings(config) as an absl warning first (they do not stop the run).
+  """
+  problems, frame_size = _problems_and_frame_size(config, **kwargs)
+  for warning in find_warnings(config, frame_size):
+    logging.warning('Config: %s', warning)
   if problems:
     raise errors.UserError(f'The config has {len(problems)} invalid value(s):\n  ' +
                            '\n  '.join(problems) +

@@ -14,12 +14,24 @@ official test groups (split 1: g01-g07, split 2: g08-g14, split 3: g15-g21; the 
 With --zips it also writes the two zip files of the TFDS download (`UCF101_videos.zip`, flat
 `UCF101/v_*.avi` with the `HandstandPushups` spelling; `UCF101TrainTestSplits-RecognitionTask.zip`).
 
-Every video shows a textured scene under a slow camera pan with a moving, deforming blob (the
-"actor") whose trajectory depends on the class, plus sensor noise, so JPEG sizes and decode
-costs resemble real footage.
+Two kinds of motion (--motion):
+
+  pan (default): a textured scene under a slow camera pan with a moving, deforming blob (the
+    "actor") whose trajectory depends on the class, plus sensor noise, so JPEG sizes and decode
+    costs resemble real footage. For input-pipeline tests and benchmarks.
+  reversal: a set that only temporal order separates, for accuracy runs. Classes come in
+    time-reversal pairs of the built-in synthetic set's mirror-symmetric motions (move up/down,
+    grow/shrink, brighten/darken; har_jax/data/synthetic_actions.py): the k-th class of --classes
+    is pair k // 2, played backwards when k is odd, so the frames of the two classes of a pair are
+    identically distributed and a model that averages frame features is at chance within a pair
+    (50% top-1 with 6 classes). Mirror-symmetric, so the UCF101 configs' horizontal flips keep the
+    labels true. At most 6 classes; each video is rendered square (height x height) and stretched to
+    the width.
 
   python scripts/make_fake_ucf101.py --out /tmp/fake_ucf101 --classes 2 --groups 1,2,8,9,10 \
       --clips 2 --frames 180
+  python scripts/make_fake_ucf101.py --out /tmp/fake_reversal --motion reversal --classes 6 \
+      --groups 1-25 --clips 2 --frames 48
 """
 
 import argparse
@@ -33,6 +45,10 @@ OFFICIAL_TEST_GROUPS = {1: range(1, 8), 2: range(8, 15), 3: range(15, 22)}
 QUIRK_CLASS, QUIRK_FILE_NAME = 'HandstandPushups', 'HandStandPushups'
 DEFAULT_CLASSES = ('ApplyEyeMakeup', QUIRK_CLASS)
 FPS = 25
+MOTIONS = ('pan', 'reversal')
+# synthetic_actions pair indices whose two classes stay apart under a horizontal flip.
+MIRROR_SYMMETRIC_PAIRS = (1, 2, 4)  # move up/down, grow/shrink, brighten/darken.
+MAX_REVERSAL_CLASSES = 2 * len(MIRROR_SYMMETRIC_PAIRS)
 
 
 def ucf101_class_names() -> list[str]:
@@ -87,6 +103,25 @@ def render_video(class_index: int, seed: int, num_frames: int, width: int = 320,
   return frames
 
 
+def render_reversal_video(position: int, seed: int, num_frames: int, width: int = 320,
+                          height: int = 240) -> np.ndarray:
+  """Renders one clip of the `position`-th class of a reversal set (see the module docstring).
+
+  Returns:
+    `[num_frames, height, width, 3] uint8` frames: a synthetic_actions video of pair
+    `MIRROR_SYMMETRIC_PAIRS[position // 2]` (reversed for odd `position`), rendered at
+    height x height and stretched to the width (nearest neighbour).
+  """
+  from har_jax.data import synthetic_actions  # pylint: disable=g-import-not-at-top
+  if not 0 <= position < MAX_REVERSAL_CLASSES:
+    raise ValueError(f'A reversal set has at most {MAX_REVERSAL_CLASSES} classes; got class '
+                     f'position {position}.')
+  square = synthetic_actions.render_video(
+      np.random.default_rng(seed), MIRROR_SYMMETRIC_PAIRS[position // 2], bool(position % 2),
+      num_frames, height)
+  return square[:, :, (np.arange(width) * height) // width]
+
+
 def write_avi(path: str, frames: np.ndarray, fps: int = FPS):
   """Writes `[T, H, W, 3] uint8` frames as an MPEG-4 (XviD-like) AVI with PyAV."""
   with av.open(path, mode='w', format='avi') as container:
@@ -108,7 +143,7 @@ def _write_lines(path: str, lines: list[str]):
 
 def make_fake_ucf101(out: str, *, classes=DEFAULT_CLASSES, groups=(1, 2, 8, 9), clips: int = 2,
                      frames: int = 180, width: int = 320, height: int = 240,
-                     frames_by_video=None, zips: bool = False) -> dict:
+                     frames_by_video=None, zips: bool = False, motion: str = 'pan') -> dict:
   """Writes the fake copy and returns {'videos': [relative paths], 'class_names': [...]}.
 
   Args:
@@ -119,12 +154,18 @@ def make_fake_ucf101(out: str, *, classes=DEFAULT_CLASSES, groups=(1, 2, 8, 9), 
     frames: frames per video.
     frames_by_video: optional {file_stem: num_frames} overrides (e.g. very short videos).
     zips: also write UCF101_videos.zip and UCF101TrainTestSplits-RecognitionTask.zip into `out`.
+    motion: 'pan' or 'reversal' (see the module docstring).
   """
   names = ucf101_class_names()
   unknown = [c for c in classes if c not in names]
   if unknown:
     raise ValueError(f'Unknown UCF101 class names {unknown}; use names from classInd.txt, e.g. '
                      f'{names[:3]}.')
+  if motion not in MOTIONS:
+    raise ValueError(f'Unknown motion {motion!r}; use one of {MOTIONS}.')
+  if motion == 'reversal' and len(classes) > MAX_REVERSAL_CLASSES:
+    raise ValueError(f'--motion reversal makes at most {MAX_REVERSAL_CLASSES} classes (3 '
+                     f'mirror-symmetric time-reversal pairs); got {len(classes)}.')
   bad_groups = [g for g in groups if not 1 <= g <= 25]
   if bad_groups:
     raise ValueError(f'UCF101 groups are 1..25, got {bad_groups}.')
@@ -133,7 +174,7 @@ def make_fake_ucf101(out: str, *, classes=DEFAULT_CLASSES, groups=(1, 2, 8, 9), 
   _write_lines(os.path.join(list_dir, 'classInd.txt'),
                [f'{i + 1} {n}' for i, n in enumerate(names)])
   entries = []
-  for class_name in classes:
+  for position, class_name in enumerate(classes):
     os.makedirs(os.path.join(video_root, class_name), exist_ok=True)
     for group in groups:
       for clip in range(1, clips + 1):
@@ -141,8 +182,11 @@ def make_fake_ucf101(out: str, *, classes=DEFAULT_CLASSES, groups=(1, 2, 8, 9), 
         rel = f'{class_name}/{stem}.avi'
         n = (frames_by_video or {}).get(stem, frames)
         seed = names.index(class_name) * 10_000 + group * 100 + clip
-        write_avi(os.path.join(video_root, rel),
-                  render_video(names.index(class_name), seed, n, width, height))
+        if motion == 'reversal':
+          video = render_reversal_video(position, seed, n, width, height)
+        else:
+          video = render_video(names.index(class_name), seed, n, width, height)
+        write_avi(os.path.join(video_root, rel), video)
         entries.append((rel, group, names.index(class_name) + 1))
   for split, test_groups in OFFICIAL_TEST_GROUPS.items():
     _write_lines(os.path.join(list_dir, f'trainlist{split:02d}.txt'),
@@ -166,13 +210,23 @@ def _write_zips(out: str, entries):
       z.write(os.path.join(out, 'ucfTrainTestlist', name), f'ucfTrainTestlist/{name}')
 
 
+def parse_groups(text: str) -> list[int]:
+  """'1,2,8-10' -> [1, 2, 8, 9, 10]."""
+  groups = []
+  for part in text.split(','):
+    low, _, high = part.strip().partition('-')
+    groups += list(range(int(low), int(high or low) + 1))
+  return groups
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out', required=True, help='Output folder.')
   parser.add_argument('--classes', default='2',
                       help='A number N (the first N-1 classes plus HandstandPushups) or a comma '
                            'separated list of UCF101 class names.')
-  parser.add_argument('--groups', default='1,2,8,9', help='Comma-separated group numbers 1..25.')
+  parser.add_argument('--groups', default='1,2,8,9',
+                      help='Comma-separated group numbers 1..25, or ranges such as 1-25.')
   parser.add_argument('--clips', type=int, default=2, help='Clips per class and group.')
   parser.add_argument('--frames', default='180',
                       help='Frames per video (25 fps): N, or a range LO-HI drawn per video '
@@ -180,6 +234,10 @@ def main():
   parser.add_argument('--width', type=int, default=320)
   parser.add_argument('--height', type=int, default=240)
   parser.add_argument('--zips', action='store_true', help='Also write the two TFDS zip files.')
+  parser.add_argument('--motion', default='pan', choices=MOTIONS,
+                      help="'pan': class-dependent trajectories over a panning scene (pipeline "
+                           "tests, benchmarks); 'reversal': classes that only temporal order "
+                           'separates (accuracy runs; at most 6 classes).')
   args = parser.parse_args()
   if args.classes.isdigit():
     n = int(args.classes)
@@ -187,7 +245,7 @@ def main():
     classes += [QUIRK_CLASS] if n > 0 else []
   else:
     classes = [c.strip() for c in args.classes.split(',') if c.strip()]
-  groups = [int(g) for g in args.groups.split(',')]
+  groups = parse_groups(args.groups)
   low, _, high = args.frames.partition('-')
   frames, frames_by_video = int(low), None
   if high:
@@ -196,7 +254,8 @@ def main():
                        for c in classes for g in groups for k in range(1, args.clips + 1)}
   result = make_fake_ucf101(args.out, classes=classes, groups=groups, clips=args.clips,
                             frames=frames, width=args.width, height=args.height,
-                            frames_by_video=frames_by_video, zips=args.zips)
+                            frames_by_video=frames_by_video, zips=args.zips,
+                            motion=args.motion)
   print(f'Wrote {len(result["videos"])} videos of {len(classes)} classes to {args.out}')
 
 

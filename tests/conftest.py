@@ -1,5 +1,6 @@
 """Shared fixtures. Four fake CPU devices, so pmap code runs as it would on a 4-chip host."""
 
+import importlib.util
 import os
 
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
@@ -8,6 +9,16 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import av  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(name: str):
+  """The module scripts/<name>.py (scripts are not a package)."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'scripts', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def make_tiny_config(data_dir: str, **overrides):
@@ -20,6 +31,9 @@ def make_tiny_config(data_dir: str, **overrides):
   config.num_frames = 4
   config.frame_stride = 1
   config.image_size = 28
+  # Fixed at the tiny set's stored 32x32, whatever image_size a test sets (the configs' default
+  # follows image_size: tests/test_cli.py).
+  config.dataset.resize_size = 32
   config.model.lstm_size = 16
   config.model.dropout_rate = 0.0
   config.batch_size = 8
@@ -89,7 +103,8 @@ def tiny_config(synthetic_data_dir):
   return lambda **overrides: make_tiny_config(synthetic_data_dir, **overrides)
 
 
-# The trained tiny run shared by tests/test_evaluate.py, test_predict.py and test_tensorboard.py.
+# The trained tiny run used by the evaluation, prediction, TensorBoard, streaming and export tests
+# (session-scoped: built once per pytest-xdist worker that runs one of them, ~1-2 min).
 TRAINED_TINY = {'num_train_steps': 300, 'checkpoint_every_steps': 100, 'eval_every_steps': 100,
                 'log_every_steps': 50, 'learning_rate': 5e-3, 'warmup_steps': 10,
                 'keep_checkpoints': 3, 'deterministic_data': True}
@@ -103,13 +118,3 @@ def trained(tmp_path_factory, synthetic_data_dir):
   workdir = str(tmp_path_factory.mktemp('trained_tiny_300'))
   train.train_and_evaluate(config, workdir)
   return config, workdir
-
-
-def pytest_collection_modifyitems(config, items):
-  """With pytest-xdist (`-n 2 --dist loadgroup`): each module runs on one worker, and the modules
-  that use the session-wide `trained` run share one, so no expensive fixture is built twice."""
-  del config
-  trained_modules = {item.module.__name__ for item in items if 'trained' in item.fixturenames}
-  for item in items:
-    module = item.module.__name__
-    item.add_marker(pytest.mark.xdist_group('trained' if module in trained_modules else module))

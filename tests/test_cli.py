@@ -14,11 +14,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNTHETIC = os.path.join(REPO, 'configs', 'synthetic.py')
 
 
-def _parse(argv, monkeypatch):
+def _parse(argv, monkeypatch, flag_values=None):
   """cli.parse_flags on fresh flags like main.py's; returns the exit code (None: no exit)."""
   argv = ['main.py'] + argv
   monkeypatch.setattr(sys, 'argv', argv)  # ml_collections reads the overrides from sys.argv.
-  flag_values = flags.FlagValues()
+  flag_values = flags.FlagValues() if flag_values is None else flag_values
   flags.DEFINE_string('workdir', None, 'Workdir.', flag_values=flag_values)
   config_flags.DEFINE_config_file('config', None, 'Config file.', flag_values=flag_values,
                                   lock_config=True)
@@ -69,3 +69,24 @@ def test_main_prints_one_line_without_a_traceback(tmp_path):
     assert run.returncode == 1, run.stderr[-3000:]
     assert 'Traceback' not in run.stderr and expected in run.stderr, run.stderr[-3000:]
     assert [l for l in run.stderr.splitlines() if l.startswith('error: ')], run.stderr[-3000:]
+
+
+@pytest.mark.parametrize('name,overrides,expected', [
+    ('default.py', [], (112, 128)),
+    ('default.py', ['--config.image_size=64'], (64, 73)),
+    ('default.py', ['--config.image_size=64', '--config.dataset.resize_size=128'], (64, 128)),
+    ('default.py', ['--config.dataset.resize_size=128', '--config.image_size=64'], (64, 128)),
+    ('default.py', ['--config.dataset.resize_size=0'], (112, 0)),
+    ('ucf101_resnet50_imagenet.py', [], (224, 256)),
+    ('ucf101_resnet50_imagenet.py', ['--config.image_size=112'], (112, 128)),
+    ('ucf101_frames.py', ['--config.image_size=224'], (224, 256)),
+    ('synthetic.py', [], (28, 32)),
+])
+def test_resize_follows_image_size_unless_set(monkeypatch, name, overrides, expected):
+  """dataset.resize_size is image_size * 8 // 7 unless given, in whatever order the flags come."""
+  flag_values = flags.FlagValues()
+  path = os.path.join(REPO, 'configs', name)
+  assert _parse([f'--config={path}', *overrides], monkeypatch, flag_values) is None
+  config = flag_values.config
+  assert (config.image_size, config.dataset.resize_size) == expected
+  assert config.to_dict()['dataset']['resize_size'] == expected[1]  # What checkpoints store.

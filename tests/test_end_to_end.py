@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds
 from tensorboard.backend.event_processing import event_accumulator
 
 from har_jax import augment
+from har_jax import config_validation
 from har_jax import errors
 from har_jax import train
 from har_jax.data import datasets
@@ -121,6 +122,7 @@ def test_config_loads_and_builds(path, tmp_path):
   """Every config: its model initialises (shapes only) and its pipelines yield a batch."""
   config = load_config(path)
   assert config.model.encoder and config.num_frames > 0
+  assert config_validation.find_warnings(config) == []  # Crop and resize in proportion.
   model = create_model(config.model, 101, dtype=config.dtype)
   video = jax.ShapeDtypeStruct((1, config.num_frames, config.image_size, config.image_size, 3),
                                np.uint8)

@@ -192,6 +192,23 @@ def test_lrcn_mean_pooling_averages_per_step_logits():
   assert not np.allclose(logits, steps[:, -1], atol=1e-4)
 
 
+def test_no_lstm_and_mean_pooling_is_the_frame_average_baseline():
+  """num_lstm_layers=0, 'mean': the linear head of the mean frame feature, blind to frame order
+  (the baseline of scripts/run_splits.py)."""
+  model = _lrcn(temporal_pooling='mean', num_lstm_layers=0, dropout_rate=0.0)
+  video = _video(4, (2, 3, 16, 16, 3))
+  logits, variables = jax.jit(functools.partial(model.init_with_output, train=False))(
+      _key(), video)
+  assert set(variables['params']) == {'encoder', 'head'}
+  features = model.apply(variables, video.reshape((6, 16, 16, 3)), train=False,
+                         method=models.LRCN.encode_frames).reshape(2, 3, -1)
+  head = variables['params']['head']
+  expected = features.mean(axis=1) @ head['kernel'] + head['bias']
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(model.apply(variables, video[:, ::-1], train=False), logits,
+                             rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_lrcn_dropout_is_active_only_in_training(lrcn_last):
   model, variables, video, logits = lrcn_last

@@ -18,6 +18,7 @@ from har_jax import train
 from har_jax.data import datasets
 from har_jax.data import pipeline
 from har_jax.data import ucf101
+import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ('ApplyEyeMakeup', 'HandstandPushups')
@@ -28,14 +29,7 @@ pytestmark = pytest.mark.skipif(not shutil.which('ffmpeg'),
                                 reason='needs ffmpeg (apt-get install -y ffmpeg)')
 
 
-def _load_script(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'scripts', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-make_fake_ucf101 = _load_script('make_fake_ucf101')
+make_fake_ucf101 = conftest.load_script('make_fake_ucf101')
 
 
 @pytest.fixture(scope='module')
@@ -79,6 +73,22 @@ def test_fake_ucf101_has_the_official_layout(source):
   assert np.abs(frames[-1].astype(int) - frames[0]).mean() > 5  # It moves.
   names = zipfile.ZipFile(os.path.join(source['zips'], 'UCF101_videos.zip')).namelist()
   assert 'UCF101/v_HandstandPushups_g08_c01.avi' in names  # The TFDS zip's spelling.
+
+
+def test_reversal_motion_pairs_differ_only_in_time_order(tmp_path):
+  """--motion reversal: with the same seed, the odd class of a pair is the even one played
+  backwards; the stretch to 4:3 keeps every rendered column; more than 6 classes is refused."""
+  forward = make_fake_ucf101.render_reversal_video(2, seed=7, num_frames=6, width=64, height=48)
+  backward = make_fake_ucf101.render_reversal_video(3, seed=7, num_frames=6, width=64, height=48)
+  assert forward.shape == (6, 48, 64, 3) and forward.dtype == np.uint8
+  np.testing.assert_array_equal(backward, forward[::-1])
+  assert np.abs(forward[-1].astype(int) - forward[0]).mean() > 1  # It changes over time.
+  other_pair = make_fake_ucf101.render_reversal_video(4, seed=7, num_frames=6, width=64, height=48)
+  assert not np.array_equal(other_pair, forward)
+  with pytest.raises(ValueError, match='at most 6 classes'):
+    make_fake_ucf101.make_fake_ucf101(
+        str(tmp_path), classes=make_fake_ucf101.ucf101_class_names()[:7], motion='reversal')
+  assert make_fake_ucf101.parse_groups('1,3-5,8') == [1, 3, 4, 5, 8]
 
 
 @pytest.mark.slow

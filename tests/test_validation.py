@@ -1,5 +1,6 @@
 """Config validation: every impossible value is rejected, at once, naming the field."""
 
+import logging
 import os
 
 import jax
@@ -28,6 +29,7 @@ BAD_VALUES = [
     ({'learning_rate': 0.0}, 'learning_rate=0.0'),
     ({'model.temporal_pooling': 'max'}, "model.temporal_pooling='max': unknown"),
     ({'augment.min_area': 0.0}, 'augment.min_area=0.0'),
+    ({'model.num_lstm_layers': -1}, 'model.num_lstm_layers=-1'),
 ]
 
 
@@ -41,6 +43,36 @@ def test_each_bad_value_is_named(tiny_config, overrides, expected):
     config_validation.validate(tiny_config(**overrides))
   assert expected in str(error.value)
   assert 'invalid value' in str(error.value)
+
+
+def test_no_lstm_layers_is_valid(tiny_config):
+  """num_lstm_layers=0 with 'mean' pooling: the frame-average baseline."""
+  config = tiny_config(**{'model.num_lstm_layers': 0, 'model.temporal_pooling': 'mean'})
+  assert config_validation.find_problems(config) == []
+
+
+def test_a_crop_far_smaller_than_the_resize_is_a_warning_naming_both_fields(tiny_config, caplog):
+  """image_size 16 of resize_size 32 (50%): the run goes ahead, with a warning that says what to
+  set; 28 of 32 (the configs' 7/8) says nothing."""
+  caplog.set_level(logging.WARNING)
+  config_validation.validate(tiny_config())
+  assert 'image_size' not in caplog.text
+  config = tiny_config(image_size=16, **{'augment.min_area': 0.5})
+  config_validation.validate(config)
+  [warning] = config_validation.find_warnings(config)
+  assert warning in caplog.text
+  assert warning.startswith('image_size=16 is 50% of dataset.resize_size=32')
+  assert 'about 1.4-2.0x as large' in warning and 'dataset.resize_size to about 18' in warning
+
+
+def test_without_a_resize_the_crop_is_compared_with_the_stored_frames(tiny_config):
+  config = tiny_config(image_size=16, **{'dataset.resize_size': 0, 'augment.min_area': 1.0})
+  [warning] = config_validation.find_warnings(config, frame_size=(32, 48))
+  assert warning.startswith('image_size=16 is 50% of the stored short side 32 '
+                            '(dataset.resize_size=0)')
+  assert 'as large' not in warning  # Plain random crops: training sees the same scale.
+  assert config_validation.find_warnings(config) == []  # Stored size unknown: no check.
+  assert config_validation.find_warnings(config, frame_size=(20, 30)) == []  # 80%.
 
 
 def test_every_bad_field_is_listed_in_one_message(tiny_config):
