@@ -137,7 +137,7 @@ def read_result(workdir: str, config: ml_collections.ConfigDict) -> Optional[dic
     details = ', '.join(f'{k}: {before.get(k)!r} -> {now.get(k)!r}' for k in changed[:8])
     raise errors.UserError(
         f'{path} holds a run finished with another config ({details}). Use a new --workdir_root, '
-        f'or delete that file to train this split again (the run resumes from its checkpoints '
+        'or delete that file to train this split again (the run resumes from its checkpoints '
         'where the config allows).')
   return result
 
