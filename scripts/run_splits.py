@@ -30,6 +30,10 @@ import jax
 from ml_collections import config_flags
 import tensorflow as tf
 
+# The repository root, for the configs package that config files import (configs.default).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from har_jax import cli
 from har_jax import distributed
 from har_jax import errors

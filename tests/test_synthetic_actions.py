@@ -71,6 +71,7 @@ def test_tiny_examples_match_render_video(tiny_builder):
 
 def test_prepare_logs_and_reuses(tmp_path, caplog):
   caplog.set_level(logging.INFO)
+  caplog.set_level(logging.INFO, logger='absl')  # An earlier test may have set absl's verbosity.
   synthetic_actions.prepare(str(tmp_path), 'tiny')
   assert 'Generating synthetic_actions/tiny' in caplog.text
   assert 'Generated synthetic_actions/tiny in' in caplog.text
