@@ -118,3 +118,11 @@ def trained(tmp_path_factory, synthetic_data_dir):
   workdir = str(tmp_path_factory.mktemp('trained_tiny_300'))
   train.train_and_evaluate(config, workdir)
   return config, workdir
+
+
+def pytest_collection_modifyitems(items):
+  """Marks every test that needs the `trained` run slow: building it takes a worker 1-2 min, so
+  the fast subset (`-m "not slow"`) never builds it. The full suite (CI) runs them all."""
+  for item in items:
+    if 'trained' in getattr(item, 'fixturenames', ()):
+      item.add_marker(pytest.mark.slow)
