@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The accelerator check: how fast one accelerator trains configs/default.py in bf16, how many clips
+# per second this host's input pipeline delivers on all its cores, and how much of real training's
+# wall time goes to waiting for input. One short run; figures in benchmarks/RESULTS.md.
+#
+#   bash benchmarks/accelerator_check.sh DATA_DIR OUT_DIR
+#
+# DATA_DIR holds generated UCF101-format records in both layouts (commands in benchmarks/RESULTS.md,
+# "Goal 5: on an accelerator"): ucf101/ucf101_1_256 (stock TFDS records) and ucf101_frames/s128 (frame
+# store). PY names the Python (default .venv/bin/python). Each step writes OUT_DIR/<step>.log; a
+# failed step is reported and the next one runs.
+#
+#   train_step_b32, train_step_b128 (last; EXTRA_BATCHES= skips it)
+#                scripts/benchmark_train.py: the pmapped train step alone, bf16, frames shipped at
+#                128x128 and cropped on the device as the pipeline ships the stock records
+#   input        scripts/benchmark_input.py: the training pipeline on all host cores, both layouts
+#   train_stock, train_frames
+#                main.py for STEPS (250) steps, bf16, batch 32, on each layout: perf/clips_per_sec
+#                and perf/input_wait_fraction every LOG (50) steps (the first window includes
+#                compilation), then the final evaluation (one view per video)
+set -uo pipefail
+DATA=${1:?usage: accelerator_check.sh DATA_DIR OUT_DIR}
+OUT=${2:?usage: accelerator_check.sh DATA_DIR OUT_DIR}
+PY=${PY:-.venv/bin/python}
+mkdir -p "$OUT"
+WORK=$(mktemp -d)  # Training workdirs (removed at the end).
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1
+
+step() {  # step NAME COMMAND...: runs it, logs to OUT/NAME.log, says how it ended and how long.
+  local name=$1 t0=$SECONDS
+  shift
+  echo "== $name: $*"
+  "$@" > "$OUT/$name.log" 2>&1
+  echo "== $name: exit $? after $((SECONDS - t0)) s"
+}
+
+echo "host: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; $(date -u +%FT%TZ)"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+step versions "$PY" -c 'import jax, flax, optax, orbax.checkpoint, tensorflow as tf, tensorflow_datasets as tfds, numpy
+print("jax", jax.__version__, "flax", flax.__version__, "tf", tf.__version__, "tfds", tfds.__version__, "numpy", numpy.__version__)
+print(jax.devices())'
+cat "$OUT/versions.log"
+
+train_step() {  # train_step BATCH
+  step "train_step_b$1" "$PY" scripts/benchmark_train.py --config=configs/default.py \
+      --dtype=bfloat16 --device_crop_from=128 --batch_size="$1" --steps=20 \
+      --matmul_size="${MATMUL:-8192}"
+  grep -E "^(backend|compile_s|clips_per_s)" "$OUT/train_step_b$1.log"
+}
+
+train_step "${BATCH:-32}"
+
+step input "$PY" scripts/benchmark_input.py --config=configs/default.py --data_dir="$DATA" \
+    --datasets=ucf101/ucf101_1_256:train,ucf101_frames/s128:train1 --rounds="${ROUNDS:-3}" --seconds=6 \
+    --warmup_seconds=3 --naive=false
+grep -E "ms_per_clip_core|ratio" "$OUT/input.log"
+
+for layout in stock frames; do
+  config=configs/default.py
+  [ "$layout" = frames ] && config=configs/ucf101_frames.py
+  step "train_$layout" "$PY" main.py --config=$config --workdir="$WORK/$layout" \
+      --config.dataset.data_dir="$DATA" --config.dtype=bfloat16 --config.num_train_steps="${STEPS:-250}" \
+      --config.log_every_steps="${LOG:-50}" --config.eval_every_steps=1000000 \
+      --config.checkpoint_every_steps=1000000 --config.eval.num_clips=1 --config.eval.num_crops=1
+  "$PY" - "$OUT/train_$layout.log" <<'PARSE'
+import re, sys
+for line in open(sys.argv[1]):
+  step = re.search(r'\[(\d+)\]', line)
+  values = dict(re.findall(r'(perf/\w+)=([-0-9.e+]+)', line))
+  if step and 'perf/input_wait_fraction' in values:
+    print(f"  step {step.group(1)}: clips_per_s={float(values['perf/clips_per_sec']):.1f} "
+          f"input_wait_fraction={float(values['perf/input_wait_fraction']):.3f}")
+PARSE
+done
+rm -rf "$WORK"
+for batch in ${EXTRA_BATCHES-128}; do  # Last: the step at a larger batch, if time allows.
+  train_step "$batch"
+done
