@@ -5,10 +5,10 @@
 #
 #   bash benchmarks/accelerator_check.sh DATA_DIR OUT_DIR
 #
-# DATA_DIR holds generated UCF101-format records in both layouts (commands in benchmarks/RESULTS.md,
-# "Goal 5: on an accelerator"): ucf101/ucf101_1_256 (stock TFDS records) and ucf101_frames/s128 (frame
-# store). PY names the Python (default .venv/bin/python). Each step writes OUT_DIR/<step>.log; a
-# failed step is reported and the next one runs.
+# DATA_DIR holds generated UCF101-format records in both layouts (commands in
+# benchmarks/RESULTS.md, "Goal 5: on an accelerator"): ucf101/ucf101_1_256 (stock TFDS records) and
+# ucf101_frames/s128 (frame store). PY names the Python (default .venv/bin/python). Each step
+# writes OUT_DIR/<step>.log; a failed step is reported and the next one runs.
 #
 #   train_step_b32, train_step_b128 (last; EXTRA_BATCHES= skips it)
 #                scripts/benchmark_train.py: the pmapped train step alone, bf16, frames shipped at
@@ -36,8 +36,10 @@ step() {  # step NAME COMMAND...: runs it, logs to OUT/NAME.log, says how it end
 
 echo "host: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; $(date -u +%FT%TZ)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
-step versions "$PY" -c 'import jax, flax, optax, orbax.checkpoint, tensorflow as tf, tensorflow_datasets as tfds, numpy
-print("jax", jax.__version__, "flax", flax.__version__, "tf", tf.__version__, "tfds", tfds.__version__, "numpy", numpy.__version__)
+step versions "$PY" -c '
+import jax, flax, numpy, tensorflow as tf, tensorflow_datasets as tfds
+for module in (jax, flax, tf, tfds, numpy):
+  print(module.__name__, module.__version__)
 print(jax.devices())'
 cat "$OUT/versions.log"
 
@@ -51,7 +53,8 @@ train_step() {  # train_step BATCH
 train_step "${BATCH:-32}"
 
 step input "$PY" scripts/benchmark_input.py --config=configs/default.py --data_dir="$DATA" \
-    --datasets=ucf101/ucf101_1_256:train,ucf101_frames/s128:train1 --rounds="${ROUNDS:-3}" --seconds=6 \
+    --datasets=ucf101/ucf101_1_256:train,ucf101_frames/s128:train1 --rounds="${ROUNDS:-3}" \
+    --seconds=6 \
     --warmup_seconds=3 --naive=false
 grep -E "ms_per_clip_core|ratio" "$OUT/input.log"
 
@@ -59,7 +62,8 @@ for layout in stock frames; do
   config=configs/default.py
   [ "$layout" = frames ] && config=configs/ucf101_frames.py
   step "train_$layout" "$PY" main.py --config=$config --workdir="$WORK/$layout" \
-      --config.dataset.data_dir="$DATA" --config.dtype=bfloat16 --config.num_train_steps="${STEPS:-250}" \
+      --config.dataset.data_dir="$DATA" --config.dtype=bfloat16 \
+      --config.num_train_steps="${STEPS:-250}" \
       --config.log_every_steps="${LOG:-50}" --config.eval_every_steps=1000000 \
       --config.checkpoint_every_steps=1000000 --config.eval.num_clips=1 --config.eval.num_crops=1
   "$PY" - "$OUT/train_$layout.log" <<'PARSE'

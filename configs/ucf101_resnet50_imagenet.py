@@ -21,6 +21,25 @@ RGB top-1 averaged over the three splits; the I3D paper (Carreira & Zisserman 20
 81.0% on split 1 for ConvNet+LSTM with an ImageNet-pretrained Inception-v1. A ResNet-50 encoder
 should land in that range, but treat it as a target, not a result. Runtime: not measured; a CPU is
 impractical (use a GPU or TPU).
+
+Short run on a CPU, measured 2026-11-29 (the 2-core VM, shared, load average ~2): the recipe's
+schedule (frozen encoder phase, then fine-tuning with the encoder's own warmup, 'caffe' input) with
+a small CNN in place of ResNet-50 and no pretrained weights, on generated UCF101-format videos
+whose 6 classes only temporal order separates (stock-format records; split 1: 1,080 train and 420
+test videos; data commands in benchmarks/RESULTS.md, "Generated data for the short runs"), 8
+frames of 64x64, 1,200 steps of 16 clips, the first 50 with the encoder frozen:
+
+  python main.py --config=configs/ucf101_resnet50_imagenet.py --workdir=workdirs/short_r50 \
+      --config.dataset.data_dir=/tmp/fake_tfds --config.model.encoder=small_cnn \
+      --config.model.encoder_init= '--config.model.encoder_kwargs={}' \
+      --config.model.freeze_encoder_steps=50 --config.model.lstm_size=128 \
+      --config.image_size=64 --config.num_frames=8 --config.frame_stride=4 --config.batch_size=16 \
+      --config.optimizer=adamw --config.learning_rate=2e-3 --config.warmup_steps=30 \
+      --config.num_train_steps=1200 --config.eval_every_steps=1200 \
+      --config.checkpoint_every_steps=1200
+
+reached 85.0% video top-1 on the 420 test videos (82.6% per clip) in 6 min 51 s. It checks the
+recipe's machinery end to end, not its UCF101 accuracy, which needs the ResNet-50 on an accelerator.
 """
 
 import ml_collections

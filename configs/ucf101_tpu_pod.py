@@ -18,6 +18,22 @@ Command (TPU VM pod slice; see README "Training on a TPU pod / several GPU nodes
 
 Expected result: not yet measured by this project (no pod available to it); from-scratch CNN+LSTM
 models reach about 45-55% top-1 on UCF101 in the literature.
+
+Short run on a CPU, measured 2026-11-29 (the 2-core VM, load average ~1.5): this config in bf16
+with the short-run overrides, which replace its batch, learning rate and warm-up (so it checks that
+the pod config builds, trains and evaluates end to end, not its large-batch schedule), on
+generated UCF101-format videos whose 6 classes only temporal order separates (stock-format
+records; split 1: 1,080 train and 420 test videos; data commands in benchmarks/RESULTS.md,
+"Generated data for the short runs"), a small CNN on 8 frames of 64x64, 1,200 steps of 16 clips:
+
+  python main.py --config=configs/ucf101_tpu_pod.py --workdir=workdirs/short_pod \
+      --config.dataset.data_dir=/tmp/fake_tfds --config.model.encoder=small_cnn \
+      --config.model.lstm_size=128 --config.image_size=64 --config.num_frames=8 \
+      --config.frame_stride=4 --config.batch_size=16 --config.optimizer=adamw \
+      --config.learning_rate=2e-3 --config.warmup_steps=30 --config.num_train_steps=1200 \
+      --config.eval_every_steps=1200 --config.checkpoint_every_steps=1200
+
+reached 80.5% video top-1 on the 420 test videos (77.9% per clip) in 8 min 53 s.
 """
 
 import ml_collections

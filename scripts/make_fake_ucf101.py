@@ -23,10 +23,10 @@ Two kinds of motion (--motion):
     time-reversal pairs of the built-in synthetic set's mirror-symmetric motions (move up/down,
     grow/shrink, brighten/darken; har_jax/data/synthetic_actions.py): the k-th class of --classes
     is pair k // 2, played backwards when k is odd, so the frames of the two classes of a pair are
-    identically distributed and a model that averages frame features is at chance within a pair
-    (50% top-1 with 6 classes). Mirror-symmetric, so the UCF101 configs' horizontal flips keep the
-    labels true. At most 6 classes; each video is rendered square (height x height) and stretched to
-    the width.
+    identically distributed and a model that averages frame features cannot beat chance within a
+    pair: at most 50% top-1 with 6 classes (less, where the pairs' frames look alike too).
+    Mirror-symmetric, so the UCF101 configs' horizontal flips keep the labels true. At most 6
+    classes; each video is rendered square (height x height) and stretched to the width.
 
   python scripts/make_fake_ucf101.py --out /tmp/fake_ucf101 --classes 2 --groups 1,2,8,9,10 \
       --clips 2 --frames 180
