@@ -1,6 +1,7 @@
 """Shared fixtures. Four fake CPU devices, so pmap code runs as it would on a 4-chip host."""
 
 import importlib.util
+import logging
 import os
 
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
@@ -126,3 +127,13 @@ def pytest_collection_modifyitems(items):
   for item in items:
     if 'trained' in getattr(item, 'fixturenames', ()):
       item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _restore_absl_logger_level():
+  """Tests that run main() or a script set absl's verbosity (the 'absl' logger's level); restore it
+  after each test, so that a later test's caplog sees INFO records whatever ran before it."""
+  logger = logging.getLogger('absl')
+  level = logger.level
+  yield
+  logger.setLevel(level)

@@ -89,7 +89,7 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, tiny_config,
       f.write(bytes(data))
 
   manager = _manager(tmp_path, tiny_config)
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger='absl'):
     restored = manager.restore_latest(_template())
   _assert_same(restored, saved[2])
   assert 'Checkpoint 3' in caplog.text and 'unusable' in caplog.text
