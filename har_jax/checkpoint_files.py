@@ -20,8 +20,10 @@ from typing import Iterator, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from har_jax import paths
+
 ITEMS = ('state', 'meta')
-METRICS_FILE = os.path.join('metrics', 'metrics')
+METRICS_FILE = 'metrics/metrics'
 _TMP_MARK = '.orbax-checkpoint-tmp'  # Orbax's own uncommitted saves (it cleans them up).
 _ORBAX_ENTRIES = ('metadata',)  # Orbax's root metadata folder.
 # TensorStore/absl status codes that mean "could not reach the bytes", not "the bytes are bad".
@@ -39,20 +41,20 @@ class Inventory:
   foreign: tuple[str, ...]  # Names of entries that are not har_jax checkpoints.
 
 
-def is_own_checkpoint(path: str) -> bool:
+def is_own_checkpoint(path: paths.PathLike) -> bool:
   """True for a committed har_jax checkpoint folder (it holds the 'state' and 'meta' items)."""
-  return (re.fullmatch(r'0|[1-9]\d*', os.path.basename(path)) is not None and
-          all(os.path.isdir(os.path.join(path, item)) for item in ITEMS))
+  path = paths.path(path)
+  return (re.fullmatch(r'0|[1-9]\d*', path.name) is not None and
+          all((path / item).is_dir() for item in ITEMS))
 
 
-def metrics_problem(path: str, best_metric: str) -> Optional[str]:
+def metrics_problem(path: paths.PathLike, best_metric: str) -> Optional[str]:
   """Why the metrics file of checkpoint folder `path` is unusable, or None (also when absent)."""
-  metrics_path = os.path.join(path, METRICS_FILE)
-  if not os.path.exists(metrics_path):
+  metrics_path = paths.path(path) / METRICS_FILE
+  if not metrics_path.exists():
     return None
   try:
-    with open(metrics_path, encoding='utf-8') as f:
-      metrics = json.load(f)
+    metrics = json.loads(metrics_path.read_text(encoding='utf-8'))
   except ValueError as e:  # JSONDecodeError, UnicodeDecodeError.
     return f'its metrics file {metrics_path} is not valid JSON ({e})'
   if not isinstance(metrics, dict) or not isinstance(metrics.get(best_metric), (int, float)):
@@ -60,12 +62,12 @@ def metrics_problem(path: str, best_metric: str) -> Optional[str]:
   return None
 
 
-def inventory(directory: str, best_metric: str) -> Inventory:
+def inventory(directory: paths.PathLike, best_metric: str) -> Inventory:
   """Sorts the entries of `directory` (which may not exist) into own, damaged and foreign."""
   own, damaged, foreign = [], {}, []
-  names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
-  for name in names:
-    path = os.path.join(directory, name)
+  directory = paths.path(directory)
+  for name in paths.list_names(directory):
+    path = directory / name
     if _TMP_MARK in name or name in _ORBAX_ENTRIES:
       continue
     if not is_own_checkpoint(path):
@@ -106,16 +108,21 @@ class OwnStepsFormat(ocp.step.NameFormat):
     return metadata
 
 
-def write_problem(folder: str) -> Optional[str]:
+def write_problem(folder: paths.PathLike) -> Optional[str]:
   """None if a file can be created and removed in `folder`, else why not (one line)."""
-  probe = os.path.join(folder, f'.har_jax_write_probe_{os.getpid()}_{jax.process_index()}')
+  probe = paths.path(folder) / f'.har_jax_write_probe_{os.getpid()}_{jax.process_index()}'
   try:
-    with open(probe, 'w', encoding='utf-8'):
-      pass
-    os.remove(probe)
+    probe.write_bytes(b'')
+    probe.unlink()
   except OSError as e:
     return f'{type(e).__name__}: {e.strerror or e}'
   return None
+
+
+def lexists(path: paths.PathLike) -> bool:
+  """True when `path` exists (a dangling local link counts)."""
+  path = paths.path(path)
+  return path.exists() or (not paths.is_url(path) and os.path.islink(path))
 
 
 def is_io_error(error: BaseException) -> bool:

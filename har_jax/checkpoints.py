@@ -21,7 +21,6 @@ moves a checkpoint. An unwritable workdir is an error at start, and at the next 
 import contextlib
 import json
 import logging as py_logging
-import os
 import time
 from typing import Any, Optional
 import zlib
@@ -38,6 +37,7 @@ from orbax.checkpoint import checkpoint_managers
 from har_jax import checkpoint_files
 from har_jax import config_fields
 from har_jax import errors
+from har_jax import paths
 
 BEST_METRIC = 'top1'
 
@@ -134,9 +134,9 @@ class CheckpointManager:
                dataset_info=None, *, read_only: bool = False):
     if config is None and not read_only:
       raise ValueError('A CheckpointManager that writes needs the config and the DatasetInfo.')
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = paths.path(workdir)
     self.read_only = read_only
-    self.directory = os.path.join(self.workdir, 'checkpoints')
+    self.directory = self.workdir / 'checkpoints'
     self.config = config
     self.meta = None
     if config is not None:
@@ -155,7 +155,7 @@ class CheckpointManager:
         checkpoint_managers.BestN(get_metric_fn=_best_metric, n=1,
                                   keep_checkpoints_without_metrics=False),
     ])
-    if read_only and not os.path.isdir(self.directory):
+    if read_only and not self.directory.is_dir():
       raise errors.UserError(f'No checkpoints directory at {self.directory}. Is --workdir right?')
     if not read_only:
       self._check_writable()
@@ -169,20 +169,17 @@ class CheckpointManager:
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'meta': ocp.JsonCheckpointHandler()})
     if not read_only and jax.process_index() == 0:
-      os.makedirs(self.workdir, exist_ok=True)
-      with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
-        f.write(config.to_json_best_effort(indent=2))
-      with open(os.path.join(self.workdir, 'class_names.json'), 'w') as f:
-        json.dump(self.class_names, f, indent=2)
+      paths.write_text(self.workdir / 'config.json', config.to_json_best_effort(indent=2))
+      paths.write_text(self.workdir / 'class_names.json', json.dumps(self.class_names, indent=2))
 
   def _check_writable(self):
     """Raises errors.UserError unless the workdir and its checkpoints folder can be written."""
     for folder in (self.workdir, self.directory):
-      if os.path.exists(folder) and not os.path.isdir(folder):
+      if folder.exists() and not folder.is_dir():
         raise errors.UserError(f'{folder} is not a folder (it is a file). Pass a --workdir that is '
                                'a folder, or a path where one can be created.')
       try:
-        os.makedirs(folder, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
       except OSError as e:
         reason = f'{type(e).__name__}: {e.strerror}'
         raise errors.UserError(self._unwritable(folder, reason)) from None
@@ -228,8 +225,8 @@ class CheckpointManager:
     The state is copied to host numpy first: every process holds the same replicated values, and
     orbax writes host arrays once (from process 0) in a multi-host run.
     """
-    path = os.path.join(self.directory, str(int(step)))
-    if os.path.lexists(path) and int(step) not in self.all_steps():
+    path = self.directory / str(int(step))
+    if checkpoint_files.lexists(path) and int(step) not in self.all_steps():
       logging.warning('Not saving checkpoint %d: %s exists and is not a har_jax checkpoint. Move '
                       'it out of %s so that this step can be saved.', step, path, self.directory)
       return
@@ -285,7 +282,7 @@ class CheckpointManager:
           state=ocp.args.StandardRestore()))['state']
       self._check_crc(step, restored, meta.get('state_crc32'))
       return _variables(restored)
-    path = os.path.join(self.directory, self._steps_format.build_name(step), 'state')
+    path = self.directory / self._steps_format.build_name(step) / 'state'
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
     with ocp.PyTreeCheckpointer() as checkpointer:
       restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
@@ -382,16 +379,15 @@ class CheckpointManager:
   def _move_aside(self, steps: list[int]):
     """Process 0 moves checkpoint folders `steps` to <workdir>/checkpoints_corrupt/; all wait."""
     if jax.process_index() == 0:
-      target_dir = os.path.join(self.workdir, CORRUPT_DIR)
-      os.makedirs(target_dir, exist_ok=True)
+      target_dir = self.workdir / CORRUPT_DIR
       for step in steps:
-        source = os.path.join(self.directory, str(step))
-        if not os.path.isdir(source):
+        source = self.directory / str(step)
+        if not source.is_dir():
           logging.warning('Cannot move unusable checkpoint %d aside: %s is not a folder.', step,
                           source)
           continue
-        destination = os.path.join(target_dir, f'{step}-{int(time.time())}')
-        os.rename(source, destination)
+        destination = target_dir / f'{step}-{int(time.time())}'
+        paths.move_tree(source, destination)
         logging.warning('Moved unusable checkpoint %d to %s.', step, destination)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices('har_jax_checkpoint_quarantine')

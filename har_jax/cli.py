@@ -20,6 +20,8 @@ from typing import Optional, Sequence
 from absl import flags
 from ml_collections.config_flags import config_flags
 
+from har_jax import paths
+
 
 def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
   """Parses `argv` into `flag_values` (an absl `flags_parser`); exits with one line on an error.
@@ -34,6 +36,7 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS
   except Exception as e:  # pylint: disable=broad-except
     print(f'error: {describe_error(e, argv, flag_values)}', file=sys.stderr)
     sys.exit(1)
+  paths.configure_storage()
   return remaining
 
 

@@ -35,8 +35,10 @@ import jax
 import numpy as np
 import tensorflow as tf
 
+from har_jax import checkpoint_files
 from har_jax import errors
 from har_jax import inference
+from har_jax import paths
 from har_jax import serving
 
 FORMATS = ('saved_model', 'jax')
@@ -66,15 +68,15 @@ def check_out(out: str, overwrite: bool) -> str:
   """
   if not out:
     raise errors.UserError('--out is empty; give the folder to write the export to.')
-  out = os.path.abspath(out)
-  if not os.path.lexists(out):
+  out = str(paths.path(out))
+  if not checkpoint_files.lexists(out):
     return out
   if not overwrite:
     raise errors.UserError(f'--out {out} already exists; pass --overwrite to replace it, or '
                            'choose another folder.')
-  if not os.path.isdir(out) or os.path.islink(out):
+  if not paths.path(out).is_dir() or os.path.islink(out):
     raise errors.UserError(f'--out {out} exists and is not a folder; not replacing it.')
-  if os.listdir(out) and not os.path.isfile(os.path.join(out, METADATA_FILE)):
+  if paths.list_names(out) and not (paths.path(out) / METADATA_FILE).is_file():
     raise errors.UserError(f'--out {out} is not an earlier export (it has no {METADATA_FILE}); '
                            'not replacing it with --overwrite. Remove it yourself or choose '
                            'another folder.')
@@ -104,9 +106,10 @@ def export(workdir: str, out: str, *, checkpoint='best', formats=FORMATS,
   out = check_out(out, overwrite)
   loaded = inference.load(workdir, checkpoint)
   signatures = serving.signatures(loaded)
-  parent = os.path.dirname(out)
+  # A bucket has no rename: the export is staged on the local disk and uploaded at the end.
+  parent = tempfile.gettempdir() if paths.is_url(out) else os.path.dirname(out)
   os.makedirs(parent, exist_ok=True)
-  staging = _new_folder(parent, f'.{os.path.basename(out)}.partial')
+  staging = _new_folder(parent, f'.{paths.path(out).name}.partial')
   try:
     if 'saved_model' in formats:
       write_saved_model(os.path.join(staging, SAVED_MODEL_DIR), loaded, signatures, platforms)
@@ -125,7 +128,15 @@ def export(workdir: str, out: str, *, checkpoint='best', formats=FORMATS,
 
 
 def _move_into_place(staging: str, out: str):
-  """Renames `staging` to `out`, replacing an earlier export there only once staging is done."""
+  """Renames `staging` to `out`, replacing an earlier export there only once staging is done.
+
+  On an object store: the earlier export is deleted, then the staged files are uploaded.
+  """
+  if paths.is_url(out):
+    if paths.path(out).exists():
+      paths.path(out).rmtree()
+    paths.move_tree(staging, out)
+    return
   if not os.path.lexists(out):
     os.rename(staging, out)
     return
@@ -164,7 +175,7 @@ def describe(loaded: inference.LoadedModel, signatures: dict, formats: Sequence[
       'files': {f: (SAVED_MODEL_DIR if f == 'saved_model' else JAX_FILE) for f in formats},
       'jax_function': 'serving_default' if 'jax' in formats else None,
       'platforms': list(platforms),
-      'source': {'workdir': os.path.abspath(loaded.workdir), 'step': loaded.step},
+      'source': {'workdir': str(paths.path(loaded.workdir)), 'step': loaded.step},
       'versions': {'jax': jax.__version__, 'jaxlib': _jaxlib_version(),
                    'tensorflow': tf.__version__},
       'exported_at': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),

@@ -25,6 +25,7 @@ from har_jax import checkpoint_files
 from har_jax import checkpoints
 from har_jax import errors
 from har_jax import models
+from har_jax import paths
 from har_jax.data import stages
 
 CHECKPOINT_CHOICES = ('latest', 'best', 'all')
@@ -129,7 +130,7 @@ class LoadedModel:
 
 def open_checkpoints(workdir: str) -> checkpoints.CheckpointManager:
   """A read-only view of `<workdir>/checkpoints`, with a clear error for a wrong workdir."""
-  if not workdir or not os.path.isdir(workdir):
+  if not workdir or not paths.path(workdir).is_dir():
     raise errors.UserError(f'--workdir {workdir!r} is not a directory. Point it at the workdir '
                            'of a training run (the folder holding checkpoints/).')
   return checkpoints.CheckpointManager(workdir, read_only=True)

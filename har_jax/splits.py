@@ -41,6 +41,7 @@ import numpy as np
 
 from har_jax import config_validation
 from har_jax import errors
+from har_jax import paths
 from har_jax import train
 from har_jax.data import datasets
 from har_jax.evaluation import reports
@@ -125,11 +126,10 @@ def read_result(workdir: str, config: ml_collections.ConfigDict) -> Optional[dic
     errors.UserError: the run finished with a different config (a rerun would mix two recipes in
       one table).
   """
-  path = os.path.join(workdir, RESULT_FILE)
-  if not os.path.exists(path):
+  path = paths.path(workdir) / RESULT_FILE
+  if not path.exists():
     return None
-  with open(path) as f:
-    result = json.load(f)
+  result = json.loads(paths.read_text(path))
   before, now = _flat(result['config']), _flat(config)
   changed = sorted(k for k in set(before) | set(now)
                    if k not in _IGNORED_FIELDS and before.get(k) != now.get(k))
@@ -162,7 +162,7 @@ def run_split(config: ml_collections.ConfigDict, workdir: str) -> Optional[dict]
             'finished': datetime.datetime.now().isoformat(timespec='seconds'),
             'config': config.to_dict()}
   if jax.process_index() == 0:
-    reports.write_json(os.path.join(workdir, RESULT_FILE), result)
+    reports.write_json(paths.path(workdir) / RESULT_FILE, result)
   return result
 
 
@@ -234,16 +234,14 @@ def markdown_table(summary: dict) -> str:
 
 def write_table(workdir_root: str, summary: dict, meta: dict) -> tuple[str, str]:
   """Writes `<root>/splits.json` (summary + meta) and `<root>/splits.md`; returns their paths."""
-  json_path = reports.write_json(os.path.join(workdir_root, 'splits.json'),
+  json_path = reports.write_json(paths.path(workdir_root) / 'splits.json',
                                  dict(meta, **summary))
   lines = ['# UCF101 three-split protocol: video top-1 (%)', '']
   lines += [f'- {k}: {v}' for k, v in meta.items()]
   lines += ['- std: sample standard deviation over the splits (n - 1)', '',
             markdown_table(summary)]
-  md_path = os.path.join(workdir_root, 'splits.md')
-  with open(md_path + '.tmp', 'w') as f:
-    f.write('\n'.join(lines))
-  os.replace(md_path + '.tmp', md_path)
+  md_path = str(paths.path(workdir_root) / 'splits.md')
+  paths.write_text(md_path, '\n'.join(lines))
   return json_path, md_path
 
 
@@ -280,10 +278,10 @@ def run(config: ml_collections.ConfigDict, workdir_root: str, *, splits: Sequenc
   meta.setdefault('data_dir', config.dataset.data_dir or '(TFDS default)')
   meta.setdefault('num_train_steps', config.num_train_steps)
   top1, num_videos, finished = {m: {} for m in models}, {}, []
-  preempted, paths = False, ()
+  preempted, table_files = False, ()
   for split in splits:
     for model in models:
-      workdir = os.path.join(workdir_root, model, f'split{split}')
+      workdir = str(paths.path(workdir_root) / model / f'split{split}')
       result = run_split(split_config(config, split, dataset, model), workdir)
       if result is None:
         preempted = True
@@ -293,8 +291,8 @@ def run(config: ml_collections.ConfigDict, workdir_root: str, *, splits: Sequenc
       finished.append(result['finished'])
       summary = summarize(top1, splits, num_videos)
       if jax.process_index() == 0:
-        paths = write_table(workdir_root, summary, dict(meta, last_run_finished=max(finished)))
+        table_files = write_table(workdir_root, summary, dict(meta, last_run_finished=max(finished)))
     if preempted:
       break
   summary = summarize(top1, splits, num_videos)
-  return dict(summary, preempted=preempted, paths=list(paths))
+  return dict(summary, preempted=preempted, paths=list(table_files))

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from har_jax import inference
+from har_jax import paths
 from har_jax import predict
 
 
@@ -163,10 +164,7 @@ class Timeline:
 
   def write(self, path: str):
     """Writes `to_json()` to path (through a temporary file, so a reader never sees half)."""
-    temporary = f'{path}.tmp{os.getpid()}'
-    with open(temporary, 'w') as f:
-      json.dump(self.to_json(), f)
-    os.replace(temporary, path)
+    paths.write_text(path, json.dumps(self.to_json()))
 
   def plot(self, path: str, *, num_classes: int = 5, threshold: float = 0.0, title: str = ''):
     """Draws the probabilities of the `num_classes` classes that peak highest over time (PNG)."""

@@ -5,7 +5,6 @@ import time
 from typing import Any, Callable
 
 from absl import logging
-from clu import metric_writers
 from clu import periodic_actions
 from flax import traverse_util
 from flax.training import train_state
@@ -21,6 +20,7 @@ from har_jax import errors
 from har_jax import models
 from har_jax import optim
 from har_jax import parallel
+from har_jax import paths
 from har_jax import preemption
 from har_jax import pretrained
 from har_jax import steps
@@ -193,7 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   p_frozen_step = make_train_step(True) if initial_step < num_frozen else None
   p_eval_step = jax.pmap(functools.partial(steps.eval_step, model=model), axis_name='batch')
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = paths.metric_writer(workdir, just_logging=jax.process_index() > 0)
   if initial_step == 0:
     writer.write_hparams(traverse_util.flatten_dict(config.to_dict(), sep='.'))
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
@@ -239,6 +239,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         save = manager.save_now if preempted else manager.save  # save_now: synchronous.
         with report_progress.timed('checkpoint'):
           save(step, parallel.unreplicate(state), eval_metrics)
+          writer.flush()  # Events up to each checkpoint survive a kill (uploaded, on a bucket).
       if preempted:
         writer.flush()
         reads.log()

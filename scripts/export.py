@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from har_jax import cli
 from har_jax import distributed
 from har_jax import errors
+from har_jax import paths
 from har_jax import export
 
 FLAGS = flags.FLAGS
@@ -47,7 +48,7 @@ def main(argv):
     print(f'error: {e}', file=sys.stderr)
     return 1
   serving = metadata['signatures']['serving_default']['inputs']['frames']
-  print(json.dumps({'out': os.path.abspath(FLAGS.out), 'files': metadata['files'],
+  print(json.dumps({'out': str(paths.path(FLAGS.out)), 'files': metadata['files'],
                     'step': metadata['source']['step'],
                     'num_classes': len(metadata['class_names']),
                     'serving_default_input': serving}))

@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from har_jax import cli
 from har_jax import distributed
 from har_jax import errors
+from har_jax import paths
 from har_jax import preemption
 from har_jax import splits
 
@@ -81,7 +82,7 @@ def main(argv):
       print(f'error: {e}', file=sys.stderr)
       sys.exit(1)
   if summary['paths']:
-    print(open(summary['paths'][1]).read(), flush=True)
+    print(paths.read_text(summary['paths'][1]), flush=True)
   if summary['preempted']:
     print('Interrupted; run the same command to resume.', flush=True)
 

@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from har_jax import cli
 from har_jax import distributed
 from har_jax import errors
+from har_jax import paths
 from har_jax import inference
 from har_jax import streaming
 from har_jax.data import video_files
@@ -68,8 +69,8 @@ def main(argv):
   if len(argv) != 2:
     raise app.UsageError('Give exactly one SOURCE after the flags (a file, a camera, a URL or -).')
   for flag in ('timeline', 'plot'):
-    folder = os.path.dirname(os.path.abspath(FLAGS[flag].value)) if FLAGS[flag].value else ''
-    if folder and not os.path.isdir(folder):
+    folder = paths.path(FLAGS[flag].value).parent if FLAGS[flag].value else None
+    if folder and not paths.is_url(folder) and not folder.is_dir():
       print(f'error: --{flag}={FLAGS[flag].value}: folder {folder} does not exist.',
             file=sys.stderr)
       return 1

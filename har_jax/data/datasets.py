@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from har_jax import errors
+from har_jax import paths
 from har_jax.data import frame_store
 
 # The dataset-preparation modules (synthetic_actions, video_folder with PyAV, the ucf101
@@ -77,7 +78,9 @@ def get_builder(dataset_config, *, prepare: bool = True) -> tfds.core.DatasetBui
   name = dataset_config.name
   data_dir = dataset_config.data_dir or None
   base, config_name = _split_name_and_config(name)
-  store_path = os.path.join(data_dir or _default_data_dir(), name)
+  store_path = str(paths.path(data_dir or _default_data_dir()) / name)
+  if paths.is_url(store_path) and (base == UCF101_FRAMES or frame_store.exists(store_path)):
+    paths.require_local(store_path, 'The frame store', frame_store.URL_REMEDY)
   if frame_store.exists(store_path):
     return frame_store.FrameStore(store_path)
   if base == UCF101_FRAMES:
@@ -147,8 +150,8 @@ def _prepared_grouped_builder(dataset_config, base: str, config_name: str):
   """Reads records of our own builder variants (not registered in TFDS) from their files."""
   data_dir = dataset_config.data_dir or _default_data_dir()
   try:
-    return tfds.builder_from_directory(_latest_version_dir(os.path.join(data_dir, base,
-                                                                        config_name)))
+    return tfds.builder_from_directory(_latest_version_dir(paths.path(data_dir) / base /
+                                                           config_name))
   except FileNotFoundError:
     raise errors.UserError(
         f'Dataset {dataset_config.name!r} is not prepared in {data_dir!r} '
@@ -156,16 +159,15 @@ def _prepared_grouped_builder(dataset_config, base: str, config_name: str):
         + _prepare_hint(data_dir, config_name, base)) from None
 
 
-def _latest_version_dir(config_dir: str) -> str:
+def _latest_version_dir(config_dir: paths.Path) -> str:
   """The newest complete version dir (one holding dataset_info.json) under a config dir."""
   versions = []
-  if os.path.isdir(config_dir):
-    for v in os.listdir(config_dir):
-      if os.path.isfile(os.path.join(config_dir, v, 'dataset_info.json')):
-        versions.append(tuple(int(x) for x in v.split('.')) if re.fullmatch(r'[\d.]+', v) else ())
+  for v in paths.list_names(config_dir):
+    if (config_dir / v / 'dataset_info.json').is_file():
+      versions.append(tuple(int(x) for x in v.split('.')) if re.fullmatch(r'[\d.]+', v) else ())
   if not versions:
     raise FileNotFoundError(config_dir)
-  return os.path.join(config_dir, '.'.join(str(x) for x in max(versions)))
+  return str(config_dir / '.'.join(str(x) for x in max(versions)))
 
 
 def _default_data_dir() -> str:

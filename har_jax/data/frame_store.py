@@ -48,6 +48,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from har_jax import errors
+from har_jax import paths
 
 FORMAT = 'har_jax.frame_store'
 FORMAT_VERSION = 1
@@ -64,7 +65,14 @@ _FRAME_DTYPES = dict(offset=np.int64, size=np.int32, crc32=np.uint32)
 
 
 def exists(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, INFO_FILE))
+  """True when `path` (a folder, or a folder URL) holds a frame store."""
+  return (paths.path(path) / INFO_FILE).is_file()
+
+
+# Frame stores are read through mmap: a bucket must be mounted (or the store copied) first.
+URL_REMEDY = ('a frame store is read through mmap, which needs a file system. Mount the bucket with gcsfuse (gcsfuse --implicit-dirs <bucket> /mnt/<bucket>, '
+              'then --config.dataset.data_dir=/mnt/<bucket>/<path>) or copy the store to a local '
+              'disk (gcloud storage cp -r <url> <local data_dir>), and point data_dir there.')
 
 
 def jpeg_size(jpeg: bytes) -> tuple[int, int]:
@@ -84,6 +92,7 @@ class Writer:
 
   def __init__(self, path: str, *, name: str, class_names: Sequence[str], settings: dict,
                max_file_bytes: int = MAX_FILE_BYTES):
+    paths.require_local(path, 'The frame store', URL_REMEDY)
     self.path = os.path.abspath(os.path.expanduser(path))
     self._tmp = f'{self.path}.incomplete-{uuid.uuid4().hex[:8]}'
     os.makedirs(self._tmp)
@@ -185,6 +194,7 @@ class FrameStore:
   """A prepared frame store, read-only. Opening reads the JSON and the video and frame tables."""
 
   def __init__(self, path: str):
+    paths.require_local(path, 'The frame store', URL_REMEDY)
     self.path = os.path.abspath(os.path.expanduser(path))
     info_path = os.path.join(self.path, INFO_FILE)
     try:

@@ -15,7 +15,6 @@ import os
 from typing import Optional, Sequence
 
 from absl import logging
-from clu import metric_writers
 import jax
 import ml_collections
 
@@ -25,6 +24,7 @@ from har_jax import errors
 from har_jax import inference
 from har_jax import models
 from har_jax import parallel
+from har_jax import paths
 from har_jax import steps
 from har_jax.data import datasets
 from har_jax.evaluation import metrics
@@ -116,8 +116,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str
                                     reports.protocol(config, split, step, len(outputs.labels),
                                                      config_name=config_name))
       if jax.process_index() == 0:
-        writer = writer or metric_writers.create_default_writer(
-            os.path.join(workdir, reports.EVAL_DIR))
+        writer = writer or paths.metric_writer(paths.path(workdir) / reports.EVAL_DIR)
         path = reports.write_report(workdir, report, outputs, shuffled, writer)
         _log_report(report)
         print(f'report: {path}', flush=True)

@@ -10,7 +10,7 @@ Layout under `<workdir>/eval/`:
 import datetime
 import json
 import math
-import os
+import io
 import re
 from typing import Optional, Sequence
 
@@ -19,6 +19,7 @@ from matplotlib.backends import backend_agg
 from matplotlib import figure as mpl_figure
 import numpy as np
 
+from har_jax import paths
 from har_jax.evaluation import metrics
 
 EVAL_DIR = 'eval'
@@ -33,9 +34,9 @@ def split_tag(split: str) -> str:
   return tag
 
 
-def report_path(workdir: str, split: str, step: int) -> str:
-  """`<workdir>/eval/<split>_step_<step>.json`."""
-  return os.path.join(workdir, EVAL_DIR, f'{split_tag(split)}_step_{int(step)}.json')
+def report_path(workdir: paths.PathLike, split: str, step: int) -> str:
+  """`<workdir>/eval/<split>_step_<step>.json` (workdir may be a URL)."""
+  return str(paths.path(workdir) / EVAL_DIR / f'{split_tag(split)}_step_{int(step)}.json')
 
 
 def videos_path(report_file: str) -> str:
@@ -58,24 +59,18 @@ def to_json_value(value):
   return value
 
 
-def write_json(path: str, report: dict) -> str:
-  """Writes `report` atomically (temporary file + rename), so a reader never sees half a file."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(to_json_value(report), f, indent=2, allow_nan=False)
-    f.write('\n')
-  os.replace(tmp, path)
-  return path
+def write_json(path: paths.PathLike, report: dict) -> str:
+  """Writes `report` whole (paths.write_text), so a reader never sees half a file."""
+  paths.write_text(path, json.dumps(to_json_value(report), indent=2, allow_nan=False) + '\n')
+  return str(path)
 
 
-def write_videos(path: str, **arrays: np.ndarray) -> str:
+def write_videos(path: paths.PathLike, **arrays: np.ndarray) -> str:
   """Writes named per-video arrays (e.g. logits [num_videos, num_classes]) as an .npz file."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f'{path}.tmp.npz'
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
-  return path
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  paths.write_bytes(path, buffer.getvalue())
+  return str(path)
 
 
 def confusion_matrix_image(matrix: np.ndarray, class_names, title: str = '',
@@ -258,7 +253,7 @@ def write_report(workdir: str, report: dict, outputs: metrics.EvalOutputs,
   """Writes the JSON report, the per-video arrays and (with a writer) TensorBoard summaries."""
   path = report_path(workdir, report['split'], report['checkpoint_step'])
   videos = videos_path(path)
-  report = dict(report, per_video_file=os.path.basename(videos),
+  report = dict(report, per_video_file=paths.path(videos).name,
                 written=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))
   write_videos(videos, logits=outputs.logits, labels=outputs.labels,
                view_top1=outputs.view_top1, tfds_ids=outputs.tfds_ids.astype(str),
