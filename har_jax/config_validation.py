@@ -23,6 +23,7 @@ from har_jax import models
 from har_jax import optim
 from har_jax.data import datasets
 from har_jax.data import frame_store
+from har_jax.data import stages
 from har_jax.models import lrcn
 
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -62,6 +63,10 @@ def _range_problems(config) -> list[str]:
     value = _get(config, name)
     if value is not None and (not _is_int(value) or value < 0):
       problems.append(f'{name}={value!r}: must be an integer >= 0.')
+  num_crops = _get(config, 'eval.num_crops')
+  if _is_int(num_crops) and num_crops > 0 and num_crops not in stages.EVAL_NUM_CROPS:
+    problems.append(f'eval.num_crops={num_crops!r}: must be 1 (the centre crop) or 3 (three '
+                    'crops along the long side of each frame).')
   # (name, low, high, low_inclusive, high_inclusive)
   intervals = (('learning_rate', 0.0, math.inf, False, False),
                ('weight_decay', 0.0, math.inf, True, False),

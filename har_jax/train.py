@@ -231,8 +231,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       eval_metrics = None
       if (step % config.eval_every_steps == 0 or is_last) and not preempted:
         guard.flush()
-        with report_progress.timed('eval'):
-          eval_metrics = run_periodic_eval(p_eval_step, state, builder, config, val_split, info)
+        try:
+          with report_progress.timed('eval'):
+            eval_metrics = run_periodic_eval(p_eval_step, state, builder, config, val_split,
+                                             info)
+        except Exception:
+          # A failing evaluation (bad data, a bug) must not cost the steps since the last save.
+          if step not in manager.all_steps():
+            manager.save_now(step, parallel.unreplicate(state))
+            logging.warning('Evaluation at step %d failed; saved checkpoint %d first.', step,
+                            step)
+          raise
         writer.write_scalars(step, {f'val/{k}': v for k, v in eval_metrics.items()})
       if step % config.checkpoint_every_steps == 0 or eval_metrics is not None or preempted:
         guard.flush()

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from har_jax import checkpoints
 from har_jax import models
 from har_jax import optim
 from har_jax import parallel
@@ -131,3 +132,17 @@ def test_eval_counts_every_video_once(tiny_config, num_devices):
   # Six views per video, each with logits 3 * one_hot(first pixel % 10): the average has the
   # same total mass.
   np.testing.assert_allclose(outputs.logits.sum(axis=1), 3.0, rtol=1e-6)
+
+
+def test_a_failing_evaluation_saves_its_step_first(tiny_config, tmp_path, monkeypatch):
+  """Evaluation at a checkpoint step used to run before the save: an error lost every step since
+  the last checkpoint (issue 27.4). Now the step is committed before the error ends the run."""
+  def fail(*args, **kwargs):
+    raise RuntimeError('evaluation broke')
+  monkeypatch.setattr(train, 'run_periodic_eval', fail)
+  config = tiny_config(num_train_steps=6, checkpoint_every_steps=100, eval_every_steps=3)
+  with pytest.raises(RuntimeError, match='evaluation broke'):
+    train.train_and_evaluate(config, str(tmp_path))
+  manager = checkpoints.CheckpointManager(str(tmp_path), read_only=True)
+  assert manager.all_steps() == [3]
+  manager.close()

@@ -30,6 +30,9 @@ BAD_VALUES = [
     ({'model.temporal_pooling': 'max'}, "model.temporal_pooling='max': unknown"),
     ({'augment.min_area': 0.0}, 'augment.min_area=0.0'),
     ({'model.num_lstm_layers': -1}, 'model.num_lstm_layers=-1'),
+    ({'eval.num_crops': 2}, 'eval.num_crops=2: must be 1'),  # Was a 60-line autograph traceback.
+    ({'eval.num_crops': 5}, 'eval.num_crops=5: must be 1'),
+    ({'eval.num_clips': 0}, 'eval.num_clips=0'),
 ]
 
 

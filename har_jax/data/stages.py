@@ -220,6 +220,9 @@ def crop_and_resize(frames: tf.Tensor, window: tf.Tensor, crop_size: int) -> tf.
   return tf.ensure_shape(out, [None, crop_size, crop_size, 3])
 
 
+EVAL_NUM_CROPS = (1, 3)  # The centre crop, or three crops along the long side.
+
+
 def eval_crop_windows(frame_shape: tf.Tensor, crop_size: int, num_crops: int) -> tf.Tensor:
   """Crop windows `[num_crops, 4]` (y, x, h, w): centre, or 3 crops along the long side."""
   h, w = frame_shape[0], frame_shape[1]
@@ -227,8 +230,8 @@ def eval_crop_windows(frame_shape: tf.Tensor, crop_size: int, num_crops: int) ->
   cy, cx = (h - ch) // 2, (w - cw) // 2
   if num_crops == 1:
     return tf.stack([tf.stack([cy, cx, ch, cw])])
-  if num_crops != 3:
-    raise ValueError(f'eval.num_crops must be 1 or 3, got {num_crops}.')
+  if num_crops not in EVAL_NUM_CROPS:
+    raise ValueError(f'eval.num_crops must be one of {EVAL_NUM_CROPS}, got {num_crops}.')
   landscape = w >= h
   first = tf.where(landscape, tf.stack([cy, 0, ch, cw]), tf.stack([0, cx, ch, cw]))
   last = tf.where(landscape, tf.stack([cy, w - cw, ch, cw]), tf.stack([h - ch, cx, ch, cw]))
