@@ -1,5 +1,6 @@
 """Training: the TrainState, and the train_and_evaluate loop around the steps of har_jax.steps."""
 
+import contextlib
 import functools
 import time
 from typing import Any, Callable
@@ -24,6 +25,7 @@ from har_jax import paths
 from har_jax import preemption
 from har_jax import pretrained
 from har_jax import steps
+from har_jax import workdir_lock
 from har_jax.data import datasets
 from har_jax.data import pipeline
 from har_jax.evaluation import metrics
@@ -157,10 +159,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config.deterministic_data, a resumed run reads exactly the batches an uninterrupted run would
   have (and ends with bitwise identical params on CPU).
 
+  One training run at a time may use a workdir: a second is refused (har_jax.workdir_lock).
+
   Returns:
     The final evaluation metrics (on config.dataset.eval_split), or {} when preempted.
   """
   config_validation.validate(config)
+  lock = workdir_lock.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock:
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   builder = datasets.get_builder(config.dataset)
   info = datasets.get_info(builder)
   local_batch = config.batch_size // jax.process_count()
