@@ -104,3 +104,15 @@ def test_resolves_within_the_pins(resolutions, python, accelerator):
     if version == 'jaxlib':
       assert versions[name] == versions['jaxlib'], (name, versions[name], versions['jaxlib'])
   assert 'tensorflow-cpu' in versions
+
+
+@pytest.mark.parametrize('args', [['gpu'], ['cuda12', 'tpu'], ['cuda']])
+def test_setup_refuses_an_unknown_accelerator(tmp_path, args):
+  venv = tmp_path / 'venv'
+  result = subprocess.run(['bash', str(ROOT / 'scripts' / 'setup.sh'), *args], capture_output=True,
+                          text=True, env=dict(os.environ, VENV=str(venv)), timeout=60, check=False)
+  assert result.returncode == 2
+  assert result.stdout == ''
+  (line,) = result.stderr.splitlines()
+  assert line.startswith('error: ') and 'cpu, cuda12, cuda13, tpu' in line
+  assert not venv.exists()
