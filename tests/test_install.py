@@ -49,7 +49,7 @@ def _resolve(python, tmp, wheels):
     requirements += PROJECT['optional-dependencies'][accelerator]
   report = tmp / f'report-{python}.json'
   # fast-deps reads each wheel's metadata with HTTP range requests. Without it, pip downloads every
-  # wheel whole from an index that serves no separate metadata files (PEP 658): ~8 GB per Python.
+  # wheel whole from an index that serves no separate metadata files (PEP 658): ~6 GB per Python.
   result = _pip('install', '--dry-run', '--ignore-installed', '--quiet', '--only-binary=:all:',
                 '--use-feature=fast-deps', '--find-links', str(wheels), '--python-version', python,
                 *(f'--platform={p}' for p in PLATFORMS), '--report', str(report), *requirements)
