@@ -4,6 +4,8 @@ Needs the package registry. For each supported Python, one `pip install --dry-ru
 requirements in pyproject.toml (`dependencies` plus every accelerator extra at once) for a manylinux
 x86_64 host with glibc 2.35 (Ubuntu 22.04, as on TPU VMs); the three calls run in parallel threads.
 The extras only add requirements, so a joint solution is also a solution of each extra alone.
+pip evaluates environment markers (`; python_version >= "3.13"`) for the Python running it, whatever
+--python-version says, so the test checks those markers for the target Python itself.
 """
 import concurrent.futures
 import json
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import tomllib
 
+from packaging.requirements import Requirement
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -42,8 +45,12 @@ def _pip(*args, timeout=600):
                         env=env, timeout=timeout, check=False)
 
 
+def _canonical(name):
+  return re.sub(r'[-_.]+', '-', name).lower()
+
+
 def _resolve(python, tmp, wheels):
-  """Returns {name: version} that pip would install on `python`, or raises with pip's error."""
+  """Returns pip's report of what it would install on `python`, or raises with pip's error."""
   requirements = list(PROJECT['dependencies'])
   for accelerator in ACCELERATORS[1:]:
     requirements += PROJECT['optional-dependencies'][accelerator]
@@ -56,9 +63,7 @@ def _resolve(python, tmp, wheels):
   if result.returncode:
     raise RuntimeError(f'pip could not resolve {ACCELERATORS} on Python {python}:\n'
                        + result.stderr[-3000:])
-  installs = json.loads(report.read_text())['install']
-  return {re.sub(r'[-_.]+', '-', i['metadata']['name']).lower(): i['metadata']['version']
-          for i in installs}
+  return json.loads(report.read_text())['install']
 
 
 @pytest.fixture(scope='module')
@@ -94,9 +99,10 @@ def test_extra_keeps_the_jax_pin(accelerator):
 @pytest.mark.parametrize('python', PYTHONS)
 @pytest.mark.parametrize('accelerator', ACCELERATORS)
 def test_resolves_within_the_pins(resolutions, python, accelerator):
-  versions = resolutions[python]
-  if isinstance(versions, Exception):
-    raise versions
+  installs = resolutions[python]
+  if isinstance(installs, Exception):
+    raise installs
+  versions = {_canonical(i['metadata']['name']): i['metadata']['version'] for i in installs}
   for name in ('jax', 'jaxlib'):
     assert re.fullmatch(r'0\.10\.\d+', versions[name]), (name, versions[name])
   for name, version in ACCELERATOR_PACKAGES[accelerator].items():
@@ -116,3 +122,23 @@ def test_setup_refuses_an_unknown_accelerator(tmp_path, args):
   (line,) = result.stderr.splitlines()
   assert line.startswith('error: ') and 'cpu, cuda12, cuda13, tpu' in line
   assert not venv.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('python', PYTHONS)
+def test_python_version_markers_hold_for_the_target(resolutions, python):
+  installs = resolutions[python]
+  if isinstance(installs, Exception):
+    raise installs
+  versions = {_canonical(i['metadata']['name']): i['metadata']['version'] for i in installs}
+  target = {'python_version': python, 'python_full_version': f'{python}.0', 'extra': ''}
+  unmet = []
+  for install in installs:
+    for line in install['metadata'].get('requires_dist', []):
+      requirement = Requirement(line)
+      marker = requirement.marker
+      if marker and 'python' in str(marker) and marker.evaluate(target):
+        version = versions.get(_canonical(requirement.name))
+        if version is None or not requirement.specifier.contains(version, prereleases=True):
+          unmet.append(f'{install["metadata"]["name"]} needs {line}; resolved: {version}')
+  assert not unmet, unmet
