@@ -1,8 +1,22 @@
 #!/usr/bin/env bash
 # Creates a venv (default .venv) and installs har_jax with its test dependencies (idempotent).
 # Uses $PYTHON if set, else the newest supported interpreter on the machine (3.13, 3.12, 3.11).
+#
+#   bash scripts/setup.sh [cpu|cuda12|cuda13|tpu]
+#
+# The argument picks JAX's accelerator (default cpu): the extra of the same name in pyproject.toml,
+# held to the project's jax pin. Switching an existing venv to another one leaves the first one's
+# packages in place; use a fresh VENV for that.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+accelerator="${1:-cpu}"
+case "$#:$accelerator" in
+  [01]:cpu) extras=test ;;
+  1:cuda12 | 1:cuda13 | 1:tpu) extras="test,$accelerator" ;;
+  *) echo "error: unknown accelerator '$*'; use one of: cpu, cuda12, cuda13, tpu" \
+          "(e.g. bash scripts/setup.sh tpu)" >&2
+     exit 2 ;;
+esac
 VENV="${VENV:-.venv}"
 supported='import sys; sys.exit(not (3, 11) <= sys.version_info[:2] < (3, 14))'
 if [ -z "${PYTHON:-}" ]; then
@@ -19,6 +33,6 @@ if [ -z "${PYTHON:-}" ] || ! "$PYTHON" -c "$supported" 2>/dev/null; then
   exit 1
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-echo "setup: $VENV with $("$VENV/bin/python" --version)"
+echo "setup: $VENV with $("$VENV/bin/python" --version), jax for $accelerator"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e '.[test]'
+"$VENV/bin/python" -m pip install -q -e ".[$extras]"
