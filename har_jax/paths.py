@@ -17,7 +17,8 @@ on every flush.
 through gcsfs (epath's fsspec backend, `EPATH_USE_TF=false`) rather than TensorFlow's GCS client,
 because gcsfs, like Google's own clients, can be pointed at an emulator with
 `STORAGE_EMULATOR_HOST`; the other clients' variables are derived from that one. TensorFlow's GCS
-client cannot be pointed at an emulator: it is used only by tf.data to read TFDS record files.
+client cannot be pointed at an emulator: it is used only by tf.data to read TFDS record files
+(tests/test_bucket_records.py covers that path through a test-only proxy, tests/gcs_tf_proxy.py).
 """
 
 import contextlib

@@ -7,6 +7,7 @@ the other clients' variables from it (har_jax/paths.py). Nothing here leaves the
   with GcsEmulator(tmp_path, buckets=['bkt']) as gcs:
     subprocess.run([...], env=gcs.env())      # STORAGE_EMULATOR_HOST=http://127.0.0.1:<port>
     gcs.names('bkt', 'run/')                  # object names under a prefix (JSON API)
+    gcs.write('bkt', 'tfds/x.json', b'{}')    # upload one object; gcs.read reads one
 """
 
 import json
@@ -83,6 +84,13 @@ class GcsEmulator:
            '?alt=media')
     with _OPENER.open(url, timeout=10) as response:
       return response.read()
+
+  def write(self, bucket: str, name: str, data: bytes):
+    """Uploads `data` as the object `name` (one request, JSON API)."""
+    query = urllib.parse.urlencode({'uploadType': 'media', 'name': name})
+    request = urllib.request.Request(f'{self.url}/upload/storage/v1/b/{bucket}/o?{query}',
+                                     data=data, method='POST')
+    _OPENER.open(request, timeout=10).close()
 
   def close(self):
     self.process.terminate()
