@@ -164,9 +164,14 @@ class Timeline:
   def write(self, path: str):
     """Writes `to_json()` to path (through a temporary file, so a reader never sees half)."""
     temporary = f'{path}.tmp{os.getpid()}'
-    with open(temporary, 'w') as f:
-      json.dump(self.to_json(), f)
-    os.replace(temporary, path)
+    try:
+      with open(temporary, 'w') as f:
+        json.dump(self.to_json(), f)
+      os.replace(temporary, path)
+    except BaseException:
+      if os.path.lexists(temporary):
+        os.remove(temporary)
+      raise
 
   def plot(self, path: str, *, num_classes: int = 5, threshold: float = 0.0, title: str = ''):
     """Draws the probabilities of the `num_classes` classes that peak highest over time (PNG)."""
