@@ -18,7 +18,10 @@ which lets config.dataset.val_split hold out whole UCF101 groups (`ucf101_meta/<
 (har_jax/data/frame_store.py): every video once, frames with the short side at N pixels and the
 aspect kept (171x128 at 128), one record per frame, so a clip reads only its own frames; the
 splits of all three official splits are 'train1', 'test1', ..., 'test3'. Train on it with
-configs/ucf101_frames.py. --config and --variant do not apply to it.
+configs/ucf101_frames.py. --config and --variant do not apply to it. The store records its
+source: a rerun from the same source reuses it; another source is refused (naming both) unless
+--overwrite, which checks the new source first and replaces the store only once the new one is
+complete.
 
   python scripts/prepare_ucf101.py --source ~/data/ucf101 --data_dir ~/tensorflow_datasets \
       --short_side 128
@@ -48,6 +51,8 @@ flags.DEFINE_integer('short_side', 0,
                      'N > 0: write the frame store ucf101_frames/sN (short side N pixels, aspect '
                      'kept) instead of TFDS records.')
 flags.DEFINE_integer('num_workers', 4, '--short_side: videos extracted in parallel.')
+flags.DEFINE_bool('overwrite', False, '--short_side: rebuild a frame store made from another '
+                  'source (the old one is replaced once the new one is complete).')
 flags.mark_flags_as_required(['source', 'data_dir'])
 
 
@@ -62,7 +67,7 @@ def main(argv):
                                  'not combine it with --config or --variant.')
       result = ucf101.prepare_frames(FLAGS.source, FLAGS.data_dir, FLAGS.short_side,
                                      allow_missing=FLAGS.allow_missing,
-                                     num_workers=FLAGS.num_workers)
+                                     num_workers=FLAGS.num_workers, overwrite=FLAGS.overwrite)
       verb = 'Already prepared' if result.reused else 'Prepared'
       print(f'{verb} {result.name}: {result.split_sizes} in {result.data_dir}\n'
             f'  train with --config=configs/ucf101_frames.py '
@@ -70,6 +75,8 @@ def main(argv):
             '  (split N of 3: --config.dataset.train_split=trainN '
             '--config.dataset.eval_split=testN)', flush=True)
       return
+    if FLAGS.overwrite:
+      raise errors.UserError('--overwrite applies to the frame store (--short_side) only.')
     for config in FLAGS.config:
       result = ucf101.prepare(FLAGS.source, FLAGS.data_dir, config, variant=FLAGS.variant,
                               allow_missing=FLAGS.allow_missing)

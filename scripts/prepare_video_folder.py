@@ -11,7 +11,9 @@ resized so the short side is --short_side pixels, optionally subsampled to --fps
 
 Unreadable files are skipped with a warning naming each, and counted at the end. Rerunning the
 command after an interruption starts over cleanly (TFDS writes into an `incomplete.*` folder and
-renames it when done); rerunning after success does nothing. Then train with
+renames it when done); rerunning after success does nothing. --overwrite (other settings) checks
+the new source first and builds beside the old dataset, which stays readable until the new one
+is complete. Then train with
 --config.dataset.name=video_folder/<name> --config.dataset.data_dir=<data_dir>.
 """
 

@@ -16,13 +16,16 @@ counted. The last line is
 
   frames=<n> seconds=<video seconds> frames_per_s=<frames per wall-clock second> dropped=<n>
 
-Ctrl-C stops it, prints that summary and writes the timeline so far. Exit status: 0; 1 when the
-source cannot be read, ends early (what was processed is reported and written) or ends before
-the first window; 2 when the workdir/checkpoint cannot be used; 130 after Ctrl-C.
+Ctrl-C stops it, writes the timeline and plot so far, then prints that summary; a closed stdout
+(the reader of `| head` or `| tee` gone) ends the run the same way. The output paths are checked
+before the model is loaded. Exit status: 0; 1 when the arguments are wrong, the source cannot be
+read, ends early (what was processed is reported and written) or ends before the first window; 2
+when the workdir/checkpoint cannot be used; 130 after Ctrl-C.
 """
 
 import os
 import sys
+import tempfile
 
 from absl import app
 from absl import flags
@@ -65,15 +68,69 @@ flags.DEFINE_integer('plot_classes', 5, 'Classes drawn by --plot.', lower_bound=
 flags.mark_flag_as_required('workdir')
 
 
+class _StdoutClosed(Exception):
+  """The reader of stdout is gone (`| head` ended, or Ctrl-C ended `| tee` too)."""
+
+
+def _say(text: str, file=None) -> bool:
+  """Prints a line and flushes; False when the stream is closed (its later output is dropped)."""
+  file = file or sys.stdout
+  try:
+    print(text, file=file, flush=True)
+    return True
+  except BrokenPipeError:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, file.fileno())  # Python's exit flush must not fail again.
+    os.close(devnull)
+    return False
+
+
+def _output_problems() -> list[str]:
+  """What is wrong with --timeline and --plot, found before anything runs (one line each)."""
+  problems = []
+  for flag in ('timeline', 'plot'):
+    value = FLAGS[flag].value
+    if not value:
+      continue
+    if paths.is_url(value):
+      if flag == 'plot':
+        problems.append(f'--plot={value}: write the plot to a local file (a bucket is fine for '
+                        '--timeline).')
+      continue
+    path = os.path.abspath(value)
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+      problems.append(f'--{flag}={value}: folder {folder} does not exist.')
+    elif os.path.isdir(path):
+      problems.append(f'--{flag}={value}: it is a folder; name a file.')
+    else:
+      try:
+        with tempfile.TemporaryFile(dir=folder):
+          pass
+      except OSError as e:
+        problems.append(f'--{flag}={value}: folder {folder} cannot be written '
+                        f'({e.strerror or e}).')
+    if flag == 'plot':
+      from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
+      formats = backend_agg.FigureCanvasAgg.get_supported_filetypes()
+      extension = os.path.splitext(path)[1][1:].lower()
+      if extension and extension not in formats:
+        problems.append(f'--plot={value}: matplotlib cannot write .{extension} files; use one of '
+                        f'{", ".join(sorted(formats))} (png without an extension).')
+  return problems
+
+
 def main(argv):
   if len(argv) != 2:
-    raise app.UsageError('Give exactly one SOURCE after the flags (a file, a camera, a URL or -).')
-  for flag in ('timeline', 'plot'):
-    folder = paths.path(FLAGS[flag].value).parent if FLAGS[flag].value else None
-    if folder and not paths.is_url(folder) and not folder.is_dir():
-      print(f'error: --{flag}={FLAGS[flag].value}: folder {folder} does not exist.',
-            file=sys.stderr)
-      return 1
+    given = f'; got {len(argv) - 1}: {" ".join(map(repr, argv[1:]))}' if argv[1:] else ''
+    print(f'error: give exactly one SOURCE after the flags (a file, a camera, a URL or -){given}.',
+          file=sys.stderr)
+    return 1
+  problems = _output_problems()
+  for problem in problems:
+    print(f'error: {problem}', file=sys.stderr)
+  if problems:
+    return 1
   tf.config.set_visible_devices([], 'GPU')
   distributed.quiet_library_logs()
   try:
@@ -81,30 +138,37 @@ def main(argv):
     recogniser = streaming.Recogniser(model, conv_impl=FLAGS.conv_impl or None)
     recogniser.warm_up()
     live = {'auto': None, 'yes': True, 'no': False}[FLAGS.live]
-    print(f'model ready; opening {argv[1]}', file=sys.stderr, flush=True)
+    _say(f'model ready; opening {argv[1]}', sys.stderr)
     source = video_sources.open_source(argv[1], live=live)
   except errors.UserError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1 if isinstance(e, video_files.VideoError) else 2
   except KeyboardInterrupt:
-    print('interrupted before the stream started.', file=sys.stderr)
+    _say('interrupted before the stream started.', sys.stderr)
     return 130
-  print(_describe(source, recogniser, model.step), flush=True)
   reader = video_sources.FrameReader(source.frames(), live=source.live, keep=recogniser.keeps,
                                      frame_rate=source.frame_rate, max_delay=FLAGS.max_delay)
+
+  def report(time, probabilities):
+    if not _say(streaming.format_report(time, probabilities, recogniser.class_names,
+                                        top_k=FLAGS.top_k, threshold=FLAGS.threshold)):
+      raise _StdoutClosed()
+
   run = streaming.StreamRun(recogniser, every=FLAGS.every, smooth=FLAGS.smooth,
-                            on_report=lambda time, p: print(streaming.format_report(
-                                time, p, recogniser.class_names, top_k=FLAGS.top_k,
-                                threshold=FLAGS.threshold), flush=True))
-  interrupted = False
+                            on_report=report)
+  interrupted = closed = False
   try:
+    if not _say(_describe(source, recogniser, model.step)):
+      raise _StdoutClosed()
     for index, time, frame in reader:
       run.feed(index, time, frame)
   except KeyboardInterrupt:
     interrupted = True
+  except _StdoutClosed:
+    closed = True
   finally:
     reader.close()
-  return _finish(source, reader, run, interrupted)
+  return _finish(source, reader, run, interrupted, closed)
 
 
 def _describe(source, recogniser, step) -> str:
@@ -118,27 +182,11 @@ def _describe(source, recogniser, step) -> str:
           f'{span} frames{window}).')
 
 
-def _finish(source, reader, run, interrupted: bool) -> int:
-  """Reports how the stream ended, writes the timeline and plot, prints the summary line."""
-  status = 0
+def _finish(source, reader, run, interrupted: bool, closed: bool) -> int:
+  """Writes the timeline and plot, then reports how the stream ended and prints the summary line
+  (the outputs first: a closed stdout or stderr loses only what is printed)."""
+  status, messages = 0, []
   reports = len(run.timeline.times)
-  processed = (f'processed {reader.frames} frames ({reader.seconds:.2f} s of video), '
-               f'{reports} report(s)')
-  if interrupted:
-    print(f'interrupted: {processed}.', file=sys.stderr)
-    status = 130
-  elif reader.error is not None:
-    reason = f'{type(reader.error).__name__}: {reader.error}'
-    if isinstance(reader.error, video_files.VideoError):
-      reason = str(reader.error)
-    print(f'error: {source.name} ended early ({reason}); {processed}.', file=sys.stderr)
-    status = 1
-  elif not reports:
-    recogniser = run.recogniser
-    print(f'error: {source.name} ended after {reader.frames} frames ({reader.seconds:.2f} s), '
-          f'before the first window of {recogniser.num_frames} frames at stride '
-          f'{recogniser.frame_stride}; nothing was recognised.', file=sys.stderr)
-    status = 1
   for path, write in ((FLAGS.timeline, run.timeline.write),
                       (FLAGS.plot, lambda p: run.timeline.plot(
                           p, num_classes=FLAGS.plot_classes, threshold=FLAGS.threshold,
@@ -146,14 +194,35 @@ def _finish(source, reader, run, interrupted: bool) -> int:
     if path:
       try:
         write(path)
-        print(f'wrote {path} ({reports} report(s))', file=sys.stderr)
+        messages.append(f'wrote {path} ({reports} report(s))')
       except OSError as e:
-        print(f'error: cannot write {path}: {e}', file=sys.stderr)
-        status = status or 1
-  print(f'encoded={run.recogniser.encoded} reports={reports}', flush=True)
+        messages.append(f'error: cannot write {path}: {e}')
+        status = 1
+  processed = (f'processed {reader.frames} frames ({reader.seconds:.2f} s of video), '
+               f'{reports} report(s)')
+  if interrupted:
+    ending, status = f'interrupted: {processed}.', 130
+  elif closed:
+    ending = f'stdout was closed, so the stream was stopped: {processed}.'
+  elif reader.error is not None:
+    reason = f'{type(reader.error).__name__}: {reader.error}'
+    if isinstance(reader.error, video_files.VideoError):
+      reason = str(reader.error)
+    ending, status = f'error: {source.name} ended early ({reason}); {processed}.', 1
+  elif not reports:
+    recogniser = run.recogniser
+    ending = (f'error: {source.name} ended after {reader.frames} frames ({reader.seconds:.2f} s), '
+              f'before the first window of {recogniser.num_frames} frames at stride '
+              f'{recogniser.frame_stride}; nothing was recognised.')
+    status = 1
+  else:
+    ending = ''
+  for line in ([ending] if ending else []) + messages:
+    _say(line, sys.stderr)
   frames_per_s = reader.frames / reader.wall_seconds if reader.wall_seconds > 0 else 0.0
-  print(f'frames={reader.frames} seconds={reader.seconds:.2f} frames_per_s={frames_per_s:.1f} '
-        f'dropped={reader.dropped}', flush=True)
+  _say(f'encoded={run.recogniser.encoded} reports={reports}')
+  _say(f'frames={reader.frames} seconds={reader.seconds:.2f} frames_per_s={frames_per_s:.1f} '
+       f'dropped={reader.dropped}')
   return status
 
 

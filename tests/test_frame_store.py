@@ -176,6 +176,32 @@ def test_interrupted_write_leaves_nothing_readable(tmp_path):
         [_jpeg(0)], label=3, name='v')
 
 
+def test_replacing_a_store_keeps_it_until_the_new_one_is_in(tmp_path, monkeypatch):
+  path = str(tmp_path / 'x' / 'y')
+
+  def write(names, replace=False):
+    writer = frame_store.Writer(path, name='x/y', class_names=['a'], settings={})
+    writer.add_split('train', [writer.add_video([_jpeg(0)], label=0, name=n) for n in names])
+    return writer.finish(replace=replace)
+
+  write(['old'])
+  with pytest.raises(errors.UserError, match='appeared while writing'):
+    write(['new'])
+  frame_store.remove_incomplete(path)
+  assert list(write(['new'], replace=True).videos['name']) == ['new']
+  assert os.listdir(tmp_path / 'x') == ['y']
+  # A crash between the two renames: the old store waits in y.replaced-*; the next start puts it
+  # back, and deletes it once a store is at `path`.
+  monkeypatch.setattr(frame_store.shutil, 'rmtree', lambda *args, **kwargs: None)
+  write(['newer'], replace=True)
+  monkeypatch.undo()
+  [replaced] = [d for d in os.listdir(tmp_path / 'x') if d.startswith('y.replaced-')]
+  os.rename(tmp_path / 'x' / 'y', tmp_path / 'x' / 'lost')
+  frame_store.remove_incomplete(path)
+  assert list(frame_store.FrameStore(path).videos['name']) == ['new']
+  assert sorted(os.listdir(tmp_path / 'x')) == ['lost', 'y']
+
+
 def test_missing_or_damaged_store_files_are_clear_errors(bad_store, tiny_config):
   config = tiny_config(**{'dataset.name': 'bad_frames/v1', 'dataset.data_dir': str(bad_store)})
   folder = bad_store / 'bad_frames' / 'v1'

@@ -174,6 +174,13 @@ def test_timeline_json_and_plot(tmp_path):
   assert (tmp_path / 'plot.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
+def test_timeline_that_cannot_be_written_leaves_no_temporary_file(tmp_path):
+  (tmp_path / 'folder.json').mkdir()
+  with pytest.raises(OSError):
+    streaming.Timeline(('walk',)).write(str(tmp_path / 'folder.json'))
+  assert os.listdir(tmp_path) == ['folder.json'] and not os.listdir(tmp_path / 'folder.json')
+
+
 # --- Sources and the frame reader. ---
 
 
@@ -295,6 +302,60 @@ def test_network_sources(tmp_path):
     server.server_close()
 
 
+def _silent_server(head: bytes = b''):
+  """A TCP server on 127.0.0.1 that accepts, reads the request, sends `head` (if any) and then
+  nothing more; returns (port, close)."""
+  server = socket.socket()
+  server.bind(('127.0.0.1', 0))
+  server.listen(8)
+  connections = []
+
+  def serve():
+    while True:
+      try:
+        connection, _ = server.accept()
+      except OSError:  # Closed.
+        return
+      connections.append(connection)
+      connection.recv(65536)
+      if head:
+        connection.sendall(head)
+
+  threading.Thread(target=serve, daemon=True).start()
+
+  def close():
+    server.close()
+    for connection in connections:
+      connection.close()
+
+  return server.getsockname()[1], close
+
+
+def test_network_source_that_does_not_answer_is_named(tmp_path):
+  """A server that accepts and sends nothing, at the start or after half a video: the source is
+  said not to have answered in its timeout, not 'Immediate exit requested'."""
+  port, close = _silent_server()
+  url = f'http://127.0.0.1:{port}/video.mkv'
+  try:
+    with pytest.raises(video_files.VideoError,
+                       match=re.escape(f'{url}: the source did not answer in 1 s')):
+      video_sources.open_source(url, timeout=1.0)
+  finally:
+    close()
+  data = open(write_video(tmp_path / 'video.mkv',
+                          np.zeros((200, 16, 16, 3), np.uint8)), 'rb').read()
+  port, close = _silent_server(b'HTTP/1.0 200 OK\r\nContent-Type: video/x-matroska\r\n\r\n' +
+                               data[:len(data) // 2])
+  try:
+    source = video_sources.open_source(f'http://127.0.0.1:{port}/video.mkv', timeout=1.0)
+    reader = video_sources.FrameReader(source.frames(), live=False)
+    assert 0 < sum(1 for _ in reader) < 200
+    assert isinstance(reader.error, video_files.VideoError), reader.error
+    assert str(reader.error) == 'the source sent nothing for 1 s'
+  finally:
+    close()
+
+
 # --- The script. ---
 
 
@@ -342,6 +403,47 @@ class _Script:
 
   def reports(self):
     return [line for line in self.stdout if re.match(r'\s+\d+\.\d\ds  ', line)]
+
+
+def _unwritable_folder(tmp_path) -> str:
+  """A folder this process cannot create files in (root ignores permissions: /sys or /proc)."""
+  folder = tmp_path / 'read_only'
+  folder.mkdir()
+  folder.chmod(0o555)
+  for candidate in (str(folder), '/sys', '/proc'):
+    try:
+      with open(os.path.join(candidate, 'probe'), 'w'):
+        pass
+      os.remove(os.path.join(candidate, 'probe'))
+    except OSError:
+      return candidate
+  pytest.skip('no folder here refuses writes')
+
+
+@pytest.mark.slow  # Three script starts: 10-40 s on the 2-core machine.
+def test_script_refuses_bad_arguments_before_loading(tmp_path):
+  """Two sources, a timeline that is a folder or in a folder that cannot be written, a plot format
+  matplotlib does not write: one error line each, before the model is loaded (no workdir here)."""
+  (tmp_path / 'folder.json').mkdir()
+  unwritable = _unwritable_folder(tmp_path)
+  workdir = f'--workdir={tmp_path / "none"}'
+  scripts = [_Script([workdir, 'a.mp4', 'b.mp4']),
+             _Script([workdir, f'--timeline={tmp_path / "folder.json"}', 'a.mp4']),
+             _Script([workdir, f'--timeline={unwritable}/t.json', f'--plot={tmp_path}/t.xyz',
+                      'a.mp4'])]
+  expected = [['error: give exactly one SOURCE after the flags (a file, a camera, a URL or -); '
+               "got 2: 'a.mp4' 'b.mp4'."],
+              [f'error: --timeline={tmp_path}/folder.json: it is a folder; name a file.'],
+              [f'error: --timeline={unwritable}/t.json: folder {unwritable} cannot be written',
+               f'error: --plot={tmp_path}/t.xyz: matplotlib cannot write .xyz files; use one of ']]
+  for script, lines in zip(scripts, expected):
+    assert script.finish() == 1
+    printed = [line for line in script.stderr if line.startswith('error: ')]
+    assert len(printed) == len(lines), script.stderr[-10:]
+    for line, start in zip(printed, lines):
+      assert line.startswith(start), (line, start)
+    assert 'Traceback' not in '\n'.join(script.stderr) and '--workdir:' not in script.stderr
+  assert os.listdir(tmp_path / 'folder.json') == []
 
 
 def _best_classes(config, model) -> list[int]:
@@ -468,6 +570,44 @@ def test_ctrl_c_prints_the_summary_and_writes_the_timeline(trained, tmp_path):
   timeline = json.loads(timeline_path.read_text())
   assert len(timeline['times']) == len(script.reports()) >= 3
   assert frames > 0 and timeline['times'][-1] <= seconds
+
+
+def _long_video(config, tmp_path, repeats: int) -> str:
+  (_, frames, _), = training_videos(config, 1)
+  return write_video(tmp_path / 'long.mkv', np.concatenate([frames] * repeats))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('interrupt', [False, True])
+def test_closed_stdout_ends_the_run_and_outputs_are_written_first(trained, tmp_path, interrupt):
+  """`stream.py ... 2>&1 | tee` and Ctrl-C (which ends tee too), or `| head`: the timeline is
+  written before anything is printed, a closed stdout ends the run without a traceback."""
+  config, workdir = trained
+  path = _long_video(config, tmp_path, repeats=400)  # 4,000 frames: far more than read here.
+  timeline_path = tmp_path / 'timeline.json'
+  args = [f'--workdir={workdir}', '--checkpoint=latest', '--every=0',
+          f'--timeline={timeline_path}', path]
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', PYTHONPATH=REPO)
+  stderr_path = tmp_path / 'stderr.txt'
+  with open(stderr_path, 'w') as stderr:
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, 'scripts', 'stream.py')] + args, cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT if interrupt else stderr, text=True)
+    reports = 0
+    for line in proc.stdout:
+      reports += bool(re.match(r'\s+\d+\.\d\ds  ', line))
+      if reports == 3:
+        break
+    proc.stdout.close()  # As `| tee` when Ctrl-C ends it, or `| head -n 5`.
+    if interrupt:
+      proc.send_signal(signal.SIGINT)
+    returncode = proc.wait(WAIT_S)
+  assert returncode == (130 if interrupt else 0), stderr_path.read_text()[-3000:]
+  times = json.loads(timeline_path.read_text())['times']
+  assert 3 <= len(times) < 4000 - 3
+  if not interrupt:
+    assert 'Traceback' not in stderr_path.read_text(), stderr_path.read_text()[-3000:]
+    assert 'stdout was closed' in stderr_path.read_text()
 
 
 @pytest.mark.slow

@@ -167,6 +167,12 @@ def test_prepare_frames_then_train_with_a_group_validation_split(source, tmp_pat
 
   rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
   assert rerun.returncode == 0 and 'Already prepared ucf101_frames/s32' in rerun.stdout
+  other = [c for c in command if not c.startswith('--source=')] + [f'--source={source["folder"]}']
+  refused = subprocess.run(other, capture_output=True, text=True, timeout=600)
+  errors_printed = [line for line in refused.stderr.splitlines() if line.startswith('error: ')]
+  assert refused.returncode == 2 and len(errors_printed) == 1, refused.stderr[-3000:]
+  assert 'made with other settings' in errors_printed[0] and '--overwrite' in errors_printed[0]
+  assert 'Traceback' not in refused.stderr
   mixed = subprocess.run(command + ['--config=ucf101_1'], capture_output=True, text=True,
                          timeout=600)
   assert mixed.returncode == 2 and 'do not combine it with --config' in mixed.stderr
@@ -262,6 +268,34 @@ def test_interrupted_prepare_leaves_nothing_readable_and_rerun_completes(source,
   assert result.split_sizes == {'train': 2, 'test': 6} and not os.path.exists(stale)
   assert datasets.get_builder(config.dataset).info.splits['test'].num_examples == 6
   assert ucf101.prepare(source['folder'], data_dir, 'ucf101_2').reused
+
+
+def test_frame_store_from_another_source_is_refused_or_rebuilt(source, tmp_path):
+  """A frame store records its source: another source is refused in one line naming both, unless
+  overwrite, which checks the new source first and replaces the old store only once complete."""
+  other = str(tmp_path / 'other')
+  make_fake_ucf101.make_fake_ucf101(other, classes=CLASSES, groups=(1, 8), clips=1,
+                                    frames=NUM_FRAMES, width=64, height=48)
+  data_dir = str(tmp_path / 'data')
+  first = ucf101.prepare_frames(source['folder'], data_dir, 16, num_workers=2)
+  assert first.split_sizes['train1'] == 6 and not first.reused
+  assert ucf101.prepare_frames(source['folder'], data_dir, 16).reused
+
+  with pytest.raises(errors.UserError) as refused:
+    ucf101.prepare_frames(other, data_dir, 16)
+  message = str(refused.value)
+  assert '\n' not in message and source['folder'] in message and other in message
+  assert '--overwrite' in message
+  with pytest.raises(errors.UserError, match='does not exist'):
+    ucf101.prepare_frames(other + 'x', data_dir, 16, overwrite=True)
+  store_dir = os.path.join(data_dir, ucf101.FRAMES_NAME)
+  assert os.listdir(store_dir) == ['s16']
+  assert ucf101.prepare_frames(source['folder'], data_dir, 16).split_sizes['train1'] == 6
+
+  rebuilt = ucf101.prepare_frames(other, data_dir, 16, overwrite=True, num_workers=2)
+  assert rebuilt.split_sizes['train1'] == 2 and not rebuilt.reused
+  assert os.listdir(store_dir) == ['s16']
+  assert ucf101.prepare_frames(other, data_dir, 16).reused
 
 
 def test_missing_ffmpeg_is_a_clear_error(source, tmp_path, monkeypatch):

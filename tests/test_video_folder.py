@@ -423,3 +423,51 @@ def test_class_names_that_a_label_file_cannot_hold_are_refused(tmp_path, bad):
   with pytest.raises(errors.UserError, match='Class folder .*' + repr(bad)[1:-1].replace(
       '\\', '\\\\') + '.*rename'):
     vf.plan_splits(vf.VideoFolderConfig(name='x', source=root))
+
+
+def test_overwrite_keeps_the_old_dataset_until_the_new_one_is_complete(tmp_path, monkeypatch):
+  """--overwrite checks the new source first and builds beside the old dataset: a typo, a single
+  class or an interruption leaves the old one readable; a finished rebuild replaces it."""
+  root, data_dir = str(tmp_path / 'videos'), str(tmp_path / 'tfds')
+  make_source(root, classes=('sit', 'walk'), per_class=3, corrupt=False)
+  vf.prepare(vf.VideoFolderConfig(name='mini', source=root, short_side=16), data_dir)
+  config_dir = os.path.join(data_dir, 'video_folder', 'mini')
+
+  def old_is_intact():
+    assert os.listdir(config_dir) == [vf.DATASET_VERSION]
+    builder = vf.load(data_dir, 'mini')
+    assert builder.info.metadata['settings']['short_side'] == 16
+    assert {k: v.num_examples for k, v in builder.info.splits.items()} == {'train': 4, 'test': 2}
+
+  typo = vf.VideoFolderConfig(name='mini', source=root + 'x', short_side=24)
+  with pytest.raises(errors.UserError, match='does not exist'):
+    vf.prepare(typo, data_dir, overwrite=True)
+  old_is_intact()
+  one_class = str(tmp_path / 'one')
+  make_source(one_class, classes=('sit',), per_class=3, corrupt=False)
+  with pytest.raises(errors.UserError):
+    vf.prepare(vf.VideoFolderConfig(name='mini', source=one_class), data_dir, overwrite=True)
+  old_is_intact()
+
+  original = vf.decode_video
+
+  def interrupted(path, short_side=128, fps=0.0, max_frames=None):
+    if max_frames is None:
+      raise KeyboardInterrupt('simulated interruption')
+    return original(path, short_side, fps, max_frames)
+
+  other = vf.VideoFolderConfig(name='mini', source=root, short_side=24)
+  monkeypatch.setattr(vf, 'decode_video', interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    vf.prepare(other, data_dir, overwrite=True)
+  monkeypatch.setattr(vf, 'decode_video', original)
+  old_is_intact()
+
+  os.makedirs(os.path.join(config_dir, f'{vf.DATASET_VERSION}.incomplete-0123abcd'))  # SIGKILL.
+  rebuilt = vf.prepare(other, data_dir, overwrite=True)
+  assert not rebuilt.reused and rebuilt.split_sizes == {'train': 4, 'test': 2}
+  assert os.listdir(config_dir) == [vf.DATASET_VERSION]
+  builder = vf.load(data_dir, 'mini')
+  assert builder.info.metadata['settings']['short_side'] == 24
+  video = next(builder.as_dataset(split='test').as_numpy_iterator())['video']
+  assert min(video.shape[1:3]) == 24

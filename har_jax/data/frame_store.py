@@ -27,7 +27,7 @@ of CPU through ArrayRecordReader.read and ~45 us by offset with the CRC check, o
 machine (benchmarks/RESULTS.md), against ~2 ms to decode the clip.
 
 A store is written into `<folder>.incomplete-<id>` and renamed when complete, so an interrupted
-write leaves nothing readable.
+write leaves nothing readable; a store it replaces stays readable until then (`replace_folder`).
 """
 
 import io
@@ -142,8 +142,9 @@ class Writer:
       raise errors.UserError(f'Split name {split!r} must be letters, digits and _.')
     self._splits[split] = np.asarray(rows, np.int64)
 
-  def finish(self) -> 'FrameStore':
-    """Closes the files and makes the store readable at `path` (replacing nothing)."""
+  def finish(self, replace: bool = False) -> 'FrameStore':
+    """Closes the files and makes the store readable at `path`; a store already there is an
+    error, or with `replace` is swapped out for the new one (deleted once the new one is in)."""
     if self._file is not None:
       self._file.close()
     if not self._splits:
@@ -165,10 +166,10 @@ class Writer:
         frame_size=list(sizes.pop()) if len(sizes) == 1 else None, files=files)
     with open(os.path.join(self._tmp, INFO_FILE), 'w') as f:
       json.dump(self._info, f, indent=1)
-    if os.path.exists(self.path):
+    if os.path.exists(self.path) and not replace:
       raise errors.UserError(f'{self.path} appeared while writing; the new store is left in '
                              f'{self._tmp}.')
-    os.rename(self._tmp, self.path)
+    replace_folder(self._tmp, self.path)
     return FrameStore(self.path)
 
   def abort(self):
@@ -177,13 +178,40 @@ class Writer:
     shutil.rmtree(self._tmp, ignore_errors=True)
 
 
+def replace_folder(new: str, path: str):
+  """Renames the finished folder `new` to `path`. A folder already at `path` is first renamed to
+  `<path>.replaced-<id>` and deleted only once `new` is in place (put back if that rename fails;
+  `remove_incomplete` puts it back after a crash in between)."""
+  path = os.path.abspath(path)
+  if not os.path.lexists(path):
+    os.rename(new, path)
+    return
+  old = f'{path}.replaced-{uuid.uuid4().hex[:8]}'
+  os.rename(path, old)
+  try:
+    os.rename(new, path)
+  except BaseException:
+    os.rename(old, path)
+    raise
+  shutil.rmtree(old, ignore_errors=True)
+
+
 def remove_incomplete(path: str) -> list[str]:
-  """Deletes the `<path>.incomplete-*` folders an interrupted write left behind."""
-  parent, base = os.path.split(os.path.abspath(path))
+  """Deletes the `<path>.incomplete-*` folders an interrupted write left behind, and the
+  `<path>.replaced-*` folders of an interrupted `replace_folder` (putting one back if `path` is
+  missing)."""
+  path = os.path.abspath(path)
+  parent, base = os.path.split(path)
   if not os.path.isdir(parent):
     return []
+  replaced = sorted(os.path.join(parent, d) for d in os.listdir(parent)
+                    if d.startswith(base + '.replaced-'))
+  if replaced and not os.path.lexists(path):
+    logging.warning('Restoring %s from %s, left by an interrupted replacement.', path,
+                    replaced[0])
+    os.rename(replaced.pop(0), path)
   stale = [os.path.join(parent, d) for d in os.listdir(parent)
-           if d.startswith(base + '.incomplete-')]
+           if d.startswith(base + '.incomplete-')] + replaced
   for folder in stale:
     logging.warning('Removing %s, left by an interrupted earlier write.', folder)
     shutil.rmtree(folder, ignore_errors=True)

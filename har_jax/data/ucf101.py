@@ -374,24 +374,56 @@ def _split_entries(source: UcfSource, allow_missing: bool) -> dict[str, list[tup
   return splits
 
 
+def _frames_settings(source: Union[str, list[str]], short_side: int) -> dict:
+  """What a frame store of prepare_frames is made from (saved with it, compared on reuse)."""
+  paths = [source] if isinstance(source, str) else list(source)
+  return {'source': _normalised_source(', '.join(paths)), 'short_side': short_side,
+          'frames': 'ffmpeg, the stock TFDS ucf101 JPEG settings, short side scaled, aspect kept'}
+
+
+def _normalised_source(description: str) -> str:
+  """'a, ~/b' -> '/cwd/a, /home/me/b' (stores written before sources were saved absolute hold
+  the paths as given: read them relative to the current folder)."""
+  return ', '.join(os.path.abspath(os.path.expanduser(p.strip())) for p in description.split(','))
+
+
+def _settings_difference(recorded: dict, wanted: dict) -> str:
+  """'' when a store made with `recorded` settings is the one `wanted`, else what differs."""
+  recorded = dict(recorded or {})
+  if 'source' in recorded:
+    recorded['source'] = _normalised_source(str(recorded['source']))
+  differ = [key for key in ('source', 'short_side') if recorded.get(key) != wanted[key]]
+  return '; '.join(f'{key} {recorded.get(key)!r}, not {wanted[key]!r}' for key in differ)
+
+
 def prepare_frames(source: Union[str, list[str]], data_dir: str, short_side: int = 128, *,
                    allow_missing: bool = False, num_workers: int = 4,
-                   progress_every_s: float = 10.0) -> PrepareResult:
+                   progress_every_s: float = 10.0, overwrite: bool = False) -> PrepareResult:
   """Writes the frame store `ucf101_frames/s<short_side>` into data_dir (idempotent).
 
   Every video named by the split lists is extracted once (ffmpeg, num_workers at a time) and
   stored with its label, name, UCF101 group and fps; splits 'train1', 'test1' ... 'test3' list
   the videos of the official splits. The store is written into a `.incomplete-*` folder and
   renamed when complete: an interrupted run leaves nothing readable, and a rerun starts over.
+  The store records its source: a store from the same source is reused; one from another source
+  is an error unless `overwrite`, which checks the new source first and replaces the old store
+  only once the new one is complete.
   """
   if short_side <= 0:
     raise errors.UserError(f'short_side={short_side} must be a positive number of pixels.')
   name = frames_name(short_side)
   path = os.path.join(os.path.expanduser(data_dir), FRAMES_NAME, f's{short_side}')
-  if frame_store.exists(path):
+  settings = _frames_settings(source, short_side)
+  exists = frame_store.exists(path)
+  if exists and not overwrite:
     store = frame_store.FrameStore(path)
-    logging.info('%s is already prepared in %s; nothing to do.', name, path)
-    return PrepareResult(name, path, store.split_sizes, reused=True)
+    difference = _settings_difference(store.info.get('settings'), settings)
+    if not difference:
+      logging.info('%s is already prepared in %s; nothing to do.', name, path)
+      return PrepareResult(name, path, store.split_sizes, reused=True)
+    raise errors.UserError(
+        f'{name} in {path} was made with other settings ({difference}); pass --overwrite to '
+        'rebuild it from this source, or choose another --data_dir.')
   check_ffmpeg()
   ucf_source = UcfSource(source)
   splits = _split_entries(ucf_source, allow_missing)
@@ -403,17 +435,16 @@ def prepare_frames(source: Union[str, list[str]], data_dir: str, short_side: int
     raise errors.UserError(f'The split lists of {ucf_source.description} name classes that UCF101 '
                            f'does not have: {unknown[:5]}.')
   frame_store.remove_incomplete(path)
-  writer = frame_store.Writer(path, name=name, class_names=class_names, settings={
-      'source': ucf_source.description, 'short_side': short_side,
-      'frames': 'ffmpeg, the stock TFDS ucf101 JPEG settings, short side scaled, aspect kept'})
-  logging.info('Extracting the frames of %d videos from %s into %s (short side %d px).',
-               len(videos), ucf_source.description, path, short_side)
+  writer = frame_store.Writer(path, name=name, class_names=class_names, settings=settings)
+  logging.info('Extracting the frames of %d videos from %s into %s (short side %d px%s).',
+               len(videos), ucf_source.description, path, short_side,
+               '; the store there is replaced once this one is complete' if exists else '')
   try:
     rows = _write_videos(writer, ucf_source, videos, class_names, short_side, num_workers,
                          progress_every_s)
     for split, entries in splits.items():
       writer.add_split(split, [rows[_video_key(f)] for _, f in entries])
-    store = writer.finish()
+    store = writer.finish(replace=exists)
   except BaseException:
     writer.abort()
     raise

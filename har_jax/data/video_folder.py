@@ -43,6 +43,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from typing import Iterator, Optional
 
 from absl import logging
@@ -53,6 +54,7 @@ import tensorflow_datasets as tfds
 
 from har_jax import errors
 from har_jax.data import datasets
+from har_jax.data import frame_store
 from har_jax.data import ucf101
 from har_jax.data import video_files
 
@@ -590,11 +592,14 @@ def prepare(config: VideoFolderConfig, data_dir: str, *, overwrite: bool = False
 
   TFDS writes into a sibling `incomplete.*` folder and renames it when every split is written, so
   an interrupted run leaves nothing readable; a rerun removes the leftover and starts over. A
-  finished dataset with the same settings is reused; different settings need overwrite=True.
+  finished dataset with the same settings is reused; different settings need overwrite=True,
+  which checks the source first and builds the new dataset beside the old one (in
+  `<version folder>.incomplete-<id>`): the old one is replaced only once the new one is complete.
   """
   check_name(config.name)
   path = dataset_dir(data_dir, config.name)
-  if os.path.isfile(os.path.join(path, 'dataset_info.json')):
+  replacing = os.path.isfile(os.path.join(path, 'dataset_info.json'))
+  if replacing:
     existing = tfds.builder_from_directory(path)
     metadata = existing.info.metadata or {}
     if not overwrite and metadata.get('settings') == config.settings():
@@ -604,16 +609,23 @@ def prepare(config: VideoFolderConfig, data_dir: str, *, overwrite: bool = False
       raise errors.UserError(
           f'video_folder/{config.name} in {path} was prepared with other settings '
           f'{metadata.get("settings")}; pass --overwrite to rebuild it, or choose another --name.')
-    logging.warning('Removing %s to rebuild it (overwrite).', path)
-    shutil.rmtree(path)
-  builder = VideoFolder(config=config, data_dir=os.path.expanduser(data_dir))
-  ucf101.remove_stale_incomplete_dirs(builder)
-  start = time.perf_counter()
-  logging.info('Checking and building video_folder/%s from %s into %s.', config.name,
-               config.source, path)
-  _ = builder.plan  # Checks the folder and every file's first frame before writing anything.
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  frame_store.remove_incomplete(path)
+  staging = f'{path}.incomplete-{uuid.uuid4().hex[:8]}' if replacing else None
+  try:
+    builder = VideoFolder(config=config, data_dir=staging or os.path.expanduser(data_dir))
+    ucf101.remove_stale_incomplete_dirs(builder)
+    start = time.perf_counter()
+    logging.info('Checking and building video_folder/%s from %s into %s.', config.name,
+                 config.source, path)
+    _ = builder.plan  # Checks the folder and every file's first frame before writing anything.
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    if staging:
+      logging.info('Replacing %s with the rebuilt dataset (overwrite).', path)
+      frame_store.replace_folder(os.fspath(builder.data_path), path)
+  finally:
+    if staging:
+      shutil.rmtree(staging, ignore_errors=True)
   if builder.skipped:
     logging.warning('Skipped %d unreadable video file(s): %s', len(builder.skipped),
                     ', '.join(n for n, _ in builder.skipped))

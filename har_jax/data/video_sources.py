@@ -31,7 +31,7 @@ import av
 from har_jax.data import video_files
 
 SOURCE_KINDS = ('file', 'camera', 'network', 'pipe')
-NETWORK_TIMEOUT_US = 10_000_000  # FFmpeg's read and connect timeouts on network sources.
+NETWORK_TIMEOUT_S = 10.0  # Default seconds a network source may take to connect or send data.
 
 
 @dataclasses.dataclass
@@ -43,11 +43,13 @@ class Source:
     kind: one of SOURCE_KINDS.
     live: whether it runs at its own pace (frames that are not taken in time are dropped).
     container: the PyAV input container (closed when `frames()` ends).
+    timeout: network sources: seconds the source may send nothing before it counts as ended.
   """
   name: str
   kind: str
   live: bool
   container: object
+  timeout: Optional[float] = None
 
   @property
   def stream(self):
@@ -64,7 +66,8 @@ class Source:
     container.
 
     Raises:
-      video_files.VideoError: a file ended before the frames or duration its header announces.
+      video_files.VideoError: a file ended before the frames or duration its header announces;
+        a network source sent nothing for `timeout` seconds.
       Any PyAV error of a source that fails while it is read (a damaged file, a lost stream).
     """
     rate = self.frame_rate
@@ -83,6 +86,10 @@ class Source:
         yield last, frame
       if not self.live:
         self._check_complete(count, last)
+    except (av.error.ExitError, av.error.TimeoutError):  # PyAV's and FFmpeg's read timeouts.
+      if self.timeout is None:
+        raise
+      raise video_files.VideoError(f'the source sent nothing for {self.timeout:g} s') from None
     finally:
       self.container.close()
 
@@ -103,7 +110,8 @@ class Source:
                                    f'end at {last + frame_time:.2f} s')
 
 
-def open_source(spec: str, *, live: Optional[bool] = None) -> Source:
+def open_source(spec: str, *, live: Optional[bool] = None,
+                timeout: float = NETWORK_TIMEOUT_S) -> Source:
   """Opens a video file, a camera, a network stream or stdin for streaming.
 
   Args:
@@ -112,6 +120,8 @@ def open_source(spec: str, *, live: Optional[bool] = None) -> Source:
       or '-' for a video piped into stdin (a streamable container: matroska, nut, mpegts...).
     live: override whether the source runs at its own pace (None: cameras, network streams and
       pipes are live, files are not).
+    timeout: network sources: seconds to connect and answer, and that the stream may then send
+      nothing before it counts as ended.
 
   Raises:
     video_files.VideoError: the source cannot be opened or has no video stream; the message
@@ -125,14 +135,14 @@ def open_source(spec: str, *, live: Optional[bool] = None) -> Source:
   elif spec.startswith('file://'):
     kind, container = 'file', _open_file(spec[len('file://'):])
   elif re.match(r'[A-Za-z][A-Za-z0-9+.-]*://', spec):
-    kind, container = 'network', _open_url(spec)
+    kind, container = 'network', _open_url(spec, timeout)
   else:
     kind, container = 'file', _open_file(spec)
   if not container.streams.video:
     container.close()
     raise video_files.VideoError(f'{spec}: it has no video stream.')
   return Source(name=spec, kind=kind, live=kind != 'file' if live is None else bool(live),
-                container=container)
+                container=container, timeout=timeout if kind == 'network' else None)
 
 
 def _open_file(path: str):
@@ -174,12 +184,15 @@ def _open_camera(spec: str):
         f'camera {device} cannot be opened ({type(e).__name__}: {e}).') from None
 
 
-def _open_url(url: str):
-  options = {'rw_timeout': str(NETWORK_TIMEOUT_US)}
+def _open_url(url: str, timeout: float):
+  microseconds = str(int(timeout * 1e6))
+  options = {'rw_timeout': microseconds}
   if url.lower().startswith('rtsp'):
-    options['timeout'] = str(NETWORK_TIMEOUT_US)
+    options['timeout'] = microseconds
   try:
-    return av.open(url, options=options, timeout=NETWORK_TIMEOUT_US / 1e6)
+    return av.open(url, options=options, timeout=timeout)
+  except (av.error.ExitError, av.error.TimeoutError):  # Connected, then nothing came.
+    raise video_files.VideoError(f'{url}: the source did not answer in {timeout:g} s.') from None
   except Exception as e:  # pylint: disable=broad-except  (refused, not found, not a video...)
     raise video_files.VideoError(f'{url}: cannot be opened ({type(e).__name__}: {e}).') from None
 
