@@ -21,10 +21,12 @@ from har_jax import config_fields
 from har_jax import errors
 from har_jax import models
 from har_jax import optim
+from har_jax import paths
 from har_jax.data import datasets
 from har_jax.data import frame_store
 from har_jax.data import stages
 from har_jax.models import lrcn
+from har_jax.models.cpu_kernels import conv
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 SHORT_VIDEO_MODES = ('loop', 'pad')
@@ -96,12 +98,18 @@ def _choice_problems(config) -> list[str]:
              ('model.temporal_pooling', lrcn.TEMPORAL_POOLINGS),
              ('model.preprocessing', tuple(sorted(models.PREPROCESSING))),
              ('dtype', DTYPES),
-             ('dataset.short_video', SHORT_VIDEO_MODES))
+             ('dataset.short_video', SHORT_VIDEO_MODES),
+             ('model.conv_impl', conv.CONV_IMPLS))
   problems = []
   for name, valid in choices:
     value = _get(config, name)
-    if value is not None and value not in valid:
+    if value is not None and value not in valid and not (name == 'model.conv_impl' and
+                                                         value == 'patches'):  # Old name of cpu.
       problems.append(f'{name}={value!r}: unknown; use one of {list(valid)}.')
+  encoder_init = _get(config, 'model.encoder_init')
+  if encoder_init and not paths.path(encoder_init).is_dir():
+    problems.append(f'model.encoder_init={encoder_init!r}: no encoder checkpoint there (no such '
+                    'folder). Make one with scripts/convert_keras_encoder.py, or fix the path.')
   return problems
 
 

@@ -33,6 +33,8 @@ BAD_VALUES = [
     ({'eval.num_crops': 2}, 'eval.num_crops=2: must be 1'),  # Was a 60-line autograph traceback.
     ({'eval.num_crops': 5}, 'eval.num_crops=5: must be 1'),
     ({'eval.num_clips': 0}, 'eval.num_clips=0'),
+    ({'model.conv_impl': 'gpu'}, "model.conv_impl='gpu': unknown"),  # Was a traceback (27.10).
+    ({'model.encoder_init': '/nonexistent'}, "model.encoder_init='/nonexistent': no encoder"),
 ]
 
 
