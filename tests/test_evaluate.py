@@ -281,10 +281,10 @@ def test_all_checkpoints_report_the_rest_when_the_newest_is_corrupt(trained, tmp
   copy = tmp_path / 'run'
   shutil.copytree(workdir, copy)
   state = copy / 'checkpoints' / '300' / 'state'
-  largest = max((p for p in state.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
-  data = bytearray(largest.read_bytes())
-  data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
-  largest.write_bytes(bytes(data))
+  for chunk in (p for p in state.rglob('*') if p.is_file() and p.parent.name == 'd'):
+    data = bytearray(chunk.read_bytes())  # Every data file: the variables are damaged too.
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+    chunk.write_bytes(bytes(data))
   reports_ = checkpoint_eval.evaluate(config, str(copy), checkpoint='all',
                                       devices=jax.devices()[:1])
   assert [r['checkpoint_step'] for r in reports_] == [100, 200]
