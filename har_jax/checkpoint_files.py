@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import re
+import shutil
 from typing import Iterator, Optional
 
 import jax
@@ -117,6 +118,19 @@ def write_problem(folder: paths.PathLike) -> Optional[str]:
   except OSError as e:
     return f'{type(e).__name__}: {e.strerror or e}'
   return None
+
+
+def space_problem(folder: paths.PathLike, needed_bytes: int) -> Optional[str]:
+  """Why `needed_bytes` will not fit on the disk of local `folder` (None if they fit, or for a
+  URL). A save that runs out of space mid-way fails in tensorstore's threads with dozens of
+  tracebacks and leaves a partial folder; checking first avoids both in the common case."""
+  if paths.is_url(folder):
+    return None
+  free = shutil.disk_usage(os.fspath(paths.path(folder))).free
+  if free >= needed_bytes:
+    return None
+  return (f'the disk is full: a checkpoint needs about {needed_bytes / 2**20:.1f} MiB, '
+          f'{free / 2**20:.1f} MiB are free')
 
 
 def lexists(path: paths.PathLike) -> bool:

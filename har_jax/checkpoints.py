@@ -19,6 +19,7 @@ moves a checkpoint. An unwritable workdir is an error at start, and at the next 
 """
 
 import contextlib
+import errno
 import json
 import logging as py_logging
 import time
@@ -169,8 +170,10 @@ class CheckpointManager:
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'meta': ocp.JsonCheckpointHandler()})
     if not read_only and jax.process_index() == 0:
-      paths.write_text(self.workdir / 'config.json', config.to_json_best_effort(indent=2))
-      paths.write_text(self.workdir / 'class_names.json', json.dumps(self.class_names, indent=2))
+      with self._write_errors(self.workdir):
+        paths.write_text(self.workdir / 'config.json', config.to_json_best_effort(indent=2))
+        paths.write_text(self.workdir / 'class_names.json',
+                         json.dumps(self.class_names, indent=2))
 
   def _check_writable(self):
     """Raises errors.UserError unless the workdir and its checkpoints folder can be written."""
@@ -231,9 +234,11 @@ class CheckpointManager:
                       'it out of %s so that this step can be saved.', step, path, self.directory)
       return
     problem = checkpoint_files.write_problem(self.directory)
+    state_dict = jax.device_get(flax.serialization.to_state_dict(state))
+    needed = sum(np.asarray(x).nbytes for x in jax.tree.leaves(state_dict)) * 11 // 10 + 2**20
+    problem = problem or checkpoint_files.space_problem(self.directory, needed)
     if problem:
       raise errors.UserError(self._unwritable(self.directory, problem))
-    state_dict = jax.device_get(flax.serialization.to_state_dict(state))
     meta = dict(self.meta, step=int(step), state_crc32=state_checksum(state_dict),
                 variables_crc32=state_checksum(_variables(state_dict)))
     with self._write_errors():
@@ -254,13 +259,19 @@ class CheckpointManager:
       self._manager.wait_until_finished()
 
   @contextlib.contextmanager
-  def _write_errors(self):
-    """Turns an OSError of a (background) save into an errors.UserError naming the folder."""
+  def _write_errors(self, folder=None):
+    """Turns a failed write (an OSError, or tensorstore's RESOURCE_EXHAUSTED of a background
+    save, which arrives as a ValueError) into an errors.UserError naming the folder."""
     try:
       yield
-    except OSError as e:
-      raise errors.UserError(self._unwritable(
-          self.directory, f'{type(e).__name__}: {e.strerror or e}')) from None
+    except (OSError, ValueError) as e:
+      if isinstance(e, OSError) and e.errno == errno.ENOSPC or 'RESOURCE_EXHAUSTED' in str(e):
+        reason = 'the disk is full'
+      elif isinstance(e, OSError):
+        reason = f'{type(e).__name__}: {e.strerror or e}'
+      else:
+        raise
+      raise errors.UserError(self._unwritable(folder or self.directory, reason)) from None
 
   def read_meta(self, step: int) -> dict:
     restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
+from har_jax import errors
 from har_jax import inference
 from har_jax.data import stages
 from har_jax.data import video_files
@@ -187,6 +188,22 @@ def predict_video(model: inference.LoadedModel, path: str, *, top_k: int = 5,
   }
 
 
+MAX_RESIZE_SHORT_SIDE = 4096
+
+
+def check_resize(resize_short_side: Optional[int], image_size: int):
+  """Raises errors.UserError unless `resize_short_side` is None, 0 (keep the decoded size) or
+  within [image_size, MAX_RESIZE_SHORT_SIDE]: a smaller frame cannot hold the crop, a larger one
+  only costs memory (100,000 asked for tens of GiB)."""
+  if resize_short_side in (None, 0):
+    return
+  if not image_size <= resize_short_side <= MAX_RESIZE_SHORT_SIDE:
+    raise errors.UserError(
+        f'--resize_short_side={resize_short_side}: must be 0 (keep the decoded size), -1 (the '
+        f"checkpoint's own), or from the model's crop size {image_size} to "
+        f'{MAX_RESIZE_SHORT_SIDE}.')
+
+
 def predict_files(paths: Sequence[str], workdir: Optional[str] = None, *,
                   checkpoint: str = 'best', top_k: int = 5,
                   resize_short_side: Optional[int] = None,
@@ -210,6 +227,7 @@ def predict_files(paths: Sequence[str], workdir: Optional[str] = None, *,
     errors.UserError: the workdir or checkpoint cannot be used (nothing could be predicted).
   """
   model = model or inference.load(workdir, checkpoint)
+  check_resize(resize_short_side, model.preprocessing.image_size)
   results = []
   for path in paths:
     try:

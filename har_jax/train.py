@@ -172,6 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   builder = datasets.get_builder(config.dataset)
+  config_validation.validate_splits(config, builder)  # Also a dataset the run just generated.
   info = datasets.get_info(builder)
   local_batch = config.batch_size // jax.process_count()
   logging.info('Dataset %s: %d classes, splits %s', info.name, info.num_classes, info.split_sizes)
@@ -267,6 +268,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         return {}
   guard.flush()
   reads.log()
+  skipped = _health(guard, host_batch).get('data/skipped_examples', 0)
+  if skipped:
+    logging.warning('Skipped %d draws of damaged training examples in this run (each video '
+                    'named once above).', skipped)
   manager.wait_until_finished()
 
   if (val_split == config.dataset.eval_split and not config.eval.num_periodic_videos

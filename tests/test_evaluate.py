@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -270,3 +271,22 @@ def test_main_eval_cli_on_one_device(trained, tmp_path):
                        capture_output=True, text=True, timeout=600, check=False)
   assert bad.returncode != 0
   assert 'No checkpoint at step 99' in bad.stderr
+
+
+@pytest.mark.slow  # Needs the shared 300-step training run.
+def test_all_checkpoints_report_the_rest_when_the_newest_is_corrupt(trained, tmp_path, capsys):
+  """--checkpoint=all stopped with rc 1 at a corrupt newest checkpoint (27.4): now the others are
+  reported and the bad one is named."""
+  config, workdir = trained
+  copy = tmp_path / 'run'
+  shutil.copytree(workdir, copy)
+  state = copy / 'checkpoints' / '300' / 'state'
+  for chunk in (p for p in state.rglob('*') if p.is_file() and p.parent.name == 'd'):
+    data = bytearray(chunk.read_bytes())  # Every data file: the variables are damaged too.
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+    chunk.write_bytes(bytes(data))
+  reports_ = checkpoint_eval.evaluate(config, str(copy), checkpoint='all',
+                                      devices=jax.devices()[:1])
+  assert [r['checkpoint_step'] for r in reports_] == [100, 200]
+  warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith('warning:')]
+  assert len(warnings) == 1 and 'checkpoint 300 was not evaluated' in warnings[0], warnings

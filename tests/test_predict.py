@@ -338,3 +338,12 @@ def test_raw_videos_get_the_geometry_of_the_training_records(trained, tmp_path):
   assert agreement['squash'] >= 0.9, (agreement, distance)
   assert distance['squash'] < distance['kept'], (agreement, distance)
   assert agreement['squash'] >= agreement['kept'], (agreement, distance)
+
+
+@pytest.mark.parametrize('value', [1, 27, 100_000])
+def test_resize_short_side_out_of_bounds_is_one_error(value):
+  """--resize_short_side=100000 ran out of memory (ResourceExhausted), 1 was accepted (27.10)."""
+  with pytest.raises(errors.UserError, match=f'--resize_short_side={value}: must be 0'):
+    predict.check_resize(value, image_size=28)
+  for fine in (None, 0, 28, 4096):
+    predict.check_resize(fine, image_size=28)

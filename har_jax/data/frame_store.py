@@ -298,8 +298,8 @@ class FrameReader:
   """Reads frames of a store by (video row, frame indices), as a tf op; counts what it reads.
 
   Each frames file is memory-mapped on first use and shared by the tf.data threads. A frame whose
-  bytes fail their CRC-32 raises ValueError naming the video (the pipeline treats it like a frame
-  that fails to decode). `records_read` and `bytes_read` count the frames this reader read.
+  bytes fail their CRC-32 fails the read with InvalidArgumentError (an assertion, so no Python
+  traceback is logged), which the pipeline treats like a frame that fails to decode. `records_read` and `bytes_read` count the frames this reader read.
   """
 
   def __init__(self, store: FrameStore):
@@ -317,22 +317,23 @@ class FrameReader:
             self._maps[index] = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
     return self._maps[index]
 
-  def read_numpy(self, file_indices: np.ndarray, frames: np.ndarray) -> np.ndarray:
-    """Bytes objects shaped like `frames` (int64 rows of frames.npz); `file_indices` (int32, the
-    shape of `frames` without its last axis) says which frames file holds each row of frames."""
+  def read_numpy(self, file_indices: np.ndarray, frames: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(bytes objects shaped like `frames` (int64 rows of frames.npz), whether every frame passed
+    its CRC-32); `file_indices` (int32, the shape of `frames` without its last axis) says which
+    frames file holds each row of frames. A damaged frame comes back as b''."""
     offsets, sizes, crcs = (self.store.frames[c][frames] for c in ('offset', 'size', 'crc32'))
     jpegs = np.empty(frames.shape, dtype=object)
+    intact = True
     for index in np.ndindex(frames.shape):
       data = self._map(int(file_indices[index[:-1]]))
       offset, size = offsets[index], sizes[index]
       jpeg = data[offset:offset + size]
       if len(jpeg) != size or zlib.crc32(jpeg) != crcs[index]:
-        raise ValueError(f'Frame {frames[index]} of frame store {self.store.path} fails its '
-                         'CRC-32: the file changed after it was written. Rebuild the store.')
+        intact, jpeg = False, b''
       jpegs[index] = jpeg
     self.records_read += frames.size
     self.bytes_read += int(sizes.sum())
-    return jpegs
+    return jpegs, np.bool_(intact)
 
   def read(self, rows: tf.Tensor, frame_indices: tf.Tensor) -> tf.Tensor:
     """The JPEG frames `frame_indices` (`[..., n] int32`) of videos `rows` (`[...]` int64):
@@ -340,8 +341,13 @@ class FrameReader:
     files = tf.gather(tf.constant(self.store.videos['file_index']), rows)
     firsts = tf.gather(tf.constant(self.store.videos['first']), rows)
     frames = firsts[..., None] + tf.cast(frame_indices, tf.int64)
-    jpegs = tf.numpy_function(self.read_numpy, [files, frames], tf.string, stateful=False)
-    return tf.ensure_shape(jpegs, frame_indices.shape)
+    jpegs, intact = tf.numpy_function(self.read_numpy, [files, frames], [tf.string, tf.bool],
+                                      stateful=False)
+    check = tf.debugging.Assert(intact, [f'Frames of frame store {self.store.path} fail their '
+                                         'CRC-32: the file changed after it was written. '
+                                         'Rebuild the store.'])
+    with tf.control_dependencies([check]):
+      return tf.ensure_shape(tf.identity(jpegs), frame_indices.shape)
 
 
 def convert(builder, path: str, *, name: str, splits: Optional[Sequence[str]] = None,

@@ -46,9 +46,9 @@ Clips are sampled before the shuffle buffer, so it holds num_frames JPEGs per cl
 Bad data: an example whose sampled frames fail to read or decode (corrupt or truncated JPEG, a
 damaged frame-store record) is skipped in training and counted: 'num_skipped' is this process's
 cumulative number of skipped examples up to and including the batch (a bad video counts each
-time it is drawn), and each skip prints the example's tfds_id to stderr. In evaluation it raises
-tf.errors.InvalidArgumentError naming the example's tfds_id, because skipping would change the
-protocol.
+time it is drawn), and each skip prints one line naming the example's tfds_id to stderr. In
+evaluation it is left out too: its row carries mask 0 and 'damaged' 1 (host only), so that the
+report counts and names it (har_jax.evaluation.runner).
 """
 
 import collections
@@ -57,10 +57,12 @@ import functools
 import math
 import os
 import sys
+import threading
 from typing import Callable, Iterator, Optional
 
 from absl import logging
 import jax
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -70,7 +72,7 @@ from har_jax.data import datasets
 from har_jax.data import frame_store
 from har_jax.data import stages
 
-HOST_ONLY_KEYS = ('tfds_id', 'num_skipped', 'read_records', 'read_bytes')
+HOST_ONLY_KEYS = ('tfds_id', 'num_skipped', 'read_records', 'read_bytes', 'damaged')
 BAD_EXAMPLE_MESSAGE = 'Corrupt example (a sampled frame failed to decode or preprocess). tfds_id:'
 MAX_SKIP_FRACTION = 0.5
 MIN_EXAMPLES_BEFORE_SKIP_CHECK = 64
@@ -225,21 +227,39 @@ def preprocess_eval(example, config, frame_size: Optional[tuple[int, int]] = Non
           'tfds_id': example['tfds_id']}
 
 
+_REPORTED_DAMAGED = set()
+_REPORTED_LOCK = threading.Lock()
+
+
+def _report_damaged(what: str, tfds_id: bytes) -> np.bool_:
+  """Prints one line the first time an example is found damaged in this process (a damaged
+  training video is drawn again every epoch: it is counted each time, named once)."""
+  name = tfds_id.decode('utf-8', 'replace')
+  with _REPORTED_LOCK:
+    first = (what, name) not in _REPORTED_DAMAGED
+    _REPORTED_DAMAGED.add((what, name))
+  if first:
+    print(f'Skipping damaged {what} {name}: a sampled frame failed to read or decode '
+          '(named once; every skip is counted).', file=sys.stderr, flush=True)
+  return np.bool_(first)
+
+
 def _zeros_like_spec(spec) -> dict:
   return {k: tf.zeros(v.shape, v.dtype) if v.dtype != tf.string else tf.fill(v.shape, '')
           for k, v in spec.items()}
 
 
 def guarded(examples: tf.data.Dataset, preprocess: Callable[[dict], dict], on_error: str, *,
-            group_size: int, num_parallel_calls: int, deterministic: bool) -> tf.data.Dataset:
+            group_size: int, num_parallel_calls: int, deterministic: bool,
+            what: str = 'training example') -> tf.data.Dataset:
   """Preprocesses examples in groups, so that a failure affects the failing example only.
 
   A group of `group_size` examples is preprocessed in one call, inside a one-element dataset with
   ignore_errors: clean data pays for one small dataset per group, and the group comes out as one
   batch (no per-example stages or copies). When an example of the group fails, the group is
   preprocessed again example by example (as groups of one), each in its own one-element dataset:
-  on_error='mark' turns a failed example into a zero element with 'valid' False (its tfds_id is
-  printed to stderr); on_error='raise' raises InvalidArgumentError with BAD_EXAMPLE_MESSAGE and
+  on_error='mark' turns a failed example into a zero element with 'valid' False and its tfds_id
+  (one line naming the `what` and its tfds_id is printed to stderr); on_error='raise' raises InvalidArgumentError with BAD_EXAMPLE_MESSAGE and
   the tfds_id. Errors upstream of `preprocess` (a damaged record file) are not caught.
 
   Args:
@@ -265,11 +285,13 @@ def guarded(examples: tf.data.Dataset, preprocess: Callable[[dict], dict], on_er
       if on_error == 'raise':
         check = tf.debugging.Assert(False, [BAD_EXAMPLE_MESSAGE, example['tfds_id']])
       else:
-        check = tf.print('Skipping training example', example['tfds_id'], '(a sampled frame '
-                         'failed to read or decode); counted in num_skipped.',
-                         output_stream=sys.stderr)
+        check = tf.numpy_function(functools.partial(_report_damaged, what),
+                                  [example['tfds_id']], tf.bool, stateful=True)
       with tf.control_dependencies([check]):
-        return dict(_zeros_like_spec(output_spec), valid=tf.constant([False]))
+        out = dict(_zeros_like_spec(output_spec), valid=tf.constant([False]))
+        if 'tfds_id' in out:
+          out['tfds_id'] = tf.reshape(example['tfds_id'], [1])
+        return out
 
     return element.map(checked).ignore_errors().concatenate(element.map(fallback)).take(1)
 
@@ -455,7 +477,7 @@ def create_eval_dataset(builder, config, split: str, *, local_batch: int, proces
                         process_count: int = 1, max_examples: int = 0) -> EvalData:
   """A finite, padded dataset covering every example of `split` exactly once across processes.
 
-  A corrupt example raises tf.errors.InvalidArgumentError naming its tfds_id when iterated.
+  A corrupt example (its frames fail to read or decode) gets mask 0 and 'damaged' 1.
   """
   shard_sizes = datasets.process_shard_sizes(builder, split, process_count)
   if max_examples:
@@ -479,12 +501,21 @@ def create_eval_dataset(builder, config, split: str, *, local_batch: int, proces
   preprocess = functools.partial(preprocess_eval, config=config,
                                  frame_size=datasets.static_frame_size(builder), reader=reader)
   preprocess = per_example(preprocess, ds.map(preprocess).element_spec)
-  ds = guarded(ds, preprocess, 'raise', group_size=local_batch,
-               num_parallel_calls=_num_parallel_calls(config.dataset), deterministic=True)
-  ds = ds.unbatch().map(lambda element: {k: v for k, v in element.items() if k != 'valid'})
+  ds = guarded(ds, preprocess, 'mark', group_size=local_batch,
+               num_parallel_calls=_num_parallel_calls(config.dataset), deterministic=True,
+               what=f'video of split {split!r}')
+  ds = ds.unbatch().map(_mask_damaged)
   ds = ds.concatenate(_padding(ds.element_spec).repeat()).take(num_batches * local_batch)
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   return EvalData(dataset=ds, num_batches=num_batches, num_examples=sum(shard_sizes))
+
+
+def _mask_damaged(element: dict) -> dict:
+  """'valid' -> mask 0 and 'damaged' 1 for an example whose frames failed to read or decode."""
+  valid = element.pop('valid')
+  element['mask'] = element['mask'] * tf.cast(valid, tf.int32)
+  element['damaged'] = 1 - tf.cast(valid, tf.int32)
+  return element
 
 
 def _padding(element_spec) -> tf.data.Dataset:

@@ -12,6 +12,7 @@ accuracy lost measures how much the model relies on frame order. Results go to `
 
 import functools
 import os
+import sys
 from typing import Optional, Sequence
 
 from absl import logging
@@ -107,8 +108,18 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str
     model = models.create_model(config.model, info.num_classes, dtype=config.dtype,
                                 bn_axis_name='batch')
     eval_fns = eval_steps(model, devices)
+    unreadable = []
     for step in selected:
-      loaded = inference.load(workdir, step, manager=manager)
+      try:
+        loaded = inference.load(workdir, step, manager=manager)
+      except Exception as e:  # pylint: disable=broad-except
+        if len(selected) == 1 or isinstance(e, checkpoints.ConfigMismatchError):
+          raise
+        # --checkpoint=all: one damaged checkpoint must not cost the reports of the others.
+        reason = str(e).splitlines()[0][:300]
+        logging.warning('Skipping checkpoint %d: %s', step, reason)
+        unreadable.append((step, reason))
+        continue
       _check_matches(loaded, config, info)
       outputs, shuffled = evaluate_variables(loaded.variables, eval_fns, builder, config, split,
                                              devices=devices)
@@ -122,6 +133,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str
         print(f'report: {path}', flush=True)
         report['report_path'] = path
       written.append(report)
+    if unreadable and not written:
+      raise errors.UserError('None of the checkpoints could be read:\n  ' + '\n  '.join(
+          f'step {step}: {reason}' for step, reason in unreadable))
+    for step, reason in unreadable:
+      print(f'warning: checkpoint {step} was not evaluated: {reason}', file=sys.stderr,
+            flush=True)
   finally:
     if writer is not None:
       writer.close()

@@ -15,6 +15,9 @@ class EvalOutputs:
   labels: np.ndarray  # [num_videos] int32.
   view_top1: np.ndarray  # [num_videos] float32, fraction of single views with a correct top-1.
   tfds_ids: np.ndarray  # [num_videos] str ('' when gathered from several processes).
+  # tfds_ids of the videos left out because their frames failed to read or decode ('' when
+  # gathered from several processes): they are in no metric.
+  skipped_ids: tuple = ()
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:

@@ -225,6 +225,8 @@ def build_report(outputs: metrics.EvalOutputs, shuffled: metrics.EvalOutputs,
       'checkpoint_step': proto['checkpoint_step'],
       'split': proto['split'],
       'metrics': {k: full[k] for k in SCALAR_KEYS + ('num_videos',)},
+      # Videos left out because their frames failed to read or decode (in no metric).
+      'skipped_videos': {'count': len(outputs.skipped_ids), 'tfds_ids': list(outputs.skipped_ids)},
       'per_class_accuracy': dict(zip(class_names, full['per_class_accuracy'].tolist())),
       'confusion_matrix': {'rows': 'true class', 'columns': 'predicted class',
                            'counts': full['confusion_matrix'].tolist()},

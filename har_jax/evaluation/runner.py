@@ -6,6 +6,7 @@ mask 0; per-video outputs are gathered from all processes and unpadded.
 
 from typing import Optional
 
+from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
@@ -27,7 +28,7 @@ def run_eval(p_eval_step, variables, builder, config, split: str, *, max_example
   data = pipeline.create_eval_dataset(
       builder, config, split, local_batch=local_batch, process_index=jax.process_index(),
       process_count=jax.process_count(), max_examples=max_examples)
-  logits, labels, masks, view_top1, ids = [], [], [], [], []
+  logits, labels, masks, view_top1, ids, damaged = [], [], [], [], [], []
   for batch, host in pipeline.device_iterator(data.dataset, devices=devices):
     out = p_eval_step(variables, batch, **step_kwargs)
     logits.append(out['logits'])
@@ -35,21 +36,27 @@ def run_eval(p_eval_step, variables, builder, config, split: str, *, max_example
     labels.append(batch['label'])
     masks.append(batch['mask'])
     ids.append(host['tfds_id'])
+    damaged.append(host['damaged'])
   if not logits:
     raise RuntimeError(f'Evaluation of split {split!r} produced no batches.')
   local = {
       'logits': _flatten(logits), 'labels': _flatten(labels), 'mask': _flatten(masks),
-      'view_top1': _flatten(view_top1)}
+      'view_top1': _flatten(view_top1), 'damaged': np.concatenate(damaged)}
   if jax.process_count() > 1:
     local = {k: np.asarray(v).reshape((-1,) + v.shape[2:]) for k, v in
              multihost_utils.process_allgather(local).items()}
     tfds_ids = np.full(local['mask'].shape, '', dtype=object)
   else:
     tfds_ids = np.concatenate([np.asarray(i).astype(str) for i in ids])
-  keep = local['mask'].astype(bool)
+  keep, skipped = local['mask'].astype(bool), local['damaged'].astype(bool)
   outputs = metrics.EvalOutputs(logits=local['logits'][keep], labels=local['labels'][keep],
-                        view_top1=local['view_top1'][keep], tfds_ids=tfds_ids[keep])
-  if len(outputs.labels) != data.num_examples:
+                                view_top1=local['view_top1'][keep], tfds_ids=tfds_ids[keep],
+                                skipped_ids=tuple(tfds_ids[skipped].tolist()))
+  if outputs.skipped_ids:
+    logging.warning('Evaluated %d of the %d videos of %r: %d damaged video(s) left out (named '
+                    'above and in the report).', len(outputs.labels), data.num_examples, split,
+                    len(outputs.skipped_ids))
+  if len(outputs.labels) + len(outputs.skipped_ids) != data.num_examples:
     raise RuntimeError(f'Evaluated {len(outputs.labels)} videos of {split!r}, expected '
                        f'{data.num_examples}: the eval data was not covered exactly once.')
   return outputs
