@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 from typing import Callable, Optional, Sequence
 
 import av
