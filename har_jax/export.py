@@ -23,6 +23,7 @@ that exported it, or up to 3 weeks before it (jax.export's compatibility guarant
 """
 
 import datetime
+import errno
 import json
 import os
 import shutil
@@ -104,11 +105,11 @@ def export(workdir: str, out: str, *, checkpoint='best', formats=FORMATS,
   """
   formats = parse_formats(formats)
   out = check_out(out, overwrite)
-  loaded = inference.load(workdir, checkpoint)
-  signatures = serving.signatures(loaded)
   # A bucket has no rename: the export is staged on the local disk and uploaded at the end.
   parent = tempfile.gettempdir() if paths.is_url(out) else os.path.dirname(out)
-  os.makedirs(parent, exist_ok=True)
+  _check_parent(parent, out)
+  loaded = inference.load(workdir, checkpoint)
+  signatures = serving.signatures(loaded)
   staging = _new_folder(parent, f'.{paths.path(out).name}.partial')
   try:
     if 'saved_model' in formats:
@@ -120,11 +121,31 @@ def export(workdir: str, out: str, *, checkpoint='best', formats=FORMATS,
     with open(os.path.join(staging, METADATA_FILE), 'w') as f:
       json.dump(metadata, f, indent=2)
     _move_into_place(staging, check_out(out, overwrite))
+  except (OSError, tf.errors.OpError) as e:
+    full = getattr(e, 'errno', None) == errno.ENOSPC or 'No space left' in str(e)
+    reason = 'the disk is full' if full else ' '.join(str(e).split())[:300]
+    raise errors.UserError(f'Could not write the export to {out} ({reason}); nothing was left '
+                           'behind. Free space or choose another --out.') from None
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   logging.info('Exported checkpoint %d of %s to %s (%s).', loaded.step, workdir, out,
                ', '.join(formats))
   return metadata
+
+
+def _check_parent(parent: str, out: str):
+  """Raises errors.UserError unless the folder the export is staged in can be written."""
+  if os.path.lexists(parent) and not os.path.isdir(parent):
+    raise errors.UserError(f'--out {out}: {parent} is a file, not a folder; choose another --out.')
+  try:
+    os.makedirs(parent, exist_ok=True)
+  except OSError as e:
+    raise errors.UserError(f'--out {out}: cannot create {parent} ({e.strerror or e}); choose '
+                           'another --out.') from None
+  problem = checkpoint_files.write_problem(parent)
+  if problem:
+    raise errors.UserError(f'--out {out}: {parent} cannot be written ({problem}); choose another '
+                           '--out, or give this user write access.')
 
 
 def _move_into_place(staging: str, out: str):

@@ -1,8 +1,11 @@
 """Shared fixtures. Four fake CPU devices, so pmap code runs as it would on a 4-chip host."""
 
+import contextlib
 import importlib.util
 import logging
 import os
+import shutil
+import subprocess
 
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -51,6 +54,30 @@ def make_tiny_config(data_dir: str, **overrides):
       target = target[p]
     target[leaf] = value
   return config
+
+
+@contextlib.contextmanager
+def tmpfs(folder, size: str = '3m', read_only: bool = False):
+  """A small tmpfs mounted at `folder` (a full or read-only disk, even for root); skips the
+  test where mounting is not allowed (it needs root, as CI runs)."""
+  os.makedirs(folder, exist_ok=True)
+  options = f'size={size}' + (',ro' if read_only else '')
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(folder)],
+                    capture_output=True).returncode != 0:
+    pytest.skip('cannot mount a tmpfs here (needs root)')
+  try:
+    yield folder
+  finally:
+    subprocess.run(['umount', '-l', str(folder)], check=False)
+
+
+def fill_disk(folder, leave_bytes: int = 100_000):
+  """Fills the file system of `folder` up to `leave_bytes`; returns the filler file."""
+  filler = os.path.join(folder, 'filler')
+  free = shutil.disk_usage(folder).free
+  with open(filler, 'wb') as f:
+    os.posix_fallocate(f.fileno(), 0, max(free - leave_bytes, 1))
+  return filler
 
 
 def write_video(path, frames: np.ndarray, *, lossless: bool = True, fps: int = 10) -> str:

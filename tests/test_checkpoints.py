@@ -2,15 +2,15 @@
 
 import logging
 import os
-import shutil
 import signal
-import subprocess
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import conftest
 
 from har_jax import checkpoints
 from har_jax import errors
@@ -122,14 +122,8 @@ def test_incomplete_save_is_ignored(tmp_path, tiny_config):
 
 @pytest.fixture
 def small_disk(tmp_path):
-  """A 3 MiB tmpfs mounted at tmp_path/disk (needs root, as CI runs)."""
-  folder = tmp_path / 'disk'
-  folder.mkdir()
-  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=3m', 'tmpfs', str(folder)],
-                    capture_output=True).returncode != 0:
-    pytest.skip('cannot mount a small tmpfs here (needs root)')
-  yield folder
-  subprocess.run(['umount', '-l', str(folder)], check=False)
+  with conftest.tmpfs(tmp_path / 'disk') as folder:
+    yield folder
 
 
 def test_full_disk_is_one_error_keeping_the_last_checkpoint(small_disk, tiny_config):
@@ -140,17 +134,13 @@ def test_full_disk_is_one_error_keeping_the_last_checkpoint(small_disk, tiny_con
   manager = _manager(workdir, tiny_config)
   manager.save(1, _state(1.0, 1))
   manager.wait_until_finished()
-  filler = small_disk / 'filler'
-  free = shutil.disk_usage(small_disk).free
-  with open(filler, 'wb') as f:
-    f.truncate(0)
-    os.posix_fallocate(f.fileno(), 0, free - 100_000)
+  filler = conftest.fill_disk(small_disk)
   with pytest.raises(errors.UserError, match='the disk is full') as error:
     manager.save(2, _state(2.0, 2))
   assert str(workdir / 'checkpoints') in str(error.value)
   assert 'newest: step 1' in str(error.value)
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['1']
-  filler.unlink()
+  os.remove(filler)
   manager.save(2, _state(2.0, 2))
   manager.wait_until_finished()
   assert manager.all_steps() == [1, 2]

@@ -452,3 +452,19 @@ def test_benchmark_script_times_every_path(fresh_workdir):
   assert both.returncode == 1
   assert both.stderr.strip().splitlines()[-1] == (
       'error: give exactly one of --config (fresh weights) or --workdir (a trained run).')
+
+
+def test_unwritable_output_is_one_error_and_leaves_nothing(fresh_workdir, tmp_path):
+  """A read-only parent, a parent that is a file and a full disk were tracebacks
+  (PermissionError, FileExistsError, OSError ENOSPC) (27.10)."""
+  (tmp_path / 'a_file').write_text('x')
+  with pytest.raises(errors.UserError, match='a_file is a file, not a folder'):
+    export.export(fresh_workdir, str(tmp_path / 'a_file' / 'out'), formats='jax')
+  with conftest.tmpfs(tmp_path / 'ro', read_only=True):
+    with pytest.raises(errors.UserError, match='cannot be written'):
+      export.export(fresh_workdir, str(tmp_path / 'ro' / 'out'), formats='jax')
+  with conftest.tmpfs(tmp_path / 'full', size='2m') as disk:
+    conftest.fill_disk(disk, leave_bytes=20_000)
+    with pytest.raises(errors.UserError, match=r'the disk is full\); nothing was left behind'):
+      export.export(fresh_workdir, str(disk / 'out'), formats='saved_model,jax')
+    assert sorted(os.listdir(disk)) == ['filler']
