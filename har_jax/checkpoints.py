@@ -45,12 +45,16 @@ BEST_METRIC = 'top1'
 # Orbax warns at every save without metrics when it tracks a best checkpoint; periodic checkpoints
 # between evaluations have none by design (BestN ignores them). Only that message is dropped.
 _NO_METRICS_WARNING = 'Requested `tracked_metric`; did not provide metrics.'
+# Orbax also warns at every read-only open ('Given directory is read only=...'): readers (eval,
+# predict, stream, export) open read-only on purpose.
+_READ_ONLY_WARNING = 'Given directory is read only'
 
 
 class _DropNoMetricsWarning(py_logging.Filter):
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    return record.getMessage() != _NO_METRICS_WARNING
+    message = record.getMessage()
+    return message != _NO_METRICS_WARNING and not message.startswith(_READ_ONLY_WARNING)
 
 
 if not any(isinstance(f, _DropNoMetricsWarning) for f in py_logging.getLogger('absl').filters):
