@@ -40,7 +40,8 @@ Training order:
   whole split in one seeded order and keeps its slice of each global batch (it parses P times
   the records it decodes: use a frame store on many hosts).
 - TFDS records, the default: each process reads its own shard, every example once per epoch in
-  a fresh order; a resumed run gets a fresh shuffle.
+  a fresh order (the clips' shuffle buffer spans epoch boundaries); a resumed run gets a fresh
+  shuffle.
 Clips are sampled before the shuffle buffer, so it holds num_frames JPEGs per clip, not videos.
 
 Bad data: an example whose sampled frames fail to read or decode (corrupt or truncated JPEG, a
@@ -75,6 +76,11 @@ BAD_EXAMPLE_MESSAGE = 'Corrupt example (a sampled frame failed to decode or prep
 MAX_SKIP_FRACTION = 0.5
 MIN_EXAMPLES_BEFORE_SKIP_CHECK = 64
 _FOREVER = 2**62
+# TFDS record files read at once, each by its own thread, records taken in blocks of
+# RECORDS_PER_FILE_BLOCK (TFDS writes UCF101's train split 1 at 256x256 in ~64 files). Fixed
+# numbers, not the host's core count: with deterministic_data the record order depends on them.
+FILES_READ_AT_ONCE = 16
+RECORDS_PER_FILE_BLOCK = 16
 
 
 def _options(dataset_config, deterministic: bool) -> tf.data.Options:
@@ -95,10 +101,12 @@ def read_examples(builder, split: str, config, *, process_index: int, process_co
                   shuffle: bool, deterministic: bool) -> tf.data.Dataset:
   """Reads this process's share of a TFDS split, with the video left as JPEG strings.
 
-  Plain splits are divided with tfds.split_for_jax_process. Group splits ('train|val_groups=f')
-  are filtered by the 'group' feature: training filters this process's share of the base split;
-  evaluation filters the whole base split in file order and keeps every process_count-th example,
-  so that every process knows its exact count (datasets.process_shard_sizes).
+  The split's record files are read FILES_READ_AT_ONCE at a time, in parallel (a split in one
+  file is one stream). Plain splits are divided with tfds.split_for_jax_process. Group splits
+  ('train|val_groups=f') are filtered by the 'group' feature: training filters this process's
+  share of the base split; evaluation filters the whole base split in file order and keeps every
+  process_count-th example, so that every process knows its exact count
+  (datasets.process_shard_sizes).
   """
   group_split = datasets.parse_group_split(split)
   read_split = group_split.base if group_split else split
@@ -109,6 +117,9 @@ def read_examples(builder, split: str, config, *, process_index: int, process_co
       try_autocache=False,
       add_tfds_id=True,
       shuffle_seed=config.seed if shuffle else None,
+      interleave_cycle_length=FILES_READ_AT_ONCE,
+      interleave_block_length=RECORDS_PER_FILE_BLOCK,
+      num_parallel_calls_for_interleave_files=FILES_READ_AT_ONCE,
       options=_options(config.dataset, deterministic))
   ds = builder.as_dataset(split=read_split, shuffle_files=shuffle, read_config=read_config,
                           decoders=datasets.jpeg_decoders(builder))
@@ -354,9 +365,12 @@ def _tfds_train_clips(builder, split: str, config, *, local_batch: int, process_
                       process_count: int, start_step: int) -> tf.data.Dataset:
   """Sampled clips {'jpegs': [T] string, 'label', 'tfds_id', 'seed'} from TFDS records, forever.
 
-  Epoch e reads the records (whole split, or this process's shard), samples one clip of each
-  with seed (s, e, r) -- r the record's position in the epoch -- and shuffles the clips with a
-  buffer of config.dataset.shuffle_buffer.
+  The records (whole split, or this process's shard) are read epoch after epoch by one reader,
+  one clip is sampled from the i-th record read with seed (s, i), and the clips are shuffled
+  with a buffer of config.dataset.shuffle_buffer that spans epoch boundaries: a new epoch's
+  files open while the buffer still serves the last epoch's clips (reading each epoch with a
+  fresh pipeline stalled at every epoch: its shuffle buffer drained and refilled with the whole
+  epoch, and on small splits that stall bounded the throughput).
   """
   deterministic = bool(config.deterministic_data)
   if deterministic:
@@ -385,14 +399,10 @@ def _tfds_train_clips(builder, split: str, config, *, local_batch: int, process_
             'tfds_id': ex['tfds_id'], 'seed': seed, 'read_records': tf.constant(1, tf.int32),
             'read_bytes': tf.reduce_sum(tf.cast(tf.strings.length(ex['video']), tf.int64))}
 
-  def epoch(e):
-    epoch_seed = tf.random.experimental.stateless_fold_in(base_seed, e)
-    clips = examples.enumerate().map(
-        lambda r, ex: sample(tf.random.experimental.stateless_fold_in(epoch_seed, r), ex),
-        num_parallel_calls=_num_parallel_calls(config.dataset), deterministic=deterministic)
-    return clips.shuffle(config.dataset.shuffle_buffer, seed=epoch_seed[0])
-
-  clips = tf.data.Dataset.range(_FOREVER).flat_map(epoch)
+  clips = examples.repeat().enumerate().map(
+      lambda i, ex: sample(tf.random.experimental.stateless_fold_in(base_seed, i), ex),
+      num_parallel_calls=_num_parallel_calls(config.dataset), deterministic=deterministic)
+  clips = clips.shuffle(config.dataset.shuffle_buffer, seed=base_seed[0])
   if deterministic:
     global_batch = local_batch * process_count
     clips = clips.skip(start_step * global_batch).enumerate()
