@@ -76,9 +76,10 @@ BAD_EXAMPLE_MESSAGE = 'Corrupt example (a sampled frame failed to decode or prep
 MAX_SKIP_FRACTION = 0.5
 MIN_EXAMPLES_BEFORE_SKIP_CHECK = 64
 _FOREVER = 2**62
-# TFDS record files read at once, each by its own thread, records taken in blocks of
-# RECORDS_PER_FILE_BLOCK (TFDS writes UCF101's train split 1 at 256x256 in ~64 files). Fixed
-# numbers, not the host's core count: with deterministic_data the record order depends on them.
+# TFDS record files open at once, records taken from each in blocks of RECORDS_PER_FILE_BLOCK
+# (TFDS writes UCF101's train split 1 at 256x256 in ~64 files); tf.data tunes how many of them are
+# read in parallel. Fixed numbers, not the host's core count: with deterministic_data the record
+# order depends on them (and not on the parallelism).
 FILES_READ_AT_ONCE = 16
 RECORDS_PER_FILE_BLOCK = 16
 
@@ -119,7 +120,7 @@ def read_examples(builder, split: str, config, *, process_index: int, process_co
       shuffle_seed=config.seed if shuffle else None,
       interleave_cycle_length=FILES_READ_AT_ONCE,
       interleave_block_length=RECORDS_PER_FILE_BLOCK,
-      num_parallel_calls_for_interleave_files=FILES_READ_AT_ONCE,
+      num_parallel_calls_for_interleave_files=tf.data.AUTOTUNE,
       options=_options(config.dataset, deterministic))
   ds = builder.as_dataset(split=read_split, shuffle_files=shuffle, read_config=read_config,
                           decoders=datasets.jpeg_decoders(builder))
