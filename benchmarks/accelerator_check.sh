@@ -92,7 +92,7 @@ if [[ $PARTS == *" input "* ]]; then
   step input "$PY" scripts/benchmark_input.py --config=configs/default.py --data_dir="$DATA" \
       --datasets="$stock,$stock@$WORK/files,ucf101_frames/s128:train1" \
       --rounds="${ROUNDS:-3}" --seconds=6 --warmup_seconds=3 --naive=false
-  grep -E "file\(s\)|cores busy|ms_per_clip_core|ratio" "$OUT/input.log"
+  grep -E "file\(s\)|cores busy|ms_per_clip_core|ratio_" "$OUT/input.log"
 fi
 
 for layout in stock frames; do
