@@ -6,7 +6,7 @@ r"""Waits between the clips of the TFDS-record read stages (read, parse, sample,
 Times 40 epochs of `_tfds_train_clips` (configs/default.py) after 3 untimed ones, for this
 checkout's pipeline and, if given, another pipeline.py, alternating, two rounds. Prints clips/s,
 ms per epoch, the mean of the 40 longest waits (one per epoch when the reads stall at each epoch)
-and the median wait. No core is short of work here, so a stall shows as clips/s, not as CPU.
+and the median wait: a pipeline that stalls once per epoch shows one long wait per epoch.
 """
 
 import importlib.util
