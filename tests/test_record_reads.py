@@ -1,4 +1,4 @@
-"""How TFDS records are read: several files at once, one reader across epochs, exact when asked."""
+"""How TFDS records are read: several files at once, every record once per epoch, exact when asked."""
 
 import collections
 

@@ -40,8 +40,7 @@ Training order:
   whole split in one seeded order and keeps its slice of each global batch (it parses P times
   the records it decodes: use a frame store on many hosts).
 - TFDS records, the default: each process reads its own shard, every example once per epoch in
-  a fresh order (the clips' shuffle buffer spans epoch boundaries); a resumed run gets a fresh
-  shuffle.
+  a fresh order; a resumed run gets a fresh shuffle.
 Clips are sampled before the shuffle buffer, so it holds num_frames JPEGs per clip, not videos.
 
 Bad data: an example whose sampled frames fail to read or decode (corrupt or truncated JPEG, a
@@ -366,12 +365,9 @@ def _tfds_train_clips(builder, split: str, config, *, local_batch: int, process_
                       process_count: int, start_step: int) -> tf.data.Dataset:
   """Sampled clips {'jpegs': [T] string, 'label', 'tfds_id', 'seed'} from TFDS records, forever.
 
-  The records (whole split, or this process's shard) are read epoch after epoch by one reader,
-  one clip is sampled from the i-th record read with seed (s, i), and the clips are shuffled
-  with a buffer of config.dataset.shuffle_buffer that spans epoch boundaries: a new epoch's
-  files open while the buffer still serves the last epoch's clips (reading each epoch with a
-  fresh pipeline stalled at every epoch: its shuffle buffer drained and refilled with the whole
-  epoch, and on small splits that stall bounded the throughput).
+  Epoch e reads the records (whole split, or this process's shard), samples one clip of each
+  with seed (s, e, r) -- r the record's position in the epoch -- and shuffles the clips with a
+  buffer of config.dataset.shuffle_buffer.
   """
   deterministic = bool(config.deterministic_data)
   if deterministic:
@@ -400,10 +396,14 @@ def _tfds_train_clips(builder, split: str, config, *, local_batch: int, process_
             'tfds_id': ex['tfds_id'], 'seed': seed, 'read_records': tf.constant(1, tf.int32),
             'read_bytes': tf.reduce_sum(tf.cast(tf.strings.length(ex['video']), tf.int64))}
 
-  clips = examples.repeat().enumerate().map(
-      lambda i, ex: sample(tf.random.experimental.stateless_fold_in(base_seed, i), ex),
-      num_parallel_calls=_num_parallel_calls(config.dataset), deterministic=deterministic)
-  clips = clips.shuffle(config.dataset.shuffle_buffer, seed=base_seed[0])
+  def epoch(e):
+    epoch_seed = tf.random.experimental.stateless_fold_in(base_seed, e)
+    clips = examples.enumerate().map(
+        lambda r, ex: sample(tf.random.experimental.stateless_fold_in(epoch_seed, r), ex),
+        num_parallel_calls=_num_parallel_calls(config.dataset), deterministic=deterministic)
+    return clips.shuffle(config.dataset.shuffle_buffer, seed=epoch_seed[0])
+
+  clips = tf.data.Dataset.range(_FOREVER).flat_map(epoch)
   if deterministic:
     global_batch = local_batch * process_count
     clips = clips.skip(start_step * global_batch).enumerate()
