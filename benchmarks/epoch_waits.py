@@ -1,7 +1,7 @@
 r"""Waits between the clips of the TFDS-record read stages (read, parse, sample, shuffle; no decode).
 
-  git show e0bf72a~1:har_jax/data/pipeline.py > /tmp/old_pipeline.py
-  python benchmarks/epoch_waits.py /tmp/rec/one 'train[:12]' /tmp/old_pipeline.py
+  git show 43c72c2:har_jax/data/pipeline.py > /tmp/one_reader_pipeline.py  # One reader, reverted.
+  python benchmarks/epoch_waits.py /tmp/rec/one 'train[:12]' /tmp/one_reader_pipeline.py
 
 Times 40 epochs of `_tfds_train_clips` (configs/default.py) after 3 untimed ones, for this
 checkout's pipeline and, if given, another pipeline.py, alternating, two rounds. Prints clips/s,
