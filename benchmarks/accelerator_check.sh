@@ -6,14 +6,18 @@
 #   bash benchmarks/accelerator_check.sh DATA_DIR OUT_DIR
 #
 # DATA_DIR holds generated UCF101-format records in both layouts (commands in
-# benchmarks/RESULTS.md, "Goal 5: on an accelerator"): ucf101/ucf101_1_256 (stock TFDS records) and
-# ucf101_frames/s128 (frame store). PY names the Python (default .venv/bin/python). Each step
-# writes OUT_DIR/<step>.log; a failed step is reported and the next one runs.
+# benchmarks/RESULTS.md, "Goal 5: on an accelerator"): ucf101/ucf101_1_256 (stock TFDS records, as
+# generated: each split in one file) and ucf101_frames/s128 (frame store). PY names the Python
+# (default .venv/bin/python). PARTS (default "train_step input train extra") picks the parts; e.g.
+# PARTS=input measures the host pipeline alone. Each step writes OUT_DIR/<step>.log; a failed step
+# is reported and the next one runs.
 #
 #   train_step_b32, train_step_b128 (last; EXTRA_BATCHES= skips it)
 #                scripts/benchmark_train.py: the pmapped train step alone, bf16, frames shipped at
 #                128x128 and cropped on the device as the pipeline ships the stock records
-#   input        scripts/benchmark_input.py: the training pipeline on all host cores, both layouts
+#   input        scripts/benchmark_input.py: the training pipeline on all host cores, in one run:
+#                stock records in one file, the same records in RECORD_FILES (8) files (rewritten
+#                here, record for record), and the frame store; per round: clips/s, cores busy
 #   train_stock, train_frames
 #                main.py for STEPS (250) steps, bf16, batch 32, on each layout: perf/clips_per_sec
 #                and perf/input_wait_fraction every LOG (50) steps (the first window includes
@@ -50,15 +54,49 @@ train_step() {  # train_step BATCH
   grep -E "^(backend|compile_s|clips_per_s)" "$OUT/train_step_b$1.log"
 }
 
-train_step "${BATCH:-32}"
+PARTS=" ${PARTS:-train_step input train extra} "
+if [[ $PARTS == *" train_step "* ]]; then
+  train_step "${BATCH:-32}"
+fi
 
-step input "$PY" scripts/benchmark_input.py --config=configs/default.py --data_dir="$DATA" \
-    --datasets=ucf101/ucf101_1_256:train,ucf101_frames/s128:train1 --rounds="${ROUNDS:-3}" \
-    --seconds=6 \
-    --warmup_seconds=3 --naive=false
-grep -E "ms_per_clip_core|ratio" "$OUT/input.log"
+reshard() {  # reshard SRC_DATA_DIR DST_DATA_DIR FILES: the stock records, each split in FILES files
+  "$PY" - "$@" <<'RESHARD'
+import json, os, shutil, sys
+import tensorflow as tf
+src, dst, files = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rel = os.path.relpath(os.path.dirname(
+    tf.io.gfile.glob(f'{src}/ucf101/ucf101_1_256/*/dataset_info.json')[0]), src)
+os.makedirs(os.path.join(dst, rel), exist_ok=True)
+info = json.load(open(os.path.join(src, rel, 'dataset_info.json')))
+for name in os.listdir(os.path.join(src, rel)):
+  if '.tfrecord-' not in name:
+    shutil.copy(os.path.join(src, rel, name), os.path.join(dst, rel, name))
+for split in info['splits']:
+  records = [r.numpy() for r in tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(
+      os.path.join(src, rel, f"{info['name']}-{split['name']}.tfrecord-*"))))]
+  bounds = [len(records) * i // files for i in range(files + 1)]
+  for i in range(files):
+    name = f"{info['name']}-{split['name']}.tfrecord-{i:05d}-of-{files:05d}"
+    with tf.io.TFRecordWriter(os.path.join(dst, rel, name)) as writer:
+      for record in records[bounds[i]:bounds[i + 1]]:
+        writer.write(record)
+  split['shardLengths'] = [str(bounds[i + 1] - bounds[i]) for i in range(files)]
+json.dump(info, open(os.path.join(dst, rel, 'dataset_info.json'), 'w'), indent=2)
+print(f'{dst}/{rel}: every split in {files} files')
+RESHARD
+}
+
+if [[ $PARTS == *" input "* ]]; then
+  reshard "$DATA" "$WORK/files" "${RECORD_FILES:-8}"
+  stock=ucf101/ucf101_1_256:train
+  step input "$PY" scripts/benchmark_input.py --config=configs/default.py --data_dir="$DATA" \
+      --datasets="$stock,$stock@$WORK/files,ucf101_frames/s128:train1" \
+      --rounds="${ROUNDS:-3}" --seconds=6 --warmup_seconds=3 --naive=false
+  grep -E "file\(s\)|cores busy|ms_per_clip_core|ratio_" "$OUT/input.log"
+fi
 
 for layout in stock frames; do
+  [[ $PARTS == *" train "* ]] || break
   config=configs/default.py
   [ "$layout" = frames ] && config=configs/ucf101_frames.py
   step "train_$layout" "$PY" main.py --config=$config --workdir="$WORK/$layout" \
@@ -78,5 +116,6 @@ PARSE
 done
 rm -rf "$WORK"
 for batch in ${EXTRA_BATCHES-128}; do  # Last: the step at a larger batch, if time allows.
+  [[ $PARTS == *" extra "* ]] || break
   train_step "$batch"
 done

@@ -3,7 +3,8 @@ r"""Host input-pipeline cost per clip: har_jax's training pipeline vs the JPEG d
   python scripts/benchmark_input.py --config=configs/default.py --data_dir=/tmp/bench/tfds \
       --datasets=ucf101/ucf101_1_256:train,ucf101_frames/s128:train1 --rounds=5 --seconds=10
 
-For every dataset (name:train_split; default: the config's), in the same process:
+For every dataset (name:train_split, optionally @data_dir; default: the config's), in the same
+process:
 
   pipeline    har_jax.data.pipeline.create_train_dataset, exactly as train.py runs it: read,
               sample, decode, describe (or do) the crop, guard against bad frames, batch
@@ -53,7 +54,8 @@ from har_jax.data import stages
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config file.', lock_config=True)
 flags.DEFINE_string('data_dir', None, 'TFDS data_dir (overrides config.dataset.data_dir).')
-flags.DEFINE_list('datasets', [], 'name[:train_split] of each dataset (default: the config\'s).')
+flags.DEFINE_list('datasets', [], 'name[:train_split][@data_dir] of each dataset (default: the '
+                  'config\'s; data_dir: --data_dir).')
 flags.DEFINE_integer('rounds', 3, 'Alternating rounds; the summary is the median.')
 flags.DEFINE_float('seconds', 10.0, 'Seconds measured per pipeline per round.')
 flags.DEFINE_float('warmup_seconds', 3.0, 'Untimed seconds before each measurement (a fresh '
@@ -146,12 +148,24 @@ def naive_dataset(builder, config) -> tf.data.Dataset:
 
 
 def _dataset_config(config, spec: str):
+  spec, _, data_dir = spec.partition('@')
   name, _, split = spec.partition(':')
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.dataset.name = name
     config.dataset.train_split = split or config.dataset.train_split
+    config.dataset.data_dir = data_dir or config.dataset.data_dir
   return config
+
+
+def _layout(builder, config) -> str:
+  if isinstance(builder, frame_store.FrameStore):
+    return f'frame store, frames {builder.frame_size}'
+  split = datasets.resolve_split(config.dataset, 'train')
+  group_split = datasets.parse_group_split(split)
+  files = builder.info.splits[(group_split.base if group_split else split).split('[')[0]].num_shards
+  return (f'TFDS records, frames {datasets.static_frame_size(builder)}, train split in {files} '
+          f'file(s)')
 
 
 def main(argv):
@@ -168,10 +182,7 @@ def main(argv):
   for spec in specs:
     config = _dataset_config(base, spec)
     builder = datasets.get_builder(config.dataset)
-    layout = (f'frame store, frames {builder.frame_size}'
-              if isinstance(builder, frame_store.FrameStore) else
-              f'TFDS records, frames {datasets.static_frame_size(builder)}')
-    print(f'{spec}: {layout}', flush=True)
+    print(f'{spec}: {_layout(builder, config)}', flush=True)
     runs[spec, 'pipeline'] = pipeline.create_train_dataset(builder, config,
                                                            local_batch=config.batch_size)
     runs[spec, 'floor'] = floor_dataset(builder, config, FLAGS.floor_clips)

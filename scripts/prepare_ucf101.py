@@ -50,6 +50,9 @@ flags.DEFINE_bool('allow_missing', False,
 flags.DEFINE_integer('short_side', 0,
                      'N > 0: write the frame store ucf101_frames/sN (short side N pixels, aspect '
                      'kept) instead of TFDS records.')
+flags.DEFINE_integer('num_shards', 0,
+                     'N > 0: write N record files per split (default: TFDS chooses by size, one '
+                     'file under 128 MiB). Not for --short_side.')
 flags.DEFINE_integer('num_workers', 4, '--short_side: videos extracted in parallel.')
 flags.DEFINE_bool('overwrite', False, '--short_side: rebuild a frame store made from another '
                   'source (the old one is replaced once the new one is complete).')
@@ -62,9 +65,9 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   try:
     if FLAGS.short_side:
-      if FLAGS['config'].present or FLAGS['variant'].present:
+      if FLAGS['config'].present or FLAGS['variant'].present or FLAGS.num_shards:
         raise errors.UserError('--short_side writes the frame store of all three splits; do '
-                                 'not combine it with --config or --variant.')
+                                 'not combine it with --config, --variant or --num_shards.')
       result = ucf101.prepare_frames(FLAGS.source, FLAGS.data_dir, FLAGS.short_side,
                                      allow_missing=FLAGS.allow_missing,
                                      num_workers=FLAGS.num_workers, overwrite=FLAGS.overwrite)
@@ -79,7 +82,7 @@ def main(argv):
       raise errors.UserError('--overwrite applies to the frame store (--short_side) only.')
     for config in FLAGS.config:
       result = ucf101.prepare(FLAGS.source, FLAGS.data_dir, config, variant=FLAGS.variant,
-                              allow_missing=FLAGS.allow_missing)
+                              allow_missing=FLAGS.allow_missing, num_shards=FLAGS.num_shards)
       verb = 'Already prepared' if result.reused else 'Prepared'
       print(f'{verb} {result.name}: {result.split_sizes} in {result.data_dir}\n'
             f'  train with --config.dataset.name={result.name} '

@@ -281,8 +281,12 @@ class PrepareResult:
 
 
 def prepare(source: Union[str, list[str]], data_dir: str, config: str = 'ucf101_1_256', *,
-            variant: str = 'ucf101', allow_missing: bool = False) -> PrepareResult:
+            variant: str = 'ucf101', allow_missing: bool = False,
+            num_shards: Optional[int] = None) -> PrepareResult:
   """Builds TFDS UCF101 records from a local copy into `data_dir` (idempotent, interrupt-safe).
+
+  `num_shards`: record files per split (default: TFDS's choice by size, 64 MiB to 1 GiB each; one
+  file for a split under 128 MiB, such as a small generated set).
 
   TFDS writes into a sibling `incomplete.*` dir and renames it only once every split is written,
   so an interrupted run never leaves a readable partial dataset; rerunning starts that config over.
@@ -306,7 +310,8 @@ def prepare(source: Union[str, list[str]], data_dir: str, config: str = 'ucf101_
                'hours on one machine).', builder.info.full_name, ucf_source.description,
                builder.data_dir)
   builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False,
+                                                   num_shards=num_shards or None))
   return PrepareResult(f'{variant}/{config}', builder.data_dir, _sizes(builder), reused=False)
 
 
