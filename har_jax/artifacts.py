@@ -127,14 +127,16 @@ def load_jax(folder: paths.PathLike) -> jax.export.Exported:
     raise errors.UserError(
         f'{folder / JAX_FILE} was exported by JAX {made_by.get("jax")} (jaxlib '
         f'{made_by.get("jaxlib")}) and this JAX {jax.__version__} (jaxlib {_jaxlib_version()}) '
-        f'cannot load it ({reason}). {reexport_hint(folder, manifest)}') from None
+        f'cannot load it ({reason}). {reexport_hint(folder, manifest, " with this JAX")}'
+    ) from None
   return exported
 
 
-def reexport_hint(folder, manifest: dict) -> str:
-  """'Re-export it with this JAX: python scripts/export.py --workdir=... --out=... --overwrite'."""
+def reexport_hint(folder, manifest: dict, why: str = '') -> str:
+  """'Re-export it from its checkpoint<why>: python scripts/export.py --workdir=... --out=...
+  --overwrite', with the workdir the manifest records."""
   workdir = (manifest.get('source') or {}).get('workdir') or '<the training workdir>'
-  return (f'Re-export it from its checkpoint with this JAX: python scripts/export.py '
+  return (f'Re-export it from its checkpoint{why}: python scripts/export.py '
           f'--workdir={workdir} --out={folder} --overwrite')
 
 

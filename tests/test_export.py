@@ -564,8 +564,8 @@ def test_missing_file_or_manifest_is_refused_in_one_line(fresh_export, fresh_wor
   os.remove(out / 'saved_model' / 'variables' / 'variables.index')
   assert _one_line_error(artifacts.verify, out).startswith(
       f'{out}/saved_model/variables/variables.index is missing from the export. Re-export it '
-      f'from its checkpoint with this JAX: python scripts/export.py --workdir={fresh_workdir} '
-      f'--out={out} --overwrite')
+      f'from its checkpoint: python scripts/export.py --workdir={fresh_workdir} --out={out} '
+      '--overwrite')
   os.remove(out / export.MANIFEST_FILE)
   assert _one_line_error(artifacts.load_jax, out).startswith(
       f'{out / export.MANIFEST_FILE} is missing: {out} is not a har_jax export')
@@ -574,8 +574,8 @@ def test_missing_file_or_manifest_is_refused_in_one_line(fresh_export, fresh_wor
 def test_model_jax_of_an_incompatible_jax_names_both_versions_and_the_reexport_command(
     fresh_export, fresh_workdir, monkeypatch):
   made_by = _manifest(fresh_export)['versions']
-  command = (f'python scripts/export.py --workdir={fresh_workdir} --out={fresh_export} '
-             '--overwrite')
+  command = (f'Re-export it from its checkpoint with this JAX: python scripts/export.py '
+             f'--workdir={fresh_workdir} --out={fresh_export} --overwrite')
   monkeypatch.setattr(jax, '__version__', '0.99.0')
 
   def refuse(data):
