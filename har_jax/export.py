@@ -14,7 +14,11 @@ The output folder holds:
   model.jax     `jax.export.Exported.serialize()` of serving_default with the variables inside:
                 `jax.export.deserialize(data).call(frames)` -> {'logits', 'probabilities'}.
   model.json    class names, each signature's inputs and outputs (dimension names for the sizes
-                that may vary), the preprocessing, the source checkpoint and the versions used.
+                that may vary), the preprocessing and the provenance (`artifacts.provenance`):
+                har_jax's version and commit, the library versions, model.jax's serialization
+                version and platforms, the config's digest and the source checkpoint.
+  manifest.json the same provenance and the SHA-256 of every file above, written last
+                (`artifacts.verify` checks an export against it; `artifacts.load_jax` loads it).
 
 Batch, frame height and width (and the time of classify_features) are symbolic: one artifact
 serves every size. Both formats are lowered for CPU, CUDA GPUs and TPUs (`PLATFORMS`) with the XLA
@@ -22,20 +26,20 @@ convolutions. A `jax.export` artifact runs on a JAX (jaxlib) built up to 6 month
 that exported it, or up to 3 weeks before it (jax.export's compatibility guarantees).
 """
 
-import datetime
 import errno
 import json
 import os
 import shutil
 import tempfile
 import uuid
-from typing import Optional, Sequence
+from typing import Sequence
 
 from absl import logging
 import jax
 import numpy as np
 import tensorflow as tf
 
+from har_jax import artifacts
 from har_jax import checkpoint_files
 from har_jax import errors
 from har_jax import inference
@@ -44,9 +48,10 @@ from har_jax import serving
 
 FORMATS = ('saved_model', 'jax')
 PLATFORMS = ('cpu', 'cuda', 'tpu')
-SAVED_MODEL_DIR = 'saved_model'
-JAX_FILE = 'model.jax'
-METADATA_FILE = 'model.json'
+SAVED_MODEL_DIR = artifacts.SAVED_MODEL_DIR
+JAX_FILE = artifacts.JAX_FILE
+METADATA_FILE = artifacts.METADATA_FILE
+MANIFEST_FILE = artifacts.MANIFEST_FILE
 CLASS_NAMES_SIGNATURE = 'class_names'
 
 
@@ -114,12 +119,15 @@ def export(workdir: str, out: str, *, checkpoint='best', formats=FORMATS,
   try:
     if 'saved_model' in formats:
       write_saved_model(os.path.join(staging, SAVED_MODEL_DIR), loaded, signatures, platforms)
+    exported = None
     if 'jax' in formats:
-      write_jax(os.path.join(staging, JAX_FILE), loaded, signatures['serving_default'],
-                platforms)
-    metadata = describe(loaded, signatures, formats, platforms)
+      exported = write_jax(os.path.join(staging, JAX_FILE), loaded,
+                           signatures['serving_default'], platforms)
+    made = artifacts.provenance(loaded, exported)
+    metadata = describe(loaded, signatures, formats, platforms, made)
     with open(os.path.join(staging, METADATA_FILE), 'w') as f:
       json.dump(metadata, f, indent=2)
+    artifacts.write_manifest(staging, made)
     _move_into_place(staging, check_out(out, overwrite))
   except (OSError, tf.errors.OpError) as e:
     full = getattr(e, 'errno', None) == errno.ENOSPC or 'No space left' in str(e)
@@ -184,11 +192,12 @@ def _new_folder(parent: str, prefix: str) -> str:
 
 
 def describe(loaded: inference.LoadedModel, signatures: dict, formats: Sequence[str],
-             platforms: Sequence[str]) -> dict:
-  """model.json: what a client needs to call the artifacts, and where they came from."""
+             platforms: Sequence[str], made: dict) -> dict:
+  """model.json: what a client needs to call the artifacts, and `made`, where they came from
+  (artifacts.provenance)."""
   p = loaded.preprocessing
   return {
-      'class_names': list(loaded.class_names),
+      **made,
       'signatures': {name: s.to_json() for name, s in signatures.items()},
       'preprocessing': {'frame_geometry': p.frame_geometry, 'resize_size': p.resize_size,
                         'image_size': p.image_size, 'num_frames': p.num_frames,
@@ -196,25 +205,13 @@ def describe(loaded: inference.LoadedModel, signatures: dict, formats: Sequence[
       'files': {f: (SAVED_MODEL_DIR if f == 'saved_model' else JAX_FILE) for f in formats},
       'jax_function': 'serving_default' if 'jax' in formats else None,
       'platforms': list(platforms),
-      'source': {'workdir': str(paths.path(loaded.workdir)), 'step': loaded.step},
-      'versions': {'jax': jax.__version__, 'jaxlib': _jaxlib_version(),
-                   'tensorflow': tf.__version__},
-      'exported_at': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
   }
 
 
-def _jaxlib_version() -> Optional[str]:
-  try:
-    import jaxlib  # pylint: disable=g-import-not-at-top
-    return jaxlib.__version__
-  except (ImportError, AttributeError):
-    return None
-
-
 def write_jax(path: str, loaded: inference.LoadedModel, signature: serving.Signature,
-              platforms: Sequence[str]):
+              platforms: Sequence[str]) -> jax.export.Exported:
   """Writes `signature` with the checkpoint's variables as constants, serialized by jax.export,
-  with its named dimensions symbolic."""
+  with its named dimensions symbolic; returns the Exported."""
   variables = jax.tree.map(np.asarray, loaded.variables)
   spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(signature.symbolic_shape()),
                               np.dtype(signature.input_dtype))
@@ -222,6 +219,7 @@ def write_jax(path: str, loaded: inference.LoadedModel, signature: serving.Signa
                                platforms=list(platforms))(spec)
   with open(path, 'wb') as f:
     f.write(exported.serialize())
+  return exported
 
 
 def write_saved_model(path: str, loaded: inference.LoadedModel, signatures: dict,

@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 
+from har_jax import artifacts
 from har_jax import checkpoints
 from har_jax import cli
 from har_jax import distributed
@@ -104,10 +105,9 @@ def _timed(fn) -> float:
 
 def measure(loaded: inference.LoadedModel, out: str, clip: np.ndarray, rounds: int) -> dict:
   """Median ms per call of each path (see the module docstring) on `clip` [1, T, H, W, 3]."""
+  artifact = jax.jit(artifacts.load_jax(out).call)  # Verifies every file of the export first.
   saved_model = tf.saved_model.load(os.path.join(out, export.SAVED_MODEL_DIR))
   serving_default = saved_model.signatures['serving_default']
-  with open(os.path.join(out, export.JAX_FILE), 'rb') as f:
-    artifact = jax.jit(jax.export.deserialize(f.read()).call)
   one_view = dataclasses.replace(loaded.preprocessing, num_clips=1, num_crops=1)
 
   def predict_views():

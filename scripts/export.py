@@ -4,8 +4,9 @@ r"""Export a trained har_jax checkpoint for serving: a TensorFlow SavedModel and
       [--checkpoint=best] [--formats=saved_model,jax] [--overwrite]
 
 Writes <out>/saved_model (signatures serving_default, encode_frames, classify_features and
-class_names), <out>/model.jax (jax.export, serialized StableHLO) and <out>/model.json (class
-names, input and output shapes, preprocessing). See har_jax/export.py and the README section
+class_names), <out>/model.jax (jax.export, serialized StableHLO), <out>/model.json (class
+names, input and output shapes, preprocessing, provenance) and <out>/manifest.json (the SHA-256
+of every file; har_jax.artifacts.verify checks it). See har_jax/export.py and the README section
 "Exporting a model". An existing --out is refused unless --overwrite is given, and then only an
 earlier export is replaced. Exit status: 0 on success, 1 with a one-line `error:` otherwise.
 """

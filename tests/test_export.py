@@ -3,8 +3,12 @@ in processes without har_jax (and, for the SavedModel, without JAX); preprocessi
 evaluation does it; bad input refused clearly, nothing lost."""
 
 import dataclasses
+import hashlib
+import importlib.metadata
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -14,6 +18,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from har_jax import artifacts
 from har_jax import checkpoints
 from har_jax import errors
 from har_jax import export
@@ -376,7 +381,7 @@ def test_overwrite_replaces_an_earlier_export_only_once_the_new_one_is_written(
   """Also the dynamic-size preprocessing path (geometry 'none') through jax.export."""
   out = tmp_path / 'out'
   first = export.export(fresh_workdir, str(out), checkpoint='3', formats='jax')
-  assert sorted(os.listdir(out)) == [export.JAX_FILE, export.METADATA_FILE]
+  assert sorted(os.listdir(out)) == [export.MANIFEST_FILE, export.JAX_FILE, export.METADATA_FILE]
   assert first['source']['step'] == 3 and first['files'] == {'jax': export.JAX_FILE}
 
   def broken(*args, **kwargs):
@@ -393,8 +398,7 @@ def test_overwrite_replaces_an_earlier_export_only_once_the_new_one_is_written(
   assert second['source']['step'] == 5 and _leftovers(tmp_path) == []
   loaded = inference.load(fresh_workdir, '5')
   assert loaded.preprocessing.frame_geometry == {'resize': 'none'}
-  with open(out / export.JAX_FILE, 'rb') as f:
-    exported_fn = jax.export.deserialize(f.read())
+  exported_fn = artifacts.load_jax(out)
   for batch, height, width in [(1, 40, 56), (2, 75, 33)]:
     clips = _pattern(batch * 4, height, width).reshape(batch, 4, height, width, 3)
     got = exported_fn.call(clips)
@@ -419,7 +423,7 @@ def test_export_script_writes_both_formats_and_refuses_with_one_line(fresh_workd
   summary = json.loads(done.stdout.strip().splitlines()[-1])
   assert summary['step'] == 5 and summary['num_classes'] == 10
   assert sorted(os.listdir(out)) == sorted([export.JAX_FILE, export.METADATA_FILE,
-                                            export.SAVED_MODEL_DIR])
+                                            export.MANIFEST_FILE, export.SAVED_MODEL_DIR])
   refused = _run_script([f'--workdir={fresh_workdir}', f'--out={out}'])
   assert refused.returncode == 1
   assert refused.stderr.strip().splitlines()[-1] == (
@@ -468,3 +472,164 @@ def test_unwritable_output_is_one_error_and_leaves_nothing(fresh_workdir, tmp_pa
     with pytest.raises(errors.UserError, match=r'the disk is full\); nothing was left behind'):
       export.export(fresh_workdir, str(disk / 'out'), formats='saved_model,jax')
     assert sorted(os.listdir(disk)) == ['filler']
+
+
+# The manifest: provenance and the digest of every file; damage refused in one line (fast: a fresh
+# checkpoint, exported once in a few seconds).
+
+
+@pytest.fixture(scope='module')
+def fresh_export(fresh_workdir, tmp_path_factory):
+  """An export of checkpoint 5 of `fresh_workdir` in both formats. Tests that damage it copy it."""
+  out = tmp_path_factory.mktemp('fresh_export') / 'export'
+  export.export(fresh_workdir, str(out), checkpoint='latest')
+  return out
+
+
+def _files_on_disk(folder) -> list[str]:
+  return sorted(os.path.relpath(os.path.join(root, n), folder).replace(os.sep, '/')
+                for root, _, names in os.walk(folder) for n in names)
+
+
+def _manifest(folder) -> dict:
+  return json.loads((folder / export.MANIFEST_FILE).read_text())
+
+
+def _flip_middle_byte(path):
+  data = bytearray(path.read_bytes())
+  data[len(data) // 2] ^= 0x01
+  path.write_bytes(bytes(data))
+
+
+def _one_line_error(fn, *args) -> str:
+  with pytest.raises(errors.UserError) as raised:
+    fn(*args)
+  message = str(raised.value)
+  assert '\n' not in message, message
+  return message
+
+
+def test_manifest_lists_every_file_written_with_its_digest_and_the_provenance(fresh_export,
+                                                                              fresh_workdir):
+  manifest = _manifest(fresh_export)
+  metadata = json.loads((fresh_export / export.METADATA_FILE).read_text())
+  assert _files_on_disk(fresh_export) == sorted(list(manifest['files']) + [export.MANIFEST_FILE])
+  assert {export.JAX_FILE, export.METADATA_FILE, 'saved_model/saved_model.pb',
+          'saved_model/assets/class_names.txt'} <= set(manifest['files'])
+  for name, digest in manifest['files'].items():
+    assert hashlib.sha256((fresh_export / name).read_bytes()).hexdigest() == digest, name
+  assert artifacts.verify(fresh_export) == {k: v for k, v in manifest.items() if k != 'sha256'}
+
+  for key in ('har_jax', 'versions', 'jax_export', 'config_sha256', 'class_names', 'source',
+              'exported_at'):
+    assert manifest[key] == metadata[key], key
+  assert manifest['har_jax']['version'] == importlib.metadata.version('har_jax')
+  commit = manifest['har_jax']['commit']
+  if os.path.exists(os.path.join(REPO, '.git')):
+    assert commit == subprocess.run(['git', '-C', REPO, 'rev-parse', 'HEAD'], capture_output=True,
+                                    text=True, check=True).stdout.strip()
+  else:
+    assert commit is None
+  assert manifest['versions']['jax'] == jax.__version__
+  serve = jax.export.deserialize((fresh_export / export.JAX_FILE).read_bytes())
+  assert manifest['jax_export'] == {'serialization_version': serve.calling_convention_version,
+                                    'platforms': list(export.PLATFORMS)}
+  config = inference.load(fresh_workdir, 'latest').config
+  canonical = json.dumps(config.to_dict(), sort_keys=True, separators=(',', ':'))
+  assert manifest['config_sha256'] == hashlib.sha256(canonical.encode()).hexdigest()
+  assert manifest['class_names'] == list('abcdefghij')
+  assert manifest['source'] == {'workdir': fresh_workdir, 'step': 5}
+
+
+def test_one_flipped_byte_in_any_exported_file_is_refused_in_one_line_naming_it(fresh_export,
+                                                                               tmp_path):
+  out = tmp_path / 'export'
+  shutil.copytree(fresh_export, out)
+  names = list(_manifest(out)['files']) + [export.MANIFEST_FILE]
+  assert len(names) >= 7, names
+  for name in names:
+    original = (out / name).read_bytes()
+    _flip_middle_byte(out / name)
+    for load in (artifacts.verify, artifacts.load_jax):
+      message = _one_line_error(load, out)
+      assert message.startswith(f'{out / name} is damaged'), (name, message)
+    (out / name).write_bytes(original)
+  artifacts.verify(out)
+  assert artifacts.load_jax(out).platforms == export.PLATFORMS
+
+
+def test_missing_file_or_manifest_is_refused_in_one_line(fresh_export, fresh_workdir, tmp_path):
+  out = tmp_path / 'export'
+  shutil.copytree(fresh_export, out)
+  os.remove(out / 'saved_model' / 'variables' / 'variables.index')
+  assert _one_line_error(artifacts.verify, out).startswith(
+      f'{out}/saved_model/variables/variables.index is missing from the export. Re-export it '
+      f'from its checkpoint: python scripts/export.py --workdir={fresh_workdir} --out={out} '
+      '--overwrite')
+  os.remove(out / export.MANIFEST_FILE)
+  assert _one_line_error(artifacts.load_jax, out).startswith(
+      f'{out / export.MANIFEST_FILE} is missing: {out} is not a har_jax export')
+
+
+def test_model_jax_of_an_incompatible_jax_names_both_versions_and_the_reexport_command(
+    fresh_export, fresh_workdir, monkeypatch):
+  made_by = _manifest(fresh_export)['versions']
+  command = (f'Re-export it from its checkpoint with this JAX: python scripts/export.py '
+             f'--workdir={fresh_workdir} --out={fresh_export} --overwrite')
+  monkeypatch.setattr(jax, '__version__', '0.99.0')
+
+  def refuse(data):
+    raise ValueError('Unsupported serialization version 3;\n supported versions are 4 to 5')
+
+  with monkeypatch.context() as patched:
+    patched.setattr(jax.export, 'deserialize', refuse)
+    message = _one_line_error(artifacts.load_jax, fresh_export)
+  assert message.startswith(
+      f'{fresh_export / export.JAX_FILE} was exported by JAX {made_by["jax"]} (jaxlib '
+      f'{made_by["jaxlib"]}) and this JAX 0.99.0 (jaxlib ')
+  assert 'cannot load it (Unsupported serialization version 3; supported versions are 4 to 5)' in (
+      message) and message.endswith(command)
+  # A JAX that deserializes the file but no longer runs its calling convention.
+  version = _manifest(fresh_export)['jax_export']['serialization_version']
+  monkeypatch.setattr(jax.export, 'maximum_supported_calling_convention_version', version - 1)
+  message = _one_line_error(artifacts.load_jax, fresh_export)
+  assert f'was exported by JAX {made_by["jax"]}' in message and 'this JAX 0.99.0' in message
+  assert f'(serialization version {version}, outside the ' in message
+  assert message.endswith(command)
+
+
+def _readme_verifier() -> str:
+  """The standalone verifier shown in the README's "Exporting a model"."""
+  with open(os.path.join(REPO, 'README.md')) as f:
+    section = f.read().split('## Exporting a model')[1].split('\n## ')[0]
+  blocks = [b for b in re.findall(r'```python\n(.*?)```', section, re.S) if 'def verify(' in b]
+  assert len(blocks) == 1, blocks
+  return blocks[0]
+
+
+def test_readme_verifier_needs_only_the_standard_library_and_names_a_damaged_file(fresh_export,
+                                                                                 tmp_path):
+  code = _readme_verifier()
+  assert len(code.strip().splitlines()) <= 30
+  script = tmp_path / 'verify_export.py'
+  script.write_text(code)
+
+  def run(folder):  # -S: no site-packages (no numpy, JAX, TensorFlow or har_jax); -I: no PYTHONPATH.
+    return subprocess.run([sys.executable, '-I', '-S', str(script), str(folder)],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+  good = run(fresh_export)
+  assert good.returncode == 0 and good.stdout.strip() == f'ok: {fresh_export}', good.stderr
+  out = tmp_path / 'export'
+  shutil.copytree(fresh_export, out)
+  for name in list(_manifest(out)['files']) + [export.MANIFEST_FILE]:
+    original = (out / name).read_bytes()
+    _flip_middle_byte(out / name)
+    damaged = run(out)
+    assert damaged.returncode == 1, (name, damaged.stdout)
+    assert damaged.stderr.strip().splitlines() == [
+        damaged.stderr.strip()], damaged.stderr  # One line.
+    assert damaged.stderr.startswith(f'error: {out / name} is damaged'), (name, damaged.stderr)
+    (out / name).write_bytes(original)
+  os.remove(out / export.JAX_FILE)
+  assert run(out).stderr.strip() == f'error: {out / export.JAX_FILE} is missing'

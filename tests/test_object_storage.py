@@ -126,7 +126,8 @@ def test_predict_stream_and_export_read_the_bucket_workdir(gcs, cwd, bucket_run)
                       f'--out=gs://{BUCKET}/outputs/export', '--formats=jax'], env, cwd=cwd)
   assert exported.returncode == 0, exported.stderr[-3000:]
   names = gcs.names(BUCKET, 'outputs/export/')
-  assert names == ['outputs/export/model.jax', 'outputs/export/model.json'], names
+  assert names == ['outputs/export/manifest.json', 'outputs/export/model.jax',
+                   'outputs/export/model.json'], names
   assert json.loads(gcs.read(BUCKET, 'outputs/export/model.json'))['source']['workdir'] == WORKDIR
   assert not os.path.exists(cwd / 'gs:')
 
