@@ -26,6 +26,7 @@ import concurrent.futures
 import dataclasses
 import io
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -80,6 +81,19 @@ def _video_key(file_name: str) -> str:
   return os.path.basename(file_name).replace(*_QUIRK)
 
 
+def _read_split_list(where: str, read) -> str:
+  """The text of a split list, `read()` giving its bytes; errors.UserError naming `where` when it
+  cannot be read or is not UTF-8 text."""
+  try:
+    return read().decode('utf-8')
+  except UnicodeDecodeError as e:
+    reason = f'it is not UTF-8 text: byte {e.start} is {e.object[e.start:e.start + 1]!r}'
+  except (OSError, zipfile.BadZipFile) as e:
+    reason = f'{type(e).__name__}: {getattr(e, "strerror", None) or e}'
+  raise errors.UserError(f'Split list {where} cannot be read ({reason}). Replace it with the one '
+                         'from UCF101TrainTestSplits-RecognitionTask.zip.')
+
+
 class UcfSource:
   """A local UCF101 copy: split lists and videos, from folders or zip files.
 
@@ -121,8 +135,7 @@ class UcfSource:
       for f in files:
         full = os.path.join(root, f)
         if os.path.basename(root) == LIST_DIR and f.endswith('.txt'):
-          with open(full, encoding='utf-8') as fh:
-            self._lists[f] = fh.read()
+          self._lists[f] = _read_split_list(full, pathlib.Path(full).read_bytes)
         elif f.lower().endswith('.avi'):
           self._videos[_video_key(f)] = (None, full)
         elif f.lower().endswith('.zip') and zipfile.is_zipfile(full):
@@ -132,7 +145,8 @@ class UcfSource:
     for info in archive.infolist():
       name = info.filename
       if name.endswith('.txt') and os.path.basename(os.path.dirname(name)) == LIST_DIR:
-        self._lists[os.path.basename(name)] = archive.read(name).decode('utf-8')
+        self._lists[os.path.basename(name)] = _read_split_list(
+            f'{name} in {archive.filename}', lambda name=name: archive.read(name))
       elif name.lower().endswith('.avi'):
         self._videos[_video_key(name)] = (archive, name)
 
