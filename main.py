@@ -59,7 +59,6 @@ def main(argv):
                           split=FLAGS.split,
                           config_name=config_flags.get_config_filename(FLAGS['config']))
     except errors.UserError as e:  # Bad input: a clear message, no traceback, a non-zero exit.
-      logging.error('%s', e)
       print(f'error: {e}', file=sys.stderr)
       sys.exit(1)
 

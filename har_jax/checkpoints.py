@@ -23,7 +23,7 @@ import errno
 import json
 import logging as py_logging
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 import zlib
 
 from absl import logging
@@ -127,6 +127,28 @@ def _best_metric(metrics: Optional[dict]) -> float:
   return float(metrics[BEST_METRIC])
 
 
+def unwritable_message(folder: paths.PathLike, reason: str) -> str:
+  return (f'{folder} cannot be written ({reason}). Give this user write access to it (and free '
+          'space), or pass another --workdir.')
+
+
+def make_writable_folder(folder: paths.PathLike,
+                         unwritable: Callable[[str, str], str] = unwritable_message):
+  """Creates the workdir (or a folder in it) unless it exists; raises errors.UserError (one line)
+  when it is a file or cannot be written, with `unwritable(folder, reason)` as the message."""
+  folder = paths.path(folder)
+  if folder.exists() and not folder.is_dir():
+    raise errors.UserError(f'{folder} is not a folder (it is a file). Pass a --workdir that is '
+                           'a folder, or a path where one can be created.')
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise errors.UserError(unwritable(folder, f'{type(e).__name__}: {e.strerror}')) from None
+  problem = checkpoint_files.write_problem(folder)
+  if problem:
+    raise errors.UserError(unwritable(folder, problem))
+
+
 class CheckpointManager:
   """Saves and restores TrainStates under `<workdir>/checkpoints`.
 
@@ -182,24 +204,13 @@ class CheckpointManager:
   def _check_writable(self):
     """Raises errors.UserError unless the workdir and its checkpoints folder can be written."""
     for folder in (self.workdir, self.directory):
-      if folder.exists() and not folder.is_dir():
-        raise errors.UserError(f'{folder} is not a folder (it is a file). Pass a --workdir that is '
-                               'a folder, or a path where one can be created.')
-      try:
-        folder.mkdir(parents=True, exist_ok=True)
-      except OSError as e:
-        reason = f'{type(e).__name__}: {e.strerror}'
-        raise errors.UserError(self._unwritable(folder, reason)) from None
-      problem = checkpoint_files.write_problem(folder)
-      if problem:
-        raise errors.UserError(self._unwritable(folder, problem))
+      make_writable_folder(folder, self._unwritable)
 
   def _unwritable(self, folder: str, reason: str) -> str:
     steps = self._manager.all_steps() if hasattr(self, '_manager') else []
     kept = (f' The checkpoints already saved are intact (newest: step {max(steps)}); rerun the '
             'same command to resume from it.') if steps else ''
-    return (f'{folder} cannot be written ({reason}). Give this user write access to it (and free '
-            f'space), or pass another --workdir.{kept}')
+    return unwritable_message(folder, reason) + kept
 
   def _set_aside_damaged(self) -> set[int]:
     """Quarantines (read-only: hides) own steps with a damaged metrics file; warns about foreign

@@ -8,7 +8,9 @@ save at once. Signals are logged the moment they arrive, also while XLA compiles
 import contextlib
 import os
 import signal
+import sys
 import threading
+from typing import Optional
 
 from absl import logging
 import jax
@@ -45,28 +47,40 @@ class _SignalWatcher:
     os.close(self._read_fd)
 
 
-def _exit_at_once(signum: int, what: str):
-  """Logs 'Received <signal><what>' and ends the process now, exit code 128 + signum."""
-  logging.warning('Received %s%s The checkpoints already committed are kept; rerun the same '
-                  'command to resume.', signal.Signals(signum).name, what)
+def _exit_at_once(signum: int, what: str, message: Optional[str] = None):
+  """Logs 'Received <signal><what>' (or prints `message` on stderr) and ends the process now,
+  exit code 128 + signum."""
+  if message is None:
+    logging.warning('Received %s%s The checkpoints already committed are kept; rerun the same '
+                    'command to resume.', signal.Signals(signum).name, what)
   logging.flush()
+  if message is not None:
+    try:
+      print(f'\n{message}', file=sys.stderr, flush=True)
+    except OSError:  # A closed stderr: exit all the same.
+      pass
   os._exit(128 + signum)  # pylint: disable=protected-access
 
 
 @contextlib.contextmanager
-def exit_on_interrupt():
+def exit_on_interrupt(message: Optional[str] = None):
   """Within this context, Ctrl-C exits at once (exit code 130), for phases with nothing to save.
 
   A PreemptionNotice entered inside takes over until it closes. Orbax commits checkpoints
   atomically, so those already committed are kept; without this, a KeyboardInterrupt can be
   swallowed (raised inside a garbage-collection callback) or wait for an XLA compile to end.
+
+  Args:
+    message: the one line printed on stderr at Ctrl-C (for programs that write no checkpoints);
+      None: a log line saying that the checkpoints already committed are kept.
   """
   if threading.current_thread() is not threading.main_thread():
     yield
     return
 
   previous = signal.signal(signal.SIGINT, lambda *_: None)
-  watcher = _SignalWatcher(lambda signum: _exit_at_once(signum, ': exiting now.'), [signal.SIGINT])
+  watcher = _SignalWatcher(lambda signum: _exit_at_once(signum, ': exiting now.', message),
+                           [signal.SIGINT])
   try:
     yield
   finally:

@@ -165,6 +165,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     The final evaluation metrics (on config.dataset.eval_split), or {} when preempted.
   """
   config_validation.validate(config)
+  if jax.process_index() == 0:
+    checkpoints.make_writable_folder(workdir)  # A file or a read-only folder: before the lock.
   lock = workdir_lock.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   with lock:
     return _train_and_evaluate(config, workdir)

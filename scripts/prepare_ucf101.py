@@ -38,6 +38,7 @@ from absl import flags
 from absl import logging
 
 from har_jax import errors
+from har_jax import preemption
 from har_jax.data import ucf101
 
 FLAGS = flags.FLAGS
@@ -59,7 +60,16 @@ flags.DEFINE_bool('overwrite', False, '--short_side: rebuild a frame store made 
 flags.mark_flags_as_required(['source', 'data_dir'])
 
 
+INTERRUPTED = ('interrupted: nothing half-written is readable (the partial folder is removed when '
+               'you rerun the same command); the datasets already prepared are kept.')
+
+
 def main(argv):
+  with preemption.exit_on_interrupt(INTERRUPTED):  # Ctrl-C: one line, exit 130.
+    _main(argv)
+
+
+def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)

@@ -24,6 +24,7 @@ from absl import flags
 from absl import logging
 
 from har_jax import errors
+from har_jax import preemption
 from har_jax.data import video_folder
 
 FLAGS = flags.FLAGS
@@ -43,7 +44,16 @@ flags.DEFINE_bool('overwrite', False,
 flags.mark_flags_as_required(['source', 'data_dir', 'name'])
 
 
+INTERRUPTED = ('interrupted: nothing half-written is readable (the partial folder is removed when '
+               'you rerun the same command); the datasets already prepared are kept.')
+
+
 def main(argv):
+  with preemption.exit_on_interrupt(INTERRUPTED):  # Ctrl-C: one line, exit 130.
+    _main(argv)
+
+
+def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)

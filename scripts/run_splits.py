@@ -25,7 +25,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 from ml_collections import config_flags
 import tensorflow as tf
@@ -78,7 +77,6 @@ def main(argv):
       summary = splits.run(FLAGS.config, FLAGS.workdir_root, splits=_splits(),
                            dataset=FLAGS.dataset, baseline=FLAGS.baseline, meta=meta)
     except errors.UserError as e:  # Bad input: a clear message, no traceback, a non-zero exit.
-      logging.error('%s', e)
       print(f'error: {e}', file=sys.stderr)
       sys.exit(1)
   if summary['paths']:

@@ -172,14 +172,13 @@ def main(argv):
 
 
 def _describe(source, recogniser, step) -> str:
-  stream, rate = source.stream, source.frame_rate
+  stream = source.stream
   span = (recogniser.num_frames - 1) * recogniser.frame_stride + 1
-  window = f' = {span / rate:.2f} s' if rate else ''
-  return (f'{source.name}: {source.kind}, {stream.width}x{stream.height} at '
-          f'{f"{rate:g} fps" if rate else "an unknown frame rate"}'
+  rate, seconds = video_sources.rate_and_window(source, span)
+  return (f'{source.name}: {source.kind}, {stream.width}x{stream.height} at {rate}'
           f'{", live: late frames are dropped" if source.live else ""}. Checkpoint step {step}: '
           f'{recogniser.num_frames} frames at stride {recogniser.frame_stride} (a window of '
-          f'{span} frames{window}).')
+          f'{span} frames{f" = {seconds}" if seconds else ""}).')
 
 
 def _finish(source, reader, run, interrupted: bool, closed: bool) -> int:

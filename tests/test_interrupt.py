@@ -150,3 +150,69 @@ def test_ctrl_c_before_training_starts_exits_without_a_traceback(tmp_path, synth
   text = run.text()
   assert rc == 128 + signal.SIGINT, text[-4000:]
   assert 'Traceback' not in text and 'Received SIGINT: exiting now' in text, text[-4000:]
+
+
+_SLOW_PREPARE = '''
+import sys, time
+sys.path[:0] = [{tests!r}, {repo!r}]
+import conftest
+from absl import app
+from har_jax.data import {module} as target
+original = target.{function}
+def slow(*args, **kwargs):  # Long enough to press Ctrl-C while the videos are being decoded.
+  time.sleep(0.5)
+  return original(*args, **kwargs)
+target.{function} = slow
+app.run(conftest.load_script({script!r}).main)
+'''
+
+
+@pytest.mark.parametrize('script', ['prepare_video_folder', 'prepare_ucf101'])
+def test_ctrl_c_in_a_prepare_script_is_one_line_and_exit_130(tmp_path, script):
+  """Issue 27.10: rc 130 was right, the KeyboardInterrupt traceback was not."""
+  import conftest  # pylint: disable=g-import-not-at-top
+  from har_jax.data import frame_store  # pylint: disable=g-import-not-at-top
+  from har_jax.data import video_folder  # pylint: disable=g-import-not-at-top
+  data_dir = tmp_path / 'data'
+  if script == 'prepare_video_folder':
+    from test_video_folder import make_source  # pylint: disable=g-import-not-at-top
+    make_source(str(tmp_path / 'videos'), per_class=4, corrupt=False)
+    module, function, marker = 'video_folder', 'decode_video', 'classes;'
+    args = [f'--source={tmp_path / "videos"}', f'--data_dir={data_dir}', '--name=mini',
+            '--short_side=16', '--num_workers=1']
+  else:
+    conftest.load_script('make_fake_ucf101').make_fake_ucf101(
+        str(tmp_path / 'ucf'), classes=('ApplyEyeMakeup', 'HandstandPushups'), groups=(1, 8, 9),
+        clips=1, frames=6, width=32, height=24)
+    module, function, marker = 'ucf101', 'extract_frames', 'Extracting the frames'
+    args = [f'--source={tmp_path / "ucf"}', f'--data_dir={data_dir}', '--short_side=16',
+            '--num_workers=1']
+  code = _SLOW_PREPARE.format(tests=os.path.join(REPO, 'tests'), repo=REPO, module=module,
+                              function=function, script=script)
+  proc = subprocess.Popen([sys.executable, '-c', code, *args], cwd=REPO,
+                          env=dict(os.environ, PYTHONUNBUFFERED='1'), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
+  lines = []
+  try:
+    for line in proc.stdout:
+      lines.append(line)
+      if marker in line:
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        break
+    lines += proc.stdout.readlines()
+    rc = proc.wait(timeout=60)
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+  text = ''.join(lines)
+  assert rc == 128 + signal.SIGINT, text[-4000:]
+  assert 'Traceback' not in text and 'KeyboardInterrupt' not in text, text[-4000:]
+  interrupted = [line for line in text.splitlines() if line.startswith('interrupted:')]
+  assert len(interrupted) == 1 and 'rerun' in interrupted[0], text[-4000:]
+  if script == 'prepare_video_folder':
+    assert not video_folder.VideoFolder(config=video_folder.VideoFolderConfig(
+        name='mini', source=str(tmp_path / 'videos'), short_side=16),
+        data_dir=str(data_dir)).is_prepared()
+  else:
+    assert not frame_store.exists(os.path.join(data_dir, 'ucf101_frames', 's16'))

@@ -667,3 +667,32 @@ def test_benchmark_stream_prints_its_figures():
     assert all(float(v) > 0 for v in figures.values()), line
     assert float(figures['source_per_s']) == pytest.approx(2 * float(figures['kept_per_s']),
                                                            rel=0.01)  # Stride 2.
+
+
+def _write_variable_rate(path, times_ms):
+  """An FFV1 .mkv that declares 5 fps and has frames at `times_ms`."""
+  import fractions  # pylint: disable=g-import-not-at-top
+  with av.open(str(path), 'w') as container:
+    stream = container.add_stream('ffv1', rate=5)
+    stream.width, stream.height, stream.pix_fmt = 32, 32, 'yuv420p'
+    stream.time_base = stream.codec_context.time_base = fractions.Fraction(1, 1000)
+    for i, ms in enumerate(times_ms):
+      frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), i * 3 % 255, np.uint8),
+                                         format='rgb24')
+      frame.pts, frame.time_base = ms, fractions.Fraction(1, 1000)
+      container.mux(stream.encode(frame))
+    container.mux(stream.encode())
+  return str(path)
+
+
+def test_window_seconds_come_from_the_timestamps_of_a_variable_rate_file(tmp_path):
+  """Issue 27.11: a 5 -> 30 fps file was described as '5 fps, window 3.20 s' (its header rate)."""
+  times = [i * 200 for i in range(5)] + [1000 + i * 1000 // 30 for i in range(90)]
+  source = video_sources.open_source(_write_variable_rate(tmp_path / 'vfr.mkv', times))
+  assert source.frame_rate == 5  # What the header says.
+  rate, seconds = video_sources.rate_and_window(source, span=16)
+  assert 'its header says 5 fps' in rate and 'variable' in rate, rate
+  assert re.match(r'5-30(\.\d)? fps', rate) and seconds == '0.53-3.20 s', (rate, seconds)
+  steady = video_sources.open_source(write_video(tmp_path / 'steady.mkv',
+                                                 np.zeros((12, 16, 16, 3), np.uint8), fps=10))
+  assert video_sources.rate_and_window(steady, span=16) == ('10 fps', '1.60 s')

@@ -335,3 +335,52 @@ def test_dataset_name_errors(tmp_path):
   config.dataset.name = 'ucf101_meta/ucf101_1_256'
   with pytest.raises(errors.UserError, match='not prepared.*prepare_ucf101.py.*ucf101_meta'):
     datasets.get_builder(config.dataset)
+
+
+def _small_copy(folder):
+  make_fake_ucf101.make_fake_ucf101(str(folder), classes=CLASSES, groups=(1, 8), clips=1,
+                                    frames=6, width=32, height=24)
+  return str(folder)
+
+
+def test_an_unreadable_split_list_is_one_line_naming_it(tmp_path):
+  """Issue 27.10: a split list that cannot be read (not UTF-8, a dangling link) was a
+  UnicodeDecodeError / FileNotFoundError traceback."""
+  root = _small_copy(tmp_path / 'copy')
+  lists = os.path.join(root, 'ucfTrainTestlist')
+  train = os.path.join(lists, 'trainlist01.txt')
+  with open(train, 'wb') as f:
+    f.write(b'\xff\xfe not text\n')
+  with pytest.raises(errors.UserError) as raised:
+    ucf101.UcfSource(root)
+  message = str(raised.value)
+  assert '\n' not in message and train in message and 'UTF-8' in message, message
+  os.remove(train)
+  os.symlink(str(tmp_path / 'gone.txt'), train)
+  with pytest.raises(errors.UserError, match=f'{train}.*cannot be read.*No such file'):
+    ucf101.UcfSource(root)
+  os.remove(train)
+  zipped = str(tmp_path / 'splits.zip')
+  with zipfile.ZipFile(zipped, 'w') as archive:
+    archive.writestr('ucfTrainTestlist/trainlist01.txt', b'\xff\xfe not text\n')
+  with pytest.raises(errors.UserError, match=f'ucfTrainTestlist/trainlist01.txt in {zipped}'):
+    ucf101.UcfSource([root, zipped])
+
+
+def test_an_unreadable_video_in_stock_records_is_one_line_naming_it(tmp_path):
+  """Issue 27.10: a zero-byte .avi built into TFDS records gave 2 tracebacks (ffmpeg's
+  CalledProcessError, then TFDS's 'Failed to encode example'); the frame store names the file
+  in one line, and so do the records now (both variants), leaving no readable dataset."""
+  root = _small_copy(tmp_path / 'copy')
+  empty = os.path.join(root, 'UCF-101', 'ApplyEyeMakeup', 'v_ApplyEyeMakeup_g08_c01.avi')
+  open(empty, 'wb').close()
+  for variant in ('ucf101', 'ucf101_meta'):
+    with pytest.raises(errors.UserError) as raised:
+      ucf101.prepare(root, str(tmp_path / 'tfds'), 'ucf101_1', variant=variant)
+    message = str(raised.value)
+    assert '\n' not in message and 'v_ApplyEyeMakeup_g08_c01.avi' in message, message
+    assert 'cannot be read' in message and '--allow_missing' in message, message
+    assert not ucf101.BUILDERS[variant](config='ucf101_1',
+                                        data_dir=str(tmp_path / 'tfds')).is_prepared()
+  with pytest.raises(errors.UserError, match='v_ApplyEyeMakeup_g08_c01.avi.*cannot be read'):
+    ucf101.prepare_frames(root, str(tmp_path / 'frames'), 16, num_workers=1)

@@ -471,3 +471,17 @@ def test_overwrite_keeps_the_old_dataset_until_the_new_one_is_complete(tmp_path,
   assert builder.info.metadata['settings']['short_side'] == 24
   video = next(builder.as_dataset(split='test').as_numpy_iterator())['video']
   assert min(video.shape[1:3]) == 24
+
+
+@pytest.mark.parametrize('prefix', ['', 'train/'])
+def test_class_folders_that_differ_only_in_case_are_refused(tmp_path, prefix):
+  """Issue 27.11: `Walk` and `walk` were accepted silently as two classes (one action, two
+  labels; and one folder on a case-insensitive disk)."""
+  root = str(tmp_path / 's')
+  _touch(root, [f'{prefix}{c}/{i}.avi' for c in ('Walk', 'walk', 'sit') for i in (1, 2)] +
+         (['test/sit/3.avi', 'test/walk/3.avi'] if prefix else []))
+  with pytest.raises(errors.UserError) as raised:
+    vf.plan_splits(vf.VideoFolderConfig(name='x', source=root))
+  message = str(raised.value)
+  assert '\n' not in message and "'Walk'" in message and "'walk'" in message, message
+  assert 'differ only in case' in message and 'rename' in message, message

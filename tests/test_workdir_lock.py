@@ -66,3 +66,20 @@ def test_main_refuses_a_workdir_another_run_holds_in_one_line(tmp_path, syntheti
   assert len(errors_) == 1 and f'PID {os.getpid()}' in errors_[0], done.stderr[-2000:]
   assert 'Traceback' not in done.stderr
   assert os.listdir(tmp_path / 'run') == []  # The refused run wrote nothing.
+
+
+def test_a_file_as_workdir_is_one_line_printed_once(tmp_path, synthetic_data_dir):
+  """Issue 27.11: a file given as --workdir printed its message twice (then the lock's mkdir made
+  it a FileExistsError traceback)."""
+  (tmp_path / 'afile').write_text('not a folder')
+  done = subprocess.run(
+      [sys.executable, 'main.py', '--config=configs/synthetic.py',
+       f'--workdir={tmp_path / "afile"}', *tiny_flags(synthetic_data_dir)],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  output = done.stdout + done.stderr
+  assert done.returncode == 1 and 'Traceback' not in output, output[-3000:]
+  assert output.count('is not a folder') == 1, output[-3000:]
+  assert [line for line in done.stderr.splitlines() if line.startswith('error:')] == [
+      f'error: {tmp_path / "afile"} is not a folder (it is a file). Pass a --workdir that is a '
+      'folder, or a path where one can be created.']
+  assert (tmp_path / 'afile').read_text() == 'not a folder'

@@ -26,6 +26,7 @@ import concurrent.futures
 import dataclasses
 import io
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -80,6 +81,28 @@ def _video_key(file_name: str) -> str:
   return os.path.basename(file_name).replace(*_QUIRK)
 
 
+def _read_split_list(where: str, read) -> str:
+  """The text of a split list, `read()` giving its bytes; errors.UserError naming `where` when it
+  cannot be read or is not UTF-8 text."""
+  try:
+    return read().decode('utf-8')
+  except UnicodeDecodeError as e:
+    reason = f'it is not UTF-8 text: byte {e.start} is {e.object[e.start:e.start + 1]!r}'
+  except (OSError, zipfile.BadZipFile) as e:
+    reason = f'{type(e).__name__}: {getattr(e, "strerror", None) or e}'
+  raise errors.UserError(f'Split list {where} cannot be read ({reason}). Replace it with the one '
+                         'from UCF101TrainTestSplits-RecognitionTask.zip.')
+
+
+def unreadable_video_message(file_name: str, source_description: str, error: Exception) -> str:
+  """One line: the video that cannot be read, why (the last line of ffmpeg's or PyAV's message),
+  and what to do."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return (f'Video {file_name} of {source_description} cannot be read '
+          f'({lines[-1] if lines else type(error).__name__}). Replace the file, or remove it and '
+          'pass --allow_missing.')
+
+
 class UcfSource:
   """A local UCF101 copy: split lists and videos, from folders or zip files.
 
@@ -121,8 +144,7 @@ class UcfSource:
       for f in files:
         full = os.path.join(root, f)
         if os.path.basename(root) == LIST_DIR and f.endswith('.txt'):
-          with open(full, encoding='utf-8') as fh:
-            self._lists[f] = fh.read()
+          self._lists[f] = _read_split_list(full, pathlib.Path(full).read_bytes)
         elif f.lower().endswith('.avi'):
           self._videos[_video_key(f)] = (None, full)
         elif f.lower().endswith('.zip') and zipfile.is_zipfile(full):
@@ -132,7 +154,8 @@ class UcfSource:
     for info in archive.infolist():
       name = info.filename
       if name.endswith('.txt') and os.path.basename(os.path.dirname(name)) == LIST_DIR:
-        self._lists[os.path.basename(name)] = archive.read(name).decode('utf-8')
+        self._lists[os.path.basename(name)] = _read_split_list(
+            f'{name} in {archive.filename}', lambda name=name: archive.read(name))
       elif name.lower().endswith('.avi'):
         self._videos[_video_key(name)] = (archive, name)
 
@@ -175,6 +198,7 @@ class LocalUcf101(tfds_ucf101.Ucf101, skip_registration=True):
                **kwargs):
     self._source = source
     self._allow_missing = allow_missing
+    self.current_video = None  # The file of the example being generated and encoded.
     super().__init__(**kwargs)
 
   def _available_entries(self, split: str) -> list[tuple[str, str]]:
@@ -202,8 +226,10 @@ class LocalUcf101(tfds_ucf101.Ucf101, skip_registration=True):
 
   def _generate_examples(self, entries):  # pytype: disable=signature-mismatch
     for class_name, file_name in sorted(entries):
+      self.current_video = file_name  # TFDS encodes (ffmpeg decodes) each example as it comes.
       # The stock key: the file name with the zip's HandstandPushups spelling.
       yield _video_key(file_name), self._example(class_name, file_name)
+    self.current_video = None
 
 
 def _probe(video: Union[str, bytes]) -> tuple[int, float]:
@@ -309,9 +335,15 @@ def prepare(source: Union[str, list[str]], data_dir: str, config: str = 'ucf101_
   logging.info('Building %s from %s into %s (ffmpeg extracts every frame; the full UCF101 takes '
                'hours on one machine).', builder.info.full_name, ucf_source.description,
                builder.data_dir)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False,
-                                                   num_shards=num_shards or None))
+  try:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False,
+                                                     num_shards=num_shards or None))
+  except (ValueError, OSError) as e:  # ffmpeg (TFDS's Video feature) or PyAV (_probe) failed.
+    if builder.current_video is None:
+      raise
+    raise errors.UserError(unreadable_video_message(builder.current_video, ucf_source.description,
+                                                    e)) from None
   return PrepareResult(f'{variant}/{config}', builder.data_dir, _sizes(builder), reused=False)
 
 
@@ -465,8 +497,7 @@ def _write_videos(writer: frame_store.Writer, source: UcfSource, videos, class_n
     try:
       return extract_frames(video, short_side), _video_fps(video)
     except (ValueError, OSError) as e:
-      raise errors.UserError(f'Video {file_name} of {source.description} cannot be read: {e}. '
-                             'Replace the file, or remove it and pass --allow_missing.') from None
+      raise errors.UserError(unreadable_video_message(file_name, source.description, e)) from None
 
   rows, start, last = {}, time.monotonic(), time.monotonic()
   remaining, pending = iter(videos), collections.deque()

@@ -184,6 +184,20 @@ def _check_class_name(root: str, class_dir: str):
         'shift. Please rename the folder.')
 
 
+def _check_case_clash(root: str, classes: list[str]):
+  """Refuses class folders whose names differ only in case (`Walk`, `walk`): two labels for what
+  is likely one action, and one folder once copied to a case-insensitive disk."""
+  by_folded = collections.defaultdict(list)
+  for c in classes:
+    by_folded[c.casefold()].append(c)
+  clashes = [sorted(names) for names in by_folded.values() if len(names) > 1]
+  if clashes:
+    named = '; '.join(' and '.join(repr(n) for n in names) for names in sorted(clashes))
+    raise errors.UserError(
+        f'Class folders {named} in {root!r} differ only in case; they would be separate classes. '
+        'Merge them into one folder, or rename one if they really are different actions.')
+
+
 def _scan_classes(root: str, skipped_links: list,
                   prefix: str = '') -> dict[str, list[VideoFile]]:
   """{class name: videos} of a <root>/<class>/... folder, checked for >= 2 classes.
@@ -208,6 +222,7 @@ def _scan_classes(root: str, skipped_links: list,
         f'classes. Expected {layouts}.')
   for c in classes:
     _check_class_name(root, c)
+  _check_case_clash(root, classes)
   loose = [f for f in os.listdir(root) if _is_video(f)]
   if loose:
     logging.warning('Ignoring %d video files directly in %s (not in a class folder), e.g. %s.',

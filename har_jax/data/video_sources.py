@@ -27,6 +27,7 @@ import time as time_lib
 from typing import Callable, Iterable, Iterator, Optional
 
 import av
+import numpy as np
 
 from har_jax.data import video_files
 
@@ -60,6 +61,32 @@ class Source:
     """Frames per second the stream declares, or None."""
     rate = self.stream.average_rate or self.stream.guessed_rate
     return float(rate) if rate else None
+
+  def measured_rates(self, max_seconds: float = 60.0) -> Optional[tuple[float, float, float]]:
+    """(mean, low, high) frames per second from a file's packet timestamps over its first
+    `max_seconds` (demuxed, not decoded; low and high: the lowest and highest frame-to-frame
+    rate), or None for a source that is not a file or has too few timestamps."""
+    if self.kind != 'file':
+      return None
+    path = self.name[len('file://'):] if self.name.startswith('file://') else self.name
+    times = []
+    try:
+      with av.open(path) as container:
+        stream = container.streams.video[0]
+        for packet in container.demux(stream):
+          if packet.pts is not None and packet.time_base:
+            times.append(float(packet.pts * packet.time_base))
+            if times[-1] - times[0] > max_seconds:
+              break
+    except Exception:  # pylint: disable=broad-except  (the read itself names a damaged file)
+      return None
+    times = sorted(times)
+    steps = np.diff(times)
+    steps = steps[steps > 0]
+    if len(steps) < 2:
+      return None
+    low, high = 1 / steps.max(), 1 / steps.min()
+    return (len(times) - 1) / (times[-1] - times[0]), float(low), float(high)
 
   def frames(self) -> Iterator[tuple[float, object]]:
     """Yields (seconds since the first frame, av.VideoFrame) in display order, then closes the
@@ -108,6 +135,25 @@ class Source:
     if duration and last + frame_time < duration - max(0.5, 2 * frame_time):
       raise video_files.VideoError(f'its header announces {duration:.2f} s of video, the frames '
                                    f'end at {last + frame_time:.2f} s')
+
+
+def rate_and_window(source: Source, span: int) -> tuple[str, str]:
+  """('<rate>', '<seconds> s') of a window of `span` frames: from the header's rate or, where a
+  file's timestamps disagree with it (a variable frame rate), from the timestamps; the seconds
+  are '' when the rate is unknown."""
+  rate, measured = source.frame_rate, source.measured_rates()
+  if measured:
+    mean, low, high = measured
+    variable = high > 1.1 * low
+    if variable or not rate or abs(mean - rate) > 0.05 * mean:
+      header = f'its header says {rate:g} fps' if rate else 'its header gives no rate'
+      if variable:
+        return (f'{low:.3g}-{high:.3g} fps (variable, from its timestamps; {header})',
+                f'{span / high:.2f}-{span / low:.2f} s')
+      return f'{mean:.3g} fps (from its timestamps; {header})', f'{span / mean:.2f} s'
+  if not rate:
+    return 'an unknown frame rate', ''
+  return f'{rate:g} fps', f'{span / rate:.2f} s'
 
 
 def open_source(spec: str, *, live: Optional[bool] = None,
