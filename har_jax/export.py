@@ -166,18 +166,9 @@ def _move_into_place(staging: str, out: str):
       paths.path(out).rmtree()
     paths.move_tree(staging, out)
     return
-  if not os.path.lexists(out):
-    os.rename(staging, out)
-    return
-  old = _new_folder(os.path.dirname(out), f'.{os.path.basename(out)}.old')
-  os.rename(out, os.path.join(old, 'export'))
-  try:
-    os.rename(staging, out)
-  except OSError:
-    os.rename(os.path.join(old, 'export'), out)
-    os.rmdir(old)
-    raise
-  shutil.rmtree(old, ignore_errors=True)
+  aside = os.path.join(os.path.dirname(out),
+                       f'.{os.path.basename(out)}.old-{uuid.uuid4().hex[:12]}')
+  paths.replace_folder(staging, out, aside)
 
 
 def _new_folder(parent: str, prefix: str) -> str:

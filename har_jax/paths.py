@@ -26,9 +26,8 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
-from absl import logging
 from etils import epath
 
 from har_jax import errors
@@ -130,6 +129,22 @@ def move_tree(source: PathLike, destination: PathLike):
   source.rmtree()
 
 
+def replace_folder(new: str, target: str, aside: str):
+  """Renames the finished local folder `new` to `target`. A folder already at `target` is first
+  renamed to `aside` and deleted only once `new` is in place (put back if that rename fails), so
+  what the user has stays until its replacement exists."""
+  if not os.path.lexists(target):
+    os.rename(new, target)
+    return
+  os.rename(target, aside)
+  try:
+    os.rename(new, target)
+  except BaseException:
+    os.rename(aside, target)
+    raise
+  shutil.rmtree(aside, ignore_errors=True)
+
+
 def require_local(p: PathLike, what: str, remedy: str):
   """Raises errors.UserError when `p` is a URL: `what` needs a POSIX file system."""
   if is_url(p):
@@ -196,13 +211,3 @@ def list_names(folder: PathLike) -> list[str]:
   return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
 
-@contextlib.contextmanager
-def local_copy(p: PathLike) -> Iterator[str]:
-  """A local file path holding the bytes of `p` (the path itself when it is local)."""
-  if not is_url(p):
-    yield os.fspath(path(p))
-    return
-  with tempfile.TemporaryDirectory(prefix='har_jax_') as folder:
-    local = os.path.join(folder, path(p).name)
-    path(p).copy(epath.Path(local))
-    yield local

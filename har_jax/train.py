@@ -263,7 +263,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
           save(step, parallel.unreplicate(state), eval_metrics)
           writer.flush()  # Events up to each checkpoint survive a kill (uploaded, on a bucket).
       if preempted:
-        writer.flush()
         reads.log()
         logging.warning('%s: saved checkpoint %d in %s; run the same command to resume.',
                         notice.cause, step, manager.directory)

@@ -25,7 +25,6 @@ when the workdir/checkpoint cannot be used; 130 after Ctrl-C.
 
 import os
 import sys
-import tempfile
 
 from absl import app
 from absl import flags
@@ -33,6 +32,7 @@ import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from har_jax import checkpoint_files
 from har_jax import cli
 from har_jax import distributed
 from har_jax import errors
@@ -103,13 +103,8 @@ def _output_problems() -> list[str]:
       problems.append(f'--{flag}={value}: folder {folder} does not exist.')
     elif os.path.isdir(path):
       problems.append(f'--{flag}={value}: it is a folder; name a file.')
-    else:
-      try:
-        with tempfile.TemporaryFile(dir=folder):
-          pass
-      except OSError as e:
-        problems.append(f'--{flag}={value}: folder {folder} cannot be written '
-                        f'({e.strerror or e}).')
+    elif problem := checkpoint_files.write_problem(folder):
+      problems.append(f'--{flag}={value}: folder {folder} cannot be written ({problem}).')
     if flag == 'plot':
       from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
       formats = backend_agg.FigureCanvasAgg.get_supported_filetypes()

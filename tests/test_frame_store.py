@@ -2,7 +2,6 @@
 
 import io
 import os
-import re
 
 import numpy as np
 from PIL import Image

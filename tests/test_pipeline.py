@@ -1,7 +1,6 @@
 """Input pipeline on real TFDS records: bad data, per-host shards, eval views."""
 
 import os
-import re
 import shutil
 
 import numpy as np

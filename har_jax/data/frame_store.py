@@ -183,17 +183,7 @@ def replace_folder(new: str, path: str):
   `<path>.replaced-<id>` and deleted only once `new` is in place (put back if that rename fails;
   `remove_incomplete` puts it back after a crash in between)."""
   path = os.path.abspath(path)
-  if not os.path.lexists(path):
-    os.rename(new, path)
-    return
-  old = f'{path}.replaced-{uuid.uuid4().hex[:8]}'
-  os.rename(path, old)
-  try:
-    os.rename(new, path)
-  except BaseException:
-    os.rename(old, path)
-    raise
-  shutil.rmtree(old, ignore_errors=True)
+  paths.replace_folder(new, path, f'{path}.replaced-{uuid.uuid4().hex[:8]}')
 
 
 def remove_incomplete(path: str) -> list[str]:

@@ -73,7 +73,6 @@ from har_jax.data import frame_store
 from har_jax.data import stages
 
 HOST_ONLY_KEYS = ('tfds_id', 'num_skipped', 'read_records', 'read_bytes', 'damaged')
-BAD_EXAMPLE_MESSAGE = 'Corrupt example (a sampled frame failed to decode or preprocess). tfds_id:'
 MAX_SKIP_FRACTION = 0.5
 MIN_EXAMPLES_BEFORE_SKIP_CHECK = 64
 _FOREVER = 2**62
@@ -260,8 +259,8 @@ def _zeros_like_spec(spec) -> dict:
           for k, v in spec.items()}
 
 
-def guarded(examples: tf.data.Dataset, preprocess: Callable[[dict], dict], on_error: str, *,
-            group_size: int, num_parallel_calls: int, deterministic: bool,
+def guarded(examples: tf.data.Dataset, preprocess: Callable[[dict], dict], *, group_size: int,
+            num_parallel_calls: int, deterministic: bool,
             what: str = 'training example') -> tf.data.Dataset:
   """Preprocesses examples in groups, so that a failure affects the failing example only.
 
@@ -269,9 +268,9 @@ def guarded(examples: tf.data.Dataset, preprocess: Callable[[dict], dict], on_er
   ignore_errors: clean data pays for one small dataset per group, and the group comes out as one
   batch (no per-example stages or copies). When an example of the group fails, the group is
   preprocessed again example by example (as groups of one), each in its own one-element dataset:
-  on_error='mark' turns a failed example into a zero element with 'valid' False and its tfds_id
-  (one line naming the `what` and its tfds_id is printed to stderr); on_error='raise' raises InvalidArgumentError with BAD_EXAMPLE_MESSAGE and
-  the tfds_id. Errors upstream of `preprocess` (a damaged record file) are not caught.
+  a failed example becomes a zero element with 'valid' False and its tfds_id, named once per
+  process in one line on stderr (`what` says what it is). Errors upstream of `preprocess` (a
+  damaged record file) are not caught.
 
   Args:
     examples: dicts of fixed-size tensors, with a 'tfds_id'.
@@ -293,11 +292,8 @@ def guarded(examples: tf.data.Dataset, preprocess: Callable[[dict], dict], on_er
     element = tf.data.Dataset.from_tensors(example).batch(1)
 
     def fallback(_):
-      if on_error == 'raise':
-        check = tf.debugging.Assert(False, [BAD_EXAMPLE_MESSAGE, example['tfds_id']])
-      else:
-        check = tf.numpy_function(functools.partial(_report_damaged, what),
-                                  [example['tfds_id']], tf.bool, stateful=True)
+      check = tf.numpy_function(functools.partial(_report_damaged, what), [example['tfds_id']],
+                                tf.bool, stateful=True)
       with tf.control_dependencies([check]):
         out = dict(_zeros_like_spec(output_spec), valid=tf.constant([False]))
         if 'tfds_id' in out:
@@ -377,7 +373,7 @@ def create_train_dataset(builder, config, *, local_batch: int, process_index: in
                               start_step=start_step)
   preprocess = functools.partial(preprocess_train, config=config,
                                  frame_size=datasets.static_frame_size(builder), reader=reader)
-  groups = guarded(clips, preprocess, 'mark', group_size=local_batch,
+  groups = guarded(clips, preprocess, group_size=local_batch,
                    num_parallel_calls=_num_parallel_calls(config.dataset),
                    deterministic=bool(config.deterministic_data))
   return _drop_invalid_and_count(groups, local_batch).prefetch(tf.data.AUTOTUNE)
@@ -512,7 +508,7 @@ def create_eval_dataset(builder, config, split: str, *, local_batch: int, proces
   preprocess = functools.partial(preprocess_eval, config=config,
                                  frame_size=datasets.static_frame_size(builder), reader=reader)
   preprocess = per_example(preprocess, ds.map(preprocess).element_spec)
-  ds = guarded(ds, preprocess, 'mark', group_size=local_batch,
+  ds = guarded(ds, preprocess, group_size=local_batch,
                num_parallel_calls=_num_parallel_calls(config.dataset), deterministic=True,
                what=f'video of split {split!r}')
   ds = ds.unbatch().map(_mask_damaged)

@@ -8,9 +8,9 @@ Layout under `<workdir>/eval/`:
 """
 
 import datetime
+import io
 import json
 import math
-import io
 import re
 from typing import Optional, Sequence
 
