@@ -258,7 +258,7 @@ def test_jax_artifact_without_har_jax_gives_the_flax_probabilities(exported, par
 def test_onnx_models_in_onnxruntime_alone_give_the_flax_probabilities(exported, parity_cases,
                                                                       tmp_path):
   """model.onnx, and encode_frames.onnx then classify_features.onnx, in a process with neither
-  JAX nor TensorFlow: the Flax model's answers to 1e-4, two batch sizes, two frame sizes."""
+  JAX nor TensorFlow: the Flax model's probabilities to 1e-4, two batch sizes, two frame sizes."""
   _, loaded, out = exported
   cases_file, clips, reference = parity_cases
   answer = _run_client(ONNX_CLIENT, [out, cases_file, tmp_path / 'onnx.npz'], tmp_path,
@@ -274,11 +274,12 @@ def test_onnx_models_in_onnxruntime_alone_give_the_flax_probabilities(exported, 
   assert len({k.split('_')[1] for k in clips}) == 2
   for key in clips:
     ref = reference[key]
-    for name in ('probabilities', 'logits', 'features'):
-      np.testing.assert_allclose(results[f'{key}/{name}'], ref[name], atol=1e-4, rtol=1e-4,
-                                 err_msg=f'{key} {name}')
+    # As for the SavedModel: a pixel of the resized views may round to the other grey level.
     np.testing.assert_allclose(results[f'{key}/probabilities'], ref['probabilities'], atol=1e-4,
                                rtol=0, err_msg=key)
+    for name in ('logits', 'features'):
+      np.testing.assert_allclose(results[f'{key}/{name}'], ref[name], atol=1e-3, rtol=1e-4,
+                                 err_msg=f'{key} {name}')
     np.testing.assert_allclose(results[f'{key}/window'], ref['probabilities'], atol=1e-4, rtol=0,
                                err_msg=key)
 
