@@ -4,7 +4,7 @@ r"""UCF101 split 1, the LRCN recipe: ResNet-18 frames -> LSTM(512) -> 101-way he
 half scale by the JPEG decoder (128x128) and randomly cropped. Trained from scratch. The resize
 follows the crop (dataset.resize_size = image_size * 8 // 7) unless set.
 
-Command (build the records first, see README "UCF101"):
+Command (build the records first, see docs/ucf101.md):
 
   python main.py --config=configs/default.py --workdir=workdirs/ucf101_r18 \
       --config.dataset.data_dir=$HOME/tensorflow_datasets
