@@ -49,8 +49,9 @@ PREPROCESSING = 'imagenet'  # RGB, (x / 255 - ImageNet mean) / ImageNet std.
 LAYOUT_TORCHVISION = 'torchvision/timm'
 LAYOUT_MMACTION2 = 'mmaction2'
 LAYOUT_MMACTION2_TV = 'mmaction2 (torchvision backbone)'
-_HEADS = {LAYOUT_TORCHVISION: ('fc.',), LAYOUT_MMACTION2: ('cls_head.',),
-          LAYOUT_MMACTION2_TV: ('cls_head.',)}
+# Dropped: the classifier, and mmaction2's input normalisation buffers (recorded as 'imagenet').
+_HEADS = {LAYOUT_TORCHVISION: ('fc.',), LAYOUT_MMACTION2: ('cls_head.', 'data_preprocessor.'),
+          LAYOUT_MMACTION2_TV: ('cls_head.', 'data_preprocessor.')}
 
 # torchvision names (after any renaming) -> (flax module path, kind).
 _TV_STEM = re.compile(r'^(conv1|bn1)\.(\w+)$')

@@ -147,7 +147,8 @@ def test_layouts_and_bad_files_each_give_one_line(tmp_path):
                                 state['layer3.0.downsample.1.weight'])
   backbone = {f'backbone.{k}': v for k, v in state.items() if not k.startswith('fc.')}
   _, tv_meta = torch_weights.convert_state_dict(
-      dict(backbone, **{'cls_head.fc_cls.weight': np.zeros((3, 512), np.float32)}), 'resnet18')
+      dict(backbone, **{'cls_head.fc_cls.weight': np.zeros((3, 512), np.float32),
+                        'data_preprocessor.mean': np.zeros((3, 1, 1), np.float32)}), 'resnet18')
   assert tv_meta['layout'] == 'mmaction2 (torchvision backbone)'
 
   cases = [
