@@ -36,6 +36,7 @@ import orbax.checkpoint as ocp
 
 from har_jax import config_fields
 from har_jax import errors
+from har_jax import paths
 from har_jax.models import encoders
 
 FORMAT = 'har_jax_encoder'
@@ -250,7 +251,7 @@ def save_encoder(path: str, variables: dict, meta: dict):
       raise ValueError(f'Encoder checkpoint meta needs {field!r}; got {sorted(meta)}')
   meta = dict(meta, format=FORMAT, version=VERSION)
   variables = jax.tree.map(lambda x: np.asarray(x, np.float32), flax.core.unfreeze(variables))
-  _checkpointer().save(os.path.abspath(path), args=ocp.args.Composite(
+  _checkpointer().save(paths.path(path), args=ocp.args.Composite(
       variables=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta)))
   logging.info('Wrote encoder checkpoint %s (%s, %d parameters).', path, meta['encoder'],
                sum(int(np.size(x)) for x in jax.tree.leaves(variables['params'])))
@@ -258,8 +259,8 @@ def save_encoder(path: str, variables: dict, meta: dict):
 
 def read_encoder_meta(path: str) -> dict:
   """The 'meta' JSON of the encoder checkpoint at `path`."""
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  path = paths.path(path)
+  if not path.is_dir():
     raise FileNotFoundError(f'No encoder checkpoint at {path}. Make one with '
                             'scripts/convert_weights.py or scripts/convert_keras_encoder.py.')
   meta = _checkpointer().restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
@@ -282,7 +283,7 @@ def load_encoder(path: str, target: dict) -> tuple[dict, dict]:
   Raises:
     errors.UserError naming the first parameter that does not fit.
   """
-  path = os.path.abspath(path)
+  path = paths.path(path)
   meta = read_encoder_meta(path)
   tree_meta = _checkpointer().metadata(path).item_metadata['variables']
   saved = jax.tree.map(lambda m: np.empty(m.shape, np.uint8), dict(tree_meta.tree))
