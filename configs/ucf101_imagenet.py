@@ -18,9 +18,9 @@ Commands (fetch and convert the weights once; the docs on pretrained weights lis
 
 Expected result: NOT YET MEASURED on UCF101 by this project. Literature, not this code: an
 ImageNet-initialised 2D CNN reaches about 84.5% RGB top-1 on split 1 with TSN (BN-Inception; Wang
-et al. 2016, Table 2), well above the same network trained from scratch; CNN+LSTM models with
-ImageNet encoders report 68-81% (see configs/ucf101_resnet50_imagenet.py). Treat these as targets, not results. Runtime: not
-measured; a CPU is impractical (see default.py), use a GPU or TPU. The converter, the loading and
+et al., ECCV 2016), well above the same network trained from scratch; CNN+LSTM models with ImageNet
+encoders report 68-81% (see configs/ucf101_resnet50_imagenet.py). Treat these as targets, not
+results (docs/pretrained.md lists them with their sources). Runtime: not measured; a CPU is impractical (see default.py), use a GPU or TPU. The converter, the loading and
 the frozen phase are checked end to end on generated data in tests/test_torch_weights.py.
 """
 
