@@ -3,11 +3,12 @@ verifier and the loader of model.jax.
 
   artifacts.verify('exports/synthetic')            # UserError naming a missing or damaged file
   serve = artifacts.load_jax('exports/synthetic')  # verified, then jax.export.deserialize
+  session = artifacts.load_onnx('exports/synthetic')  # verified, then an onnxruntime session
 
 `manifest.json`, at the export root, is written last (inside the staging folder, so it is moved
 into place with the rest). It holds the provenance that model.json also holds, plus:
   files   {"<path relative to the manifest, '/'-separated>": "<SHA-256 hex>"} of every file
-          written (saved_model/..., model.jax, model.json)
+          written (saved_model/..., model.jax, model.onnx and the streaming pair, model.json)
   sha256  the SHA-256 of the manifest's own canonical JSON without this key
           (json.dumps(manifest, sort_keys=True) in UTF-8), so the manifest is checked too.
 A verifier needs only hashlib and json: docs/export.md shows one.
@@ -30,6 +31,10 @@ SAVED_MODEL_DIR = 'saved_model'
 JAX_FILE = 'model.jax'
 METADATA_FILE = 'model.json'
 MANIFEST_FILE = 'manifest.json'
+ONNX_FILE = 'model.onnx'
+# The ONNX file of each signature (`har_jax.onnx_export`).
+ONNX_FILES = {'serving_default': ONNX_FILE, 'encode_frames': 'encode_frames.onnx',
+              'classify_features': 'classify_features.onnx'}
 _BLOCK = 1 << 20
 
 
@@ -40,13 +45,16 @@ def config_sha256(config) -> str:
   return hashlib.sha256(text.encode('utf-8')).hexdigest()
 
 
-def provenance(loaded, exported: Optional[jax.export.Exported]) -> dict:
+def provenance(loaded, exported: Optional[jax.export.Exported],
+               onnx_made: Optional[dict] = None) -> dict:
   """What made the artifacts: har_jax, the libraries, jax.export's serialization version and
-  platforms (None without model.jax), the checkpoint's config digest, class names and source.
+  platforms (None without model.jax), the ONNX converter, its version, the opset and the ONNX
+  files (None without them), the checkpoint's config digest, class names and source.
 
   Args:
     loaded: the inference.LoadedModel that was exported.
     exported: the jax.export.Exported written to model.jax, or None when it was not written.
+    onnx_made: what `onnx_export.write_onnx` returned, or None when it did not run.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top  (only the exporter needs it)
   return {
@@ -56,6 +64,7 @@ def provenance(loaded, exported: Optional[jax.export.Exported]) -> dict:
       'jax_export': None if exported is None else {
           'serialization_version': exported.calling_convention_version,
           'platforms': list(exported.platforms)},
+      'onnx': onnx_made,
       'config_sha256': config_sha256(loaded.config),
       'class_names': list(loaded.class_names),
       'source': {'workdir': str(paths.path(loaded.workdir)), 'step': loaded.step},
@@ -130,6 +139,31 @@ def load_jax(folder: paths.PathLike) -> jax.export.Exported:
         f'cannot load it ({reason}). {reexport_hint(folder, manifest, " with this JAX")}'
     ) from None
   return exported
+
+
+def load_onnx(folder: paths.PathLike, signature: str = 'serving_default', **session_options):
+  """An onnxruntime.InferenceSession (CPU) of `signature`'s ONNX file in the export `folder`,
+  verified first. session_options: attributes of onnxruntime.SessionOptions to set.
+
+  Raises:
+    errors.UserError: a damaged or missing file (see `verify`), an export without ONNX files, or
+      no onnxruntime.
+  """
+  folder = paths.path(folder)
+  manifest = verify(folder)
+  name = ONNX_FILES[signature]
+  if name not in manifest['files']:
+    raise errors.UserError(f'{folder} has no {name} (it was exported without the onnx format). '
+                           f'{reexport_hint(folder, manifest)} --formats=saved_model,jax,onnx')
+  try:
+    import onnxruntime  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise errors.UserError("Running ONNX files needs onnxruntime: pip install '.[onnx]'.") from None
+  options = onnxruntime.SessionOptions()
+  for key, value in session_options.items():
+    setattr(options, key, value)
+  return onnxruntime.InferenceSession((folder / name).read_bytes(), options,
+                                      providers=['CPUExecutionProvider'])
 
 
 def reexport_hint(folder, manifest: dict, why: str = '') -> str:

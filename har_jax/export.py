@@ -1,6 +1,8 @@
-r"""Export a trained checkpoint for serving: a TensorFlow SavedModel and a portable JAX artifact.
+r"""Export a trained checkpoint for serving: a TensorFlow SavedModel, a portable JAX artifact and,
+on request, ONNX models.
 
   export.export('workdirs/synthetic', 'exports/synthetic', checkpoint='best')
+  export.export(..., formats='saved_model,jax,onnx')  # onnx needs the `onnx` extra
 
 The output folder holds:
   saved_model/  a SavedModel (jax2tf, native serialization: the StableHLO of `har_jax.serving`
@@ -13,17 +15,23 @@ The output folder holds:
                 and assets/class_names.txt, one name per line, in logit order.
   model.jax     `jax.export.Exported.serialize()` of serving_default with the variables inside:
                 `jax.export.deserialize(data).call(frames)` -> {'logits', 'probabilities'}.
+  model.onnx    (formats 'onnx' only) serving_default as an ONNX model, and the streaming pair
+  encode_frames.onnx, classify_features.onnx: `har_jax.onnx_export`, converted by jax2onnx, with
+                the class names in each file's metadata_props.
   model.json    class names, each signature's inputs and outputs (dimension names for the sizes
                 that may vary), the preprocessing and the provenance (`artifacts.provenance`):
                 har_jax's version and commit, the library versions, model.jax's serialization
-                version and platforms, the config's digest and the source checkpoint.
+                version and platforms, the ONNX converter, its version and the opset, the
+                config's digest and the source checkpoint.
   manifest.json the same provenance and the SHA-256 of every file above, written last
                 (`artifacts.verify` checks an export against it; `artifacts.load_jax` loads it).
 
 Batch, frame height and width (and the time of classify_features) are symbolic: one artifact
-serves every size. Both formats are lowered for CPU, CUDA GPUs and TPUs (`PLATFORMS`) with the XLA
-convolutions. A `jax.export` artifact runs on a JAX (jaxlib) built up to 6 months after the one
-that exported it, or up to 3 weeks before it (jax.export's compatibility guarantees).
+serves every size. The SavedModel and model.jax are lowered for CPU, CUDA GPUs and TPUs
+(`PLATFORMS`) with the XLA convolutions; the ONNX files are float32 graphs of the default ONNX
+domain at opset `onnx_export.OPSET`, for any ONNX runtime. A `jax.export` artifact runs on a JAX
+(jaxlib) built up to 6 months after the one that exported it, or up to 3 weeks before it
+(jax.export's compatibility guarantees).
 """
 
 import errno
@@ -43,15 +51,20 @@ from har_jax import artifacts
 from har_jax import checkpoint_files
 from har_jax import errors
 from har_jax import inference
+from har_jax import onnx_export
 from har_jax import paths
 from har_jax import serving
 
-FORMATS = ('saved_model', 'jax')
+FORMATS = ('saved_model', 'jax', 'onnx')
+# What --formats defaults to: onnx needs the `onnx` extra (onnx_export.INSTALL_COMMAND).
+DEFAULT_FORMATS = ('saved_model', 'jax')
 PLATFORMS = ('cpu', 'cuda', 'tpu')
 SAVED_MODEL_DIR = artifacts.SAVED_MODEL_DIR
 JAX_FILE = artifacts.JAX_FILE
 METADATA_FILE = artifacts.METADATA_FILE
 MANIFEST_FILE = artifacts.MANIFEST_FILE
+ONNX_FILE = artifacts.ONNX_FILE
+FORMAT_FILES = {'saved_model': SAVED_MODEL_DIR, 'jax': JAX_FILE, 'onnx': ONNX_FILE}
 CLASS_NAMES_SIGNATURE = 'class_names'
 
 
@@ -89,7 +102,7 @@ def check_out(out: str, overwrite: bool) -> str:
   return out
 
 
-def export(workdir: str, out: str, *, checkpoint='best', formats=FORMATS,
+def export(workdir: str, out: str, *, checkpoint='best', formats=DEFAULT_FORMATS,
            overwrite: bool = False, platforms: Sequence[str] = PLATFORMS) -> dict:
   """Exports checkpoint `checkpoint` of `workdir` to the folder `out`; returns model.json's dict.
 
@@ -100,15 +113,17 @@ def export(workdir: str, out: str, *, checkpoint='best', formats=FORMATS,
     workdir: the training run's workdir (holding checkpoints/).
     out: the folder to create (see the module docstring for its contents).
     checkpoint: 'best' (falls back to the latest without metrics), 'latest' or a step number.
-    formats: 'saved_model', 'jax' or both (a sequence or a comma-separated string).
+    formats: any of 'saved_model', 'jax' and 'onnx' (a sequence or a comma-separated string).
     overwrite: replace `out` if it is an earlier export.
     platforms: what the StableHLO is lowered for (a subset of 'cpu', 'cuda', 'rocm', 'tpu').
 
   Raises:
-    errors.UserError: a wrong workdir or checkpoint, unknown formats, or an `out` that may not
-      be written.
+    errors.UserError: a wrong workdir or checkpoint, unknown formats, onnx without jax2onnx (or
+      a model it cannot convert), or an `out` that may not be written.
   """
   formats = parse_formats(formats)
+  if 'onnx' in formats:
+    onnx_export.check_converter()
   out = check_out(out, overwrite)
   # A bucket has no rename: the export is staged on the local disk and uploaded at the end.
   parent = tempfile.gettempdir() if paths.is_url(out) else os.path.dirname(out)
@@ -123,7 +138,8 @@ def export(workdir: str, out: str, *, checkpoint='best', formats=FORMATS,
     if 'jax' in formats:
       exported = write_jax(os.path.join(staging, JAX_FILE), loaded,
                            signatures['serving_default'], platforms)
-    made = artifacts.provenance(loaded, exported)
+    onnx_made = onnx_export.write_onnx(staging, loaded, signatures) if 'onnx' in formats else None
+    made = artifacts.provenance(loaded, exported, onnx_made)
     metadata = describe(loaded, signatures, formats, platforms, made)
     with open(os.path.join(staging, METADATA_FILE), 'w') as f:
       json.dump(metadata, f, indent=2)
@@ -193,7 +209,7 @@ def describe(loaded: inference.LoadedModel, signatures: dict, formats: Sequence[
       'preprocessing': {'frame_geometry': p.frame_geometry, 'resize_size': p.resize_size,
                         'image_size': p.image_size, 'num_frames': p.num_frames,
                         'frame_stride': p.frame_stride},
-      'files': {f: (SAVED_MODEL_DIR if f == 'saved_model' else JAX_FILE) for f in formats},
+      'files': {f: FORMAT_FILES[f] for f in formats},
       'jax_function': 'serving_default' if 'jax' in formats else None,
       'platforms': list(platforms),
   }

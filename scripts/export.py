@@ -1,10 +1,13 @@
-r"""Export a trained har_jax checkpoint for serving: a TensorFlow SavedModel and a JAX artifact.
+r"""Export a trained har_jax checkpoint for serving: a TensorFlow SavedModel, a JAX artifact and
+ONNX models.
 
   python scripts/export.py --workdir=workdirs/synthetic --out=exports/synthetic \
-      [--checkpoint=best] [--formats=saved_model,jax] [--overwrite]
+      [--checkpoint=best] [--formats=saved_model,jax,onnx] [--overwrite]
 
 Writes <out>/saved_model (signatures serving_default, encode_frames, classify_features and
-class_names), <out>/model.jax (jax.export, serialized StableHLO), <out>/model.json (class
+class_names), <out>/model.jax (jax.export, serialized StableHLO), with --formats including onnx
+<out>/model.onnx, encode_frames.onnx and classify_features.onnx (jax2onnx; `pip install
+'.[onnx]' && pip install --no-deps jax2onnx==0.17.1`), <out>/model.json (class
 names, input and output shapes, preprocessing, provenance) and <out>/manifest.json (the SHA-256
 of every file; har_jax.artifacts.verify checks it). See har_jax/export.py and the README section
 "Exporting a model". An existing --out is refused unless --overwrite is given, and then only an
@@ -31,7 +34,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Training workdir (the folder holding checkpoints/).')
 flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a checkpoint step.")
 flags.DEFINE_string('out', None, 'Folder to create for the export.')
-flags.DEFINE_string('formats', ','.join(export.FORMATS),
+flags.DEFINE_string('formats', ','.join(export.DEFAULT_FORMATS),
                     f'Comma-separated, any of {",".join(export.FORMATS)}.')
 flags.DEFINE_bool('overwrite', False, 'Replace --out if it holds an earlier export.')
 flags.mark_flags_as_required(['workdir', 'out'])

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Creates a venv (default .venv) and installs har_jax with its test dependencies (idempotent).
+# Creates a venv (default .venv) and installs har_jax with its test dependencies and the onnx extra
+# (idempotent), then the [tool.har_jax] install-no-deps of pyproject.toml (jax2onnx) without their
+# declared dependencies.
 # Uses $PYTHON if set, else the newest supported interpreter on the machine (3.13, 3.12, 3.11).
 #
 #   bash scripts/setup.sh [cpu|cuda12|cuda13|tpu]
@@ -11,8 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 accelerator="${1:-cpu}"
 case "$#:$accelerator" in
-  [01]:cpu) extras=test ;;
-  1:cuda12 | 1:cuda13 | 1:tpu) extras="test,$accelerator" ;;
+  [01]:cpu) extras=test,onnx ;;
+  1:cuda12 | 1:cuda13 | 1:tpu) extras="test,onnx,$accelerator" ;;
   *) echo "error: unknown accelerator '$*'; use one of: cpu, cuda12, cuda13, tpu" \
           "(e.g. bash scripts/setup.sh tpu)" >&2
      exit 2 ;;
@@ -36,3 +38,7 @@ fi
 echo "setup: $VENV with $("$VENV/bin/python" --version), jax for $accelerator"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -e ".[$extras]"
+# jax2onnx, whose declared dependencies conflict with the orbax pin (see the onnx extra).
+no_deps="$("$VENV/bin/python" -c 'import tomllib
+print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["tool"]["har_jax"]["install-no-deps"]))')"
+"$VENV/bin/python" -m pip install -q --no-deps $no_deps

@@ -1,6 +1,7 @@
-"""Export for serving: the SavedModel and the jax.export artifact give the Flax model's answers,
-in processes without har_jax (and, for the SavedModel, without JAX); preprocessing as
-evaluation does it; bad input refused clearly, nothing lost."""
+"""Export for serving: the SavedModel, the jax.export artifact and the ONNX models give the Flax
+model's answers, in processes without har_jax (and, for the SavedModel, without JAX; for ONNX,
+without JAX or TensorFlow); preprocessing as evaluation does it; bad input refused clearly,
+nothing lost."""
 
 import dataclasses
 import hashlib
@@ -23,6 +24,7 @@ from har_jax import checkpoints
 from har_jax import errors
 from har_jax import export
 from har_jax import inference
+from har_jax import onnx_export
 from har_jax import optim
 from har_jax import predict
 from har_jax import serving
@@ -108,6 +110,55 @@ print(json.dumps({'in_avals': str(exported.in_avals), 'platforms': list(exported
                   'imported': [m for m in BLOCKED if m in sys.modules]}))
 """
 
+ONNX_CLIENT = """
+BLOCKED = ('jax', 'jaxlib', 'flax', 'har_jax', 'tensorflow')
+""" + BLOCK_IMPORTS + """
+import json
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+folder, cases_file, results_file = sys.argv[1:]
+
+
+def session(name):
+  options = ort.SessionOptions()
+  options.log_severity_level = 3  # Not the warnings about unused initializers in the LSTM's loop.
+  return ort.InferenceSession(os.path.join(folder, name), options,
+                              providers=['CPUExecutionProvider'])
+
+
+def run(model, **inputs):
+  names = [o.name for o in model.get_outputs()]
+  return dict(zip(names, model.run(names, inputs)))
+
+
+serving, encode, classify = (session(n) for n in (
+    'model.onnx', 'encode_frames.onnx', 'classify_features.onnx'))
+cases = np.load(cases_file)
+results = {}
+for key in cases.files:
+  clips = cases[key]
+  out = run(serving, frames=clips)
+  results[key + '/probabilities'] = out['probabilities']
+  results[key + '/logits'] = out['logits']
+  features = run(encode, frames=clips.reshape((-1,) + clips.shape[2:]))['features']
+  results[key + '/features'] = features
+  window = features.reshape(clips.shape[:2] + features.shape[1:])
+  results[key + '/window'] = run(classify, features=window)['probabilities']
+np.savez(results_file, **results)
+model = onnx.load(os.path.join(folder, 'model.onnx'))
+frames = serving.get_inputs()[0]
+assert 'jax' not in sys.modules and 'tensorflow' not in sys.modules, sorted(sys.modules)
+print(json.dumps({'class_names': json.loads({p.key: p.value for p in model.metadata_props}[
+                      'class_names']),
+                  'input': [frames.name, frames.type, frames.shape],
+                  'outputs': [[o.name, o.shape] for o in serving.get_outputs()],
+                  'imported': [m for m in BLOCKED if m in sys.modules]}))
+"""
+
 
 def _run_client(code: str, args, tmp_path, name: str) -> dict:
   """Runs `code` in a fresh Python in tmp_path; returns the JSON its last line prints."""
@@ -142,10 +193,10 @@ def _flax_reference(loaded: inference.LoadedModel, clips: np.ndarray) -> dict:
 
 @pytest.fixture(scope='module')
 def exported(trained, tmp_path_factory):
-  """(config, loaded model, export folder) of the trained tiny run, exported in both formats."""
+  """(config, loaded model, export folder) of the trained tiny run, exported in all formats."""
   config, workdir = trained
   out = tmp_path_factory.mktemp('export') / 'tiny'
-  export.export(workdir, str(out), checkpoint='latest')
+  export.export(workdir, str(out), checkpoint='latest', formats=export.FORMATS)
   return config, inference.load(workdir, 'latest'), out
 
 
@@ -201,6 +252,36 @@ def test_jax_artifact_without_har_jax_gives_the_flax_probabilities(exported, par
   for key in clips:
     np.testing.assert_allclose(results[f'{key}/probabilities'],
                                reference[key]['probabilities'], atol=1e-4, rtol=0, err_msg=key)
+
+
+@pytest.mark.slow
+def test_onnx_models_in_onnxruntime_alone_give_the_flax_probabilities(exported, parity_cases,
+                                                                      tmp_path):
+  """model.onnx, and encode_frames.onnx then classify_features.onnx, in a process with neither
+  JAX nor TensorFlow: the Flax model's probabilities to 1e-4, two batch sizes, two frame sizes."""
+  _, loaded, out = exported
+  cases_file, clips, reference = parity_cases
+  answer = _run_client(ONNX_CLIENT, [out, cases_file, tmp_path / 'onnx.npz'], tmp_path,
+                       'onnx_client.py')
+  assert answer['imported'] == []
+  assert answer['class_names'] == list(loaded.class_names)
+  frames = loaded.preprocessing.num_frames
+  assert answer['input'] == ['frames', 'tensor(uint8)', ['batch', frames, 'height', 'width', 3]]
+  assert answer['outputs'] == [['logits', ['batch', loaded.num_classes]],
+                               ['probabilities', ['batch', loaded.num_classes]]]
+  results = np.load(tmp_path / 'onnx.npz')
+  assert {k.split('_')[0] for k in clips} == {'b1', 'b3'}
+  assert len({k.split('_')[1] for k in clips}) == 2
+  for key in clips:
+    ref = reference[key]
+    # As for the SavedModel: a pixel of the resized views may round to the other grey level.
+    np.testing.assert_allclose(results[f'{key}/probabilities'], ref['probabilities'], atol=1e-4,
+                               rtol=0, err_msg=key)
+    for name in ('logits', 'features'):
+      np.testing.assert_allclose(results[f'{key}/{name}'], ref[name], atol=1e-3, rtol=1e-4,
+                                 err_msg=f'{key} {name}')
+    np.testing.assert_allclose(results[f'{key}/window'], ref['probabilities'], atol=1e-4, rtol=0,
+                               err_msg=key)
 
 
 @pytest.mark.slow
@@ -354,8 +435,8 @@ def test_workdir_without_checkpoints_or_unknown_checkpoint_is_a_clear_error(fres
     export.export(fresh_workdir, str(out), checkpoint='4')
   with pytest.raises(errors.UserError, match="'bogus' is not one of"):
     export.export(fresh_workdir, str(out), checkpoint='bogus')
-  with pytest.raises(errors.UserError, match="unknown: \\['onnx'\\]"):
-    export.export(fresh_workdir, str(out), formats='saved_model,onnx')
+  with pytest.raises(errors.UserError, match="unknown: \\['tflite'\\]"):
+    export.export(fresh_workdir, str(out), formats='saved_model,tflite')
   assert not out.exists() and _leftovers(tmp_path) == []
 
 
@@ -447,9 +528,14 @@ def test_benchmark_script_times_every_path(fresh_workdir):
   assert done.returncode == 0, done.stderr[-3000:]
   summary = json.loads(done.stdout.strip().splitlines()[-1])
   assert summary['clip'] == [1, 4, 40, 56, 3] and summary['rounds'] == 2
-  for name in ('saved_model', 'jax_export', 'har_jax_apply', 'har_jax_predict'):
+  for name in ('saved_model', 'jax_export', 'onnx', 'har_jax_apply', 'har_jax_predict'):
     assert summary[f'{name}_ms'] > 0
-  assert summary['saved_model_mb'] > 0 and summary['jax_mb'] > 0
+  assert summary['saved_model_mb'] > 0 and summary['jax_mb'] > 0 and summary['onnx_mb'] > 0
+  assert sorted(summary['parity']) == ['jax_export', 'onnx', 'saved_model']
+  for gaps in summary['parity'].values():
+    assert gaps['probabilities_max_abs'] < 1e-4 and gaps['logits_max_abs'] < 1e-3, gaps
+  assert summary['onnx_converter'] == f'jax2onnx {importlib.metadata.version("jax2onnx")}'
+  assert summary['onnx_opset'] == onnx_export.OPSET
   both = subprocess.run([sys.executable, script, f'--workdir={fresh_workdir}',
                          '--config=configs/synthetic.py'], env=env, cwd=REPO,
                         capture_output=True, text=True, timeout=600, check=False)
@@ -480,9 +566,9 @@ def test_unwritable_output_is_one_error_and_leaves_nothing(fresh_workdir, tmp_pa
 
 @pytest.fixture(scope='module')
 def fresh_export(fresh_workdir, tmp_path_factory):
-  """An export of checkpoint 5 of `fresh_workdir` in both formats. Tests that damage it copy it."""
+  """An export of checkpoint 5 of `fresh_workdir` in all formats. Tests that damage it copy it."""
   out = tmp_path_factory.mktemp('fresh_export') / 'export'
-  export.export(fresh_workdir, str(out), checkpoint='latest')
+  export.export(fresh_workdir, str(out), checkpoint='latest', formats=export.FORMATS)
   return out
 
 
@@ -501,9 +587,9 @@ def _flip_middle_byte(path):
   path.write_bytes(bytes(data))
 
 
-def _one_line_error(fn, *args) -> str:
+def _one_line_error(fn, *args, **kwargs) -> str:
   with pytest.raises(errors.UserError) as raised:
-    fn(*args)
+    fn(*args, **kwargs)
   message = str(raised.value)
   assert '\n' not in message, message
   return message
@@ -515,13 +601,14 @@ def test_manifest_lists_every_file_written_with_its_digest_and_the_provenance(fr
   metadata = json.loads((fresh_export / export.METADATA_FILE).read_text())
   assert _files_on_disk(fresh_export) == sorted(list(manifest['files']) + [export.MANIFEST_FILE])
   assert {export.JAX_FILE, export.METADATA_FILE, 'saved_model/saved_model.pb',
-          'saved_model/assets/class_names.txt'} <= set(manifest['files'])
+          'saved_model/assets/class_names.txt', 'model.onnx', 'encode_frames.onnx',
+          'classify_features.onnx'} <= set(manifest['files'])
   for name, digest in manifest['files'].items():
     assert hashlib.sha256((fresh_export / name).read_bytes()).hexdigest() == digest, name
   assert artifacts.verify(fresh_export) == {k: v for k, v in manifest.items() if k != 'sha256'}
 
-  for key in ('har_jax', 'versions', 'jax_export', 'config_sha256', 'class_names', 'source',
-              'exported_at'):
+  for key in ('har_jax', 'versions', 'jax_export', 'onnx', 'config_sha256', 'class_names',
+              'source', 'exported_at'):
     assert manifest[key] == metadata[key], key
   assert manifest['har_jax']['version'] == importlib.metadata.version('har_jax')
   commit = manifest['har_jax']['commit']
@@ -534,6 +621,14 @@ def test_manifest_lists_every_file_written_with_its_digest_and_the_provenance(fr
   serve = jax.export.deserialize((fresh_export / export.JAX_FILE).read_bytes())
   assert manifest['jax_export'] == {'serialization_version': serve.calling_convention_version,
                                     'platforms': list(export.PLATFORMS)}
+  import onnx  # pylint: disable=g-import-not-at-top
+  assert manifest['onnx'] == {
+      'converter': 'jax2onnx', 'converter_version': importlib.metadata.version('jax2onnx'),
+      'opset': onnx_export.OPSET, 'onnx_version': onnx.__version__,
+      'files': {'serving_default': 'model.onnx', 'encode_frames': 'encode_frames.onnx',
+                'classify_features': 'classify_features.onnx'}}
+  assert metadata['files'] == {'saved_model': 'saved_model', 'jax': 'model.jax',
+                               'onnx': 'model.onnx'}
   config = inference.load(fresh_workdir, 'latest').config
   canonical = json.dumps(config.to_dict(), sort_keys=True, separators=(',', ':'))
   assert manifest['config_sha256'] == hashlib.sha256(canonical.encode()).hexdigest()
@@ -546,16 +641,17 @@ def test_one_flipped_byte_in_any_exported_file_is_refused_in_one_line_naming_it(
   out = tmp_path / 'export'
   shutil.copytree(fresh_export, out)
   names = list(_manifest(out)['files']) + [export.MANIFEST_FILE]
-  assert len(names) >= 7, names
+  assert len(names) >= 10 and 'model.onnx' in names, names
   for name in names:
     original = (out / name).read_bytes()
     _flip_middle_byte(out / name)
-    for load in (artifacts.verify, artifacts.load_jax):
+    for load in (artifacts.verify, artifacts.load_jax, artifacts.load_onnx):
       message = _one_line_error(load, out)
       assert message.startswith(f'{out / name} is damaged'), (name, message)
     (out / name).write_bytes(original)
   artifacts.verify(out)
   assert artifacts.load_jax(out).platforms == export.PLATFORMS
+  assert [o.name for o in artifacts.load_onnx(out).get_outputs()] == ['logits', 'probabilities']
 
 
 def test_missing_file_or_manifest_is_refused_in_one_line(fresh_export, fresh_workdir, tmp_path):
@@ -629,7 +725,95 @@ def test_readme_verifier_needs_only_the_standard_library_and_names_a_damaged_fil
     assert damaged.returncode == 1, (name, damaged.stdout)
     assert damaged.stderr.strip().splitlines() == [
         damaged.stderr.strip()], damaged.stderr  # One line.
-    assert damaged.stderr.startswith(f'error: {out / name} is damaged'), (name, damaged.stderr)
+    # A flipped byte of manifest.json that breaks its JSON (where the middle byte falls depends
+    # on the length of the paths it records) is "missing or damaged" to this verifier.
+    prefixes = (f'error: {out / name} is damaged', f'error: {out / name} is missing or damaged')
+    assert damaged.stderr.startswith(prefixes), (name, damaged.stderr)
     (out / name).write_bytes(original)
   os.remove(out / export.JAX_FILE)
   assert run(out).stderr.strip() == f'error: {out / export.JAX_FILE} is missing'
+
+
+# ONNX (fast: the fresh export, and the preprocessing converted alone).
+
+
+def _onnx_interface(path) -> dict:
+  """{'inputs'|'outputs': [(name, elem_type, dims)]} and the metadata_props of an ONNX file."""
+  import onnx  # pylint: disable=g-import-not-at-top
+  model = onnx.load(str(path))
+
+  def values(vs):
+    return [(v.name, v.type.tensor_type.elem_type,
+             [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]) for v in vs]
+
+  return {'inputs': values(model.graph.input), 'outputs': values(model.graph.output),
+          'props': {p.key: p.value for p in model.metadata_props},
+          'opsets': {o.domain: o.version for o in model.opset_import},
+          'producer': (model.producer_name, model.producer_version)}
+
+
+def test_onnx_files_name_their_dimensions_classes_and_converter(fresh_export, fresh_workdir):
+  import onnx  # pylint: disable=g-import-not-at-top
+  uint8, float32 = onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT
+  loaded = inference.load(fresh_workdir, 'latest')
+  dim = serving.feature_dim(serving.xla_model(loaded), loaded.variables, 28)
+  scores = [('logits', float32, ['batch', 10]), ('probabilities', float32, ['batch', 10])]
+  expected = {
+      'model.onnx': ([('frames', uint8, ['batch', 4, 'height', 'width', 3])], scores),
+      'encode_frames.onnx': ([('frames', uint8, ['frames', 'height', 'width', 3])],
+                             [('features', float32, ['frames', dim])]),
+      'classify_features.onnx': ([('features', float32, ['batch', 'time', dim])], scores),
+  }
+  metadata = json.loads((fresh_export / export.METADATA_FILE).read_text())
+  for (name, file), (inputs, outputs) in zip(artifacts.ONNX_FILES.items(), expected.values()):
+    found = _onnx_interface(fresh_export / file)
+    assert (found['inputs'], found['outputs']) == (inputs, outputs), file
+    assert found['opsets'] == {'': onnx_export.OPSET}, file
+    assert found['producer'] == ('jax2onnx', importlib.metadata.version('jax2onnx'))
+    assert json.loads(found['props']['class_names']) == list('abcdefghij')
+    assert found['props']['signature'] == name
+    assert json.loads(found['props']['preprocessing']) == metadata['preprocessing']
+    assert found['props']['description'] == metadata['signatures'][name]['description']
+
+
+@pytest.mark.parametrize('geometry', ['as_decoded_resized', 'short_side_stored', 'squash'])
+def test_onnx_preprocessing_gives_the_jax_views_for_any_frame_size(geometry):
+  """The resize and crop, converted alone with symbolic sizes, against JAX's for each size:
+  within one grey level (float rounding near a half), almost everywhere equal."""
+  frame_geometry, resize_size = GEOMETRIES[geometry]
+  p = inference.Preprocessing(frame_geometry, resize_size, num_frames=2, frame_stride=1,
+                              image_size=28, num_clips=1, num_crops=1, short_video='loop')
+  signature = serving.Signature(
+      'preprocess', lambda variables, x: {'views': serving.preprocess_frames(x, p)}, 'frames',
+      ('frames', 'height', 'width', 3), 'uint8', {}, 'the views')
+  import onnxruntime  # pylint: disable=g-import-not-at-top
+  session = onnxruntime.InferenceSession(
+      onnx_export.convert(signature, {}).SerializeToString(), providers=['CPUExecutionProvider'])
+  preprocess = jax.jit(lambda x: serving.preprocess_frames(x, p))
+  for height, width in [(48, 64), (90, 70), (240, 320), (28, 28), (17, 50)]:
+    frames = _pattern(2, height, width, seed=height)
+    (ours,) = session.run(['views'], {'frames': frames})
+    theirs = np.asarray(preprocess(frames))
+    assert ours.shape == theirs.shape == (2, 28, 28, 3) and ours.dtype == np.uint8
+    diff = np.abs(ours.astype(int) - theirs)
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (height, width, diff.max(),
+                                                          (diff > 0).mean())
+
+
+def test_onnx_without_the_converter_is_one_line_naming_the_extra(fresh_workdir, tmp_path,
+                                                                 monkeypatch):
+  monkeypatch.setitem(sys.modules, 'jax2onnx', None)  # `import jax2onnx` raises ImportError.
+  out = tmp_path / 'out'
+  message = _one_line_error(export.export, fresh_workdir, str(out), formats='jax,onnx')
+  assert message.startswith('--formats=onnx needs jax2onnx and onnx, which cannot be imported')
+  assert message.endswith("install them: pip install '.[onnx]' && pip install --no-deps "
+                          'jax2onnx==0.17.1 (bash scripts/setup.sh does both).')
+  assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_onnx_loader_refuses_an_export_without_onnx(fresh_workdir, tmp_path):
+  out = tmp_path / 'out'
+  export.export(fresh_workdir, str(out), formats='jax')
+  assert json.loads((out / export.METADATA_FILE).read_text())['onnx'] is None
+  assert _one_line_error(artifacts.load_onnx, out).startswith(
+      f'{out} has no model.onnx (it was exported without the onnx format). Re-export it')

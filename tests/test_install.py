@@ -1,8 +1,9 @@
 """pip's resolver, as a dry run on wheels only, for each accelerator extra on each supported Python.
 
 Needs the package registry. For each supported Python, one `pip install --dry-run --report` of the
-requirements in pyproject.toml (`dependencies` plus every accelerator extra at once) for a manylinux
-x86_64 host with glibc 2.35 (Ubuntu 22.04, as on TPU VMs); the three calls run in parallel threads.
+requirements in pyproject.toml (`dependencies` plus every accelerator extra and the onnx extra at
+once) for a manylinux x86_64 host with glibc 2.35 (Ubuntu 22.04, as on TPU VMs); the three calls
+run in parallel threads.
 The extras only add requirements, so a joint solution is also a solution of each extra alone.
 pip evaluates environment markers (`; python_version >= "3.13"`) for the Python running it, whatever
 --python-version says, so the test checks those markers for the target Python itself.
@@ -51,7 +52,7 @@ def _canonical(name):
 
 def _resolve(python, tmp, wheels):
   """Returns pip's report of what it would install on `python`, or raises with pip's error."""
-  requirements = list(PROJECT['dependencies'])
+  requirements = list(PROJECT['dependencies']) + PROJECT['optional-dependencies']['onnx']
   for accelerator in ACCELERATORS[1:]:
     requirements += PROJECT['optional-dependencies'][accelerator]
   report = tmp / f'report-{python}.json'
@@ -110,6 +111,20 @@ def test_resolves_within_the_pins(resolutions, python, accelerator):
     if version == 'jaxlib':
       assert versions[name] == versions['jaxlib'], (name, versions[name], versions['jaxlib'])
   assert 'tensorflow-cpu' in versions
+
+
+def test_the_onnx_converter_pin_is_the_one_setup_installs_without_its_dependencies():
+  """jax2onnx declares orbax-checkpoint<0.11.37, which the orbax pin excludes: setup.sh installs
+  it with --no-deps after the extras, and the onnx extra brings what it imports."""
+  from har_jax import onnx_export  # pylint: disable=g-import-not-at-top
+  pyproject = tomllib.loads((ROOT / 'pyproject.toml').read_text())
+  assert pyproject['tool']['har_jax']['install-no-deps'] == [onnx_export.CONVERTER_REQUIREMENT]
+  assert onnx_export.CONVERTER_REQUIREMENT in onnx_export.INSTALL_COMMAND
+  extra = {Requirement(r).name for r in PROJECT['optional-dependencies']['onnx']}
+  assert extra == {'onnx', 'onnx-ir', 'onnxruntime', 'equinox', 'dm-pix'}
+  setup = (ROOT / 'scripts' / 'setup.sh').read_text()
+  assert 'extras=test,onnx ;;' in setup and '"test,onnx,$accelerator"' in setup
+  assert '["tool"]["har_jax"]["install-no-deps"]' in setup and '--no-deps $no_deps' in setup
 
 
 @pytest.mark.parametrize('args', [['gpu'], ['cuda12', 'tpu'], ['cuda']])
