@@ -21,9 +21,9 @@ from har_jax import train
 from har_jax.data import datasets
 from har_jax.data import pipeline
 from har_jax.data import stages
-from har_jax.data import synthetic_actions
-from har_jax.data import video_files
+from har_jax.data.prepare import synthetic_actions
 from har_jax.evaluation import checkpoint_eval
+from har_jax.video import video_files
 from conftest import training_videos  # pylint: disable=g-bad-import-order
 from conftest import write_video  # pylint: disable=g-bad-import-order
 
