@@ -157,7 +157,7 @@ import sys, time
 sys.path[:0] = [{tests!r}, {repo!r}]
 import conftest
 from absl import app
-from har_jax.data import {module} as target
+from har_jax.data.prepare import {module} as target
 original = target.{function}
 def slow(*args, **kwargs):  # Long enough to press Ctrl-C while the videos are being decoded.
   time.sleep(0.5)
