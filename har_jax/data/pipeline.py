@@ -43,7 +43,9 @@ Training order:
   whole split in one seeded order and keeps its slice of each global batch (it parses P times
   the records it decodes: use a frame store on many hosts).
 - TFDS records, the default: each process reads its own shard, every example once per epoch in
-  a fresh order; a resumed run gets a fresh shuffle.
+  a fresh order; a resumed run gets a fresh shuffle. The next epoch is opened, read and shuffled
+  while the current one drains (tfds_records.NEXT_EPOCH_READ_AHEAD clips ahead), so a small split
+  does not stall at every epoch boundary.
 Clips are sampled before the shuffle buffer, so it holds num_frames JPEGs per clip, not videos.
 
 Bad data: an example whose sampled frames fail to read or decode (corrupt or truncated JPEG, a

@@ -10,6 +10,7 @@ from typing import Optional
 from absl import logging
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from tensorflow.python.util import deprecation  # pylint: disable=g-direct-tensorflow-import
 
 from har_jax import errors
 from har_jax.data import sources
@@ -21,6 +22,8 @@ from har_jax.data import stages
 # order depends on them (and not on the parallelism).
 FILES_READ_AT_ONCE = 16
 RECORDS_PER_FILE_BLOCK = 16
+# Clips of the next epoch read ahead while the current epoch drains (besides its shuffle buffer).
+NEXT_EPOCH_READ_AHEAD = 64
 VIDEO_FOLDER_NAME = 'video_folder'  # Datasets of prepare_video_folder.py (prepare/video_folder.py).
 
 
@@ -170,7 +173,7 @@ class TfdsSource(sources.DataSource):
         logging.warning(
             'config.deterministic_data on TFDS records: each of the %d processes reads and '
             'parses every record of %r and keeps 1/%d. A frame store reads only its share (see '
-            'README, "Input speed").', process_count, split, process_count)
+            'docs/speed.md, "Input speed").', process_count, split, process_count)
       examples = read_examples(self.builder, split, config, process_index=0, process_count=1,
                                shuffle=True, deterministic=True)
       base_seed = tf.constant([config.seed, 0], tf.int64)
@@ -199,7 +202,23 @@ class TfdsSource(sources.DataSource):
           deterministic=deterministic)
       return clips.shuffle(config.dataset.shuffle_buffer, seed=epoch_seed[0])
 
-    clips = tf.data.Dataset.range(sources.FOREVER).flat_map(epoch)
+    epochs = tf.data.Dataset.range(sources.FOREVER)
+    if deterministic:
+      # One epoch after another, each started when the last one ends: TFDS's per-iteration file
+      # shuffle stays a function of the seed (an epoch read ahead would race for its seed).
+      clips = epochs.flat_map(epoch)
+    else:
+      # One epoch after another (block_length: more clips than any epoch has, so each epoch ends
+      # before the next one's first clip), with epoch e + 1 opened, read, sampled and shuffled by
+      # its own thread while e drains, so that a new epoch's shuffle buffer does not stall the
+      # pipeline at every epoch boundary. tf.data.Dataset.interleave would buffer up to
+      # block_length clips of the next epoch; this form bounds it to NEXT_EPOCH_READ_AHEAD.
+      # (Deprecated since TF 2.0 in favour of Dataset.interleave, which cannot bound this; TF is
+      # pinned in pyproject.toml. The warning is silenced: it would print in every run.)
+      with deprecation.silence():
+        clips = epochs.apply(tf.data.experimental.parallel_interleave(
+            epoch, cycle_length=2, block_length=sources.FOREVER, sloppy=False,
+            buffer_output_elements=NEXT_EPOCH_READ_AHEAD, prefetch_input_elements=1))
     if deterministic:
       global_batch = local_batch * process_count
       clips = clips.skip(start_step * global_batch).enumerate()
