@@ -3,12 +3,14 @@ r"""Waits between the clips of the TFDS-record read stages (read, parse, sample,
   git show 43c72c2:har_jax/data/pipeline.py > /tmp/one_reader_pipeline.py  # One reader, reverted.
   python benchmarks/epoch_waits.py /tmp/rec/one 'train[:12]' /tmp/one_reader_pipeline.py
 
-Times 40 epochs of `_tfds_train_clips` (configs/default.py) after 3 untimed ones, for this
+Times 40 epochs of `TfdsSource.train_clips` (`_tfds_train_clips` in an older pipeline.py;
+configs/default.py) after 3 untimed ones, for this
 checkout's pipeline and, if given, another pipeline.py, alternating, two rounds. Prints clips/s,
 ms per epoch, the mean of the 40 longest waits (one per epoch when the reads stall at each epoch)
 and the median wait: a pipeline that stalls once per epoch shows one long wait per epoch.
 """
 
+import functools
 import importlib.util
 import os
 import sys
@@ -21,7 +23,7 @@ sys.path.insert(0, ROOT)
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import default
 from har_jax.data import datasets
-from har_jax.data import pipeline
+from har_jax.data import tfds_records
 
 EPOCHS, WARMUP_EPOCHS, ROUNDS = 40, 3, 2
 
@@ -38,12 +40,14 @@ def main(data_dir: str, split: str, other: str = ''):
   config.dataset.data_dir, config.dataset.train_split = data_dir, split
   builder = datasets.get_builder(config.dataset)
   per_epoch = datasets.num_examples(builder, split)
-  pipelines = [('this checkout', pipeline)] + ([(other, _module(other))] if other else [])
+  train_clips = [('this checkout', tfds_records.TfdsSource(builder).train_clips)]
+  if other:  # Its pipeline.py, from before the clips moved to TfdsSource.
+    train_clips.append((other, functools.partial(
+        _module(other)._tfds_train_clips, builder)))  # pylint: disable=protected-access
   for _ in range(ROUNDS):
-    for name, module in pipelines:
-      clips = module._tfds_train_clips(  # pylint: disable=protected-access
-          builder, split, config, local_batch=32, process_index=0, process_count=1,
-          start_step=0)
+    for name, clips_fn in train_clips:
+      clips = clips_fn(split, config, local_batch=32, process_index=0, process_count=1,
+                       start_step=0)
       iterator = clips.map(lambda clip: clip['label']).as_numpy_iterator()
       for _ in range(WARMUP_EPOCHS * per_epoch):
         next(iterator)

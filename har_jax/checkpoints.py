@@ -57,8 +57,14 @@ class _DropNoMetricsWarning(py_logging.Filter):
     return message != _NO_METRICS_WARNING and not message.startswith(_READ_ONLY_WARNING)
 
 
-if not any(isinstance(f, _DropNoMetricsWarning) for f in py_logging.getLogger('absl').filters):
-  py_logging.getLogger('absl').addFilter(_DropNoMetricsWarning())
+def install_log_filter():
+  """Drops orbax's two expected warnings from absl's logger (once per process): called when a
+  CheckpointManager opens, not when this module is imported."""
+  absl_logger = py_logging.getLogger('absl')
+  if not any(isinstance(f, _DropNoMetricsWarning) for f in absl_logger.filters):
+    absl_logger.addFilter(_DropNoMetricsWarning())
+
+
 # Config fields that change the parameter tree or the meaning of the outputs: a resume with any of
 # these changed is refused. Everything else (steps, eval cadence, learning rate...) may change.
 STRUCTURAL_FIELDS = ('model.encoder', 'model.lstm_size', 'model.num_lstm_layers',
@@ -94,23 +100,21 @@ def state_checksum(state_dict) -> str:
   return f'{crc:08x}'
 
 
-def _get(config, dotted: str):
-  """The field at `dotted`, None where the config does not have it."""
-  return config_fields.get(config, dotted, None)
-
-
 def config_mismatches(saved_config: dict, config: ml_collections.ConfigDict,
                       num_classes: int, saved_num_classes: int) -> list[str]:
   """Structural fields that differ between a saved config and the current one."""
   current = json.loads(config.to_json_best_effort())
   current['num_classes'], saved = num_classes, dict(saved_config, num_classes=saved_num_classes)
-  problems = [f'{f}: checkpoint has {_get(saved, f)!r}, config has {_get(current, f)!r}'
-              for f in STRUCTURAL_FIELDS if (_get(saved, f) or None) != (_get(current, f) or None)]
+  problems = []
+  for f in STRUCTURAL_FIELDS:
+    was, now = config_fields.get_or_none(saved, f), config_fields.get_or_none(current, f)
+    if (was or None) != (now or None):
+      problems.append(f'{f}: checkpoint has {was!r}, config has {now!r}')
   for field, what in LAYOUT_FIELDS.items():
-    if _switched_on(_get(saved, field)) != _switched_on(_get(current, field)):
-      problems.append(f'{field}: checkpoint has {_get(saved, field)!r}, config has '
-                      f'{_get(current, field)!r} (turning {what} on or off changes the optimizer '
-                      'state)')
+    was, now = config_fields.get_or_none(saved, field), config_fields.get_or_none(current, field)
+    if _switched_on(was) != _switched_on(now):
+      problems.append(f'{field}: checkpoint has {was!r}, config has {now!r} (turning {what} on '
+                      'or off changes the optimizer state)')
   return problems
 
 
@@ -161,6 +165,7 @@ class CheckpointManager:
                dataset_info=None, *, read_only: bool = False):
     if config is None and not read_only:
       raise ValueError('A CheckpointManager that writes needs the config and the DatasetInfo.')
+    install_log_filter()
     self.workdir = paths.path(workdir)
     self.read_only = read_only
     self.directory = self.workdir / 'checkpoints'

@@ -35,6 +35,11 @@ def get(config, dotted: str, default: Any = _DEFAULT) -> Any:
   return node
 
 
+def get_or_none(config, dotted: str) -> Any:
+  """The field at `dotted`, None where the config does not have it (no default)."""
+  return get(config, dotted, None)
+
+
 def model_field(model_config, name: str) -> Any:
   """Field `name` of config.model (given as `model_config`), defaulting as 'model.<name>'."""
   return get(model_config, name, DEFAULTS.get(f'model.{name}'))

@@ -15,7 +15,6 @@ from absl import logging
 import jax
 import ml_collections
 import numpy as np
-import tensorflow_datasets as tfds
 
 from har_jax import config_fields
 from har_jax import errors
@@ -23,13 +22,11 @@ from har_jax import models
 from har_jax import optim
 from har_jax import paths
 from har_jax.data import datasets
-from har_jax.data import frame_store
 from har_jax.data import stages
 from har_jax.models import lrcn
 from har_jax.models.cpu_kernels import conv
 
 DTYPES = ('float32', 'bfloat16', 'float16')
-SHORT_VIDEO_MODES = ('loop', 'pad')
 _POSITIVE_INTS = ('num_frames', 'frame_stride', 'image_size', 'batch_size', 'num_train_steps',
                   'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
                   'keep_checkpoints', 'eval.batch_size', 'eval.num_clips', 'eval.num_crops',
@@ -39,11 +36,6 @@ _NON_NEGATIVE_INTS = ('warmup_steps', 'dataset.resize_size', 'eval.num_periodic_
 # Below this image_size / (short side the crops are taken from), evaluation's centre crop sees a
 # small middle part of the frame; the configs use 7/8 (image_size * 8 // 7 = dataset.resize_size).
 MIN_CROP_FRACTION = 0.6
-
-
-def _get(config, dotted: str):
-  """The field at `dotted`, None where the config does not have it."""
-  return config_fields.get(config, dotted, None)
 
 
 def _is_int(value) -> bool:
@@ -58,14 +50,14 @@ def _range_problems(config) -> list[str]:
   """Counts that must be positive integers, rates and fractions that must lie in a range."""
   problems = []
   for name in _POSITIVE_INTS:
-    value = _get(config, name)
+    value = config_fields.get_or_none(config, name)
     if value is not None and (not _is_int(value) or value <= 0):
       problems.append(f'{name}={value!r}: must be a positive integer.')
   for name in _NON_NEGATIVE_INTS:
-    value = _get(config, name)
+    value = config_fields.get_or_none(config, name)
     if value is not None and (not _is_int(value) or value < 0):
       problems.append(f'{name}={value!r}: must be an integer >= 0.')
-  num_crops = _get(config, 'eval.num_crops')
+  num_crops = config_fields.get_or_none(config, 'eval.num_crops')
   if _is_int(num_crops) and num_crops > 0 and num_crops not in stages.EVAL_NUM_CROPS:
     problems.append(f'eval.num_crops={num_crops!r}: must be 1 (the centre crop) or 3 (three '
                     'crops along the long side of each frame).')
@@ -80,7 +72,7 @@ def _range_problems(config) -> list[str]:
                ('augment.max_aspect_ratio', 1.0, math.inf, True, False),
                ('dataset.val_split', 0.0, 1.0, True, False))
   for name, low, high, low_in, high_in in intervals:
-    value = _get(config, name)
+    value = config_fields.get_or_none(config, name)
     if value is None or (value == '' and name == 'dataset.val_split'):
       continue
     ok = _is_number(value) and math.isfinite(value) and (
@@ -98,15 +90,15 @@ def _choice_problems(config) -> list[str]:
              ('model.temporal_pooling', lrcn.TEMPORAL_POOLINGS),
              ('model.preprocessing', tuple(sorted(models.PREPROCESSING))),
              ('dtype', DTYPES),
-             ('dataset.short_video', SHORT_VIDEO_MODES),
+             ('dataset.short_video', stages.SHORT_VIDEO_MODES),
              ('model.conv_impl', conv.CONV_IMPLS))
   problems = []
   for name, valid in choices:
-    value = _get(config, name)
+    value = config_fields.get_or_none(config, name)
     if value is not None and value not in valid and not (name == 'model.conv_impl' and
                                                          value == 'patches'):  # Old name of cpu.
       problems.append(f'{name}={value!r}: unknown; use one of {list(valid)}.')
-  encoder_init = _get(config, 'model.encoder_init')
+  encoder_init = config_fields.get_or_none(config, 'model.encoder_init')
   if encoder_init and not paths.path(encoder_init).is_dir():
     problems.append(f'model.encoder_init={encoder_init!r}: no encoder checkpoint there (no such '
                     'folder). Make one with scripts/convert_weights.py (PyTorch weights) or '
@@ -118,7 +110,7 @@ def _device_problems(config, num_devices: int, mode: str) -> list[str]:
   problems = []
   names = ('batch_size', 'eval.batch_size') if mode == 'train' else ('eval.batch_size',)
   for name in names:
-    value = _get(config, name)
+    value = config_fields.get_or_none(config, name)
     if _is_int(value) and value > 0 and value % num_devices:
       suggestion = max(num_devices, value - value % num_devices)
       problems.append(
@@ -128,26 +120,20 @@ def _device_problems(config, num_devices: int, mode: str) -> list[str]:
   return problems
 
 
-def stored_frame_size(builder) -> tuple[int, int]:
-  """(height, width) in pixels of the frames stored in a TFDS video dataset.
+def stored_frame_size(dataset) -> tuple[int, int]:
+  """(height, width) in pixels of the frames stored in a video dataset (a DataSource, or what
+  datasets.get_builder returns).
 
-  Read from the builder's features (a frame store's table); where they leave it open, from the
-  first training record (the first video of a frame store).
+  Read from the dataset's features (a frame store's table); where they leave it open, from the
+  first video.
   """
-  size = datasets.static_frame_size(builder)
-  if size:
-    return size
-  if isinstance(builder, frame_store.FrameStore):
-    return int(builder.videos['height'][0]), int(builder.videos['width'][0])
-  split = sorted(builder.info.splits.keys())[0]
-  for example in builder.as_dataset(split=split).take(1):
-    frames = example['video']
-    return int(frames.shape[1]), int(frames.shape[2])
-  raise errors.UserError(f'Dataset {builder.info.full_name!r} has no records to read.')
+  source = datasets.source_of(dataset)
+  return source.static_frame_size() or source.first_frame_size()
 
 
 def _crop_problems(config, frame_size: tuple[int, int]) -> list[str]:
-  image_size, resize_size = _get(config, 'image_size'), _get(config, 'dataset.resize_size')
+  image_size = config_fields.get_or_none(config, 'image_size')
+  resize_size = config_fields.get_or_none(config, 'dataset.resize_size')
   if not (_is_int(image_size) and _is_int(resize_size)) or image_size <= 0 or resize_size < 0:
     return []  # Already reported as a range problem.
   short_side = resize_size if resize_size > 0 else min(frame_size)
@@ -176,7 +162,8 @@ def find_warnings(config: ml_collections.ConfigDict,
     config: the run's config.
     frame_size: (height, width) of the stored frames in pixels, if known.
   """
-  image_size, resize_size = _get(config, 'image_size'), _get(config, 'dataset.resize_size')
+  image_size = config_fields.get_or_none(config, 'image_size')
+  resize_size = config_fields.get_or_none(config, 'dataset.resize_size')
   if not (_is_int(image_size) and _is_int(resize_size)) or image_size <= 0 or resize_size < 0:
     return []
   if resize_size > 0:
@@ -189,7 +176,7 @@ def find_warnings(config: ml_collections.ConfigDict,
   fraction = image_size / short_side
   if fraction >= MIN_CROP_FRACTION or image_size > short_side:  # Larger: a problem, not a warning.
     return []
-  min_area = _get(config, 'augment.min_area')
+  min_area = config_fields.get_or_none(config, 'augment.min_area')
   if _is_number(min_area) and min_area < 1:
     scale = (f'training shrinks random crops of {min_area:.0%}-100% of the frame area to '
              f'{image_size} px, so evaluation sees objects about {math.sqrt(min_area) / fraction:.1f}'
@@ -207,16 +194,13 @@ def _dataset_problems(config) -> tuple[list[str], Optional[Any]]:
   """Opens config.dataset without preparing anything: the built-in synthetic set, when not yet
   generated, comes back unprepared (its frame size is known; it has no splits yet)."""
   try:
-    builder = datasets.get_builder(config.dataset, prepare=False)
-    if not _unprepared(builder):
-      datasets.get_info(builder)
+    source = datasets.open_source(config.dataset, prepare=False)
+    if source.is_prepared:
+      datasets.get_info(source)
   except errors.UserError as e:
-    return [f'dataset.name={_get(config, "dataset.name")!r}: {e}'], None
-  return [], builder
-
-
-def _unprepared(builder) -> bool:
-  return isinstance(builder, tfds.core.DatasetBuilder) and not builder.is_prepared()
+    name = config_fields.get_or_none(config, 'dataset.name')
+    return [f'dataset.name={name!r}: {e}'], None
+  return [], source
 
 
 def _split_problem(builder, field: str, split: str) -> list[str]:
@@ -230,7 +214,7 @@ def _split_problem(builder, field: str, split: str) -> list[str]:
 
 def _val_split_problems(config, builder) -> list[str]:
   """An empty validation or training part of dataset.train_split under dataset.val_split."""
-  fraction = _get(config, 'dataset.val_split') or 0.0
+  fraction = config_fields.get_or_none(config, 'dataset.val_split') or 0.0
   train = config.dataset.train_split
   if not _is_number(fraction) or not 0 < fraction < 1:
     return []  # No hold-out, or already reported as a range problem.
@@ -259,7 +243,7 @@ def _split_problems(config, builder, mode: str, split: Optional[str]) -> list[st
     return _split_problem(builder, field, split or config.dataset.eval_split)
   problems = []
   for field in ('dataset.train_split', 'dataset.eval_split'):
-    problems += _split_problem(builder, field, _get(config, field))
+    problems += _split_problem(builder, field, config_fields.get_or_none(config, field))
   return problems or _val_split_problems(config, builder)
 
 
@@ -289,12 +273,12 @@ def _problems_and_frame_size(config, *, num_devices: Optional[int] = None, mode:
   problems += _device_problems(config, num_devices or jax.device_count(), mode)
   frame_size = None
   if check_dataset:
-    dataset_problems, builder = _dataset_problems(config)
+    dataset_problems, source = _dataset_problems(config)
     problems += dataset_problems
-    if builder is not None:
-      if not _unprepared(builder):  # The synthetic set is generated where the pipeline is built.
-        problems += _split_problems(config, builder, mode, split)
-      frame_size = stored_frame_size(builder)
+    if source is not None:
+      if source.is_prepared:  # The synthetic set is generated where the pipeline is built.
+        problems += _split_problems(config, source, mode, split)
+      frame_size = stored_frame_size(source)
       problems += _crop_problems(config, frame_size)
   return problems, frame_size
 

@@ -24,9 +24,9 @@ import numpy as np
 from har_jax import checkpoint_files
 from har_jax import checkpoints
 from har_jax import errors
+from har_jax import geometry
 from har_jax import models
 from har_jax import paths
-from har_jax.data import stages
 
 CHECKPOINT_CHOICES = ('latest', 'best', 'all')
 
@@ -61,31 +61,9 @@ class Preprocessing:
                short_video=str(config.dataset.short_video))
 
   def decode_size(self, height: int, width: int) -> Optional[tuple[int, int]]:
-    """(height, width) to scale a source frame of height x width to as it is decoded; the crops
-    are taken after the short side is then resized to resize_size.
-
-    With a known geometry, the training frame the source frame would have become, scaled as the
-    JPEG decoder scaled it in training; otherwise (frames as decoded), the largest power-of-two
-    reduction that keeps the short side >= resize_size. None: use the frame as decoded (training
-    used its frames at their stored size, and so does prediction)."""
-    geometry = self.frame_geometry
-    if geometry.get('resize') == 'squash':
-      return stages.jpeg_scaled_size(tuple(int(v) for v in geometry['size']), self.resize_size)
-    if geometry.get('resize') == 'short_side':
-      stored = short_side_size(height, width, int(geometry['size']))
-      return stages.jpeg_scaled_size(stored, self.resize_size)
-    if not self.resize_size:
-      return None
-    ratio = 1
-    while min(height, width) // (2 * ratio) >= self.resize_size:
-      ratio *= 2
-    return -(-height // ratio), -(-width // ratio)
-
-
-def short_side_size(height: int, width: int, short_side: int) -> tuple[int, int]:
-  """(height, width) with the short side at short_side, the other in proportion (rounded)."""
-  scale = short_side / min(height, width)
-  return max(short_side, round(height * scale)), max(short_side, round(width * scale))
+    """(height, width) to scale a source frame of height x width to as it is decoded (None: as
+    decoded): `geometry.decode_size` for this checkpoint's frame geometry and resize_size."""
+    return geometry.decode_size(self.frame_geometry, height, width, self.resize_size)
 
 
 def guess_frame_geometry(dataset_name: str) -> dict:

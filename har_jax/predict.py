@@ -30,7 +30,7 @@ import tensorflow as tf
 from har_jax import errors
 from har_jax import inference
 from har_jax.data import stages
-from har_jax.data import video_files
+from har_jax.video import video_files
 
 
 @dataclasses.dataclass

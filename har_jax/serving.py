@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from har_jax import geometry
 from har_jax import inference
 from har_jax import models
 from har_jax.data import stages
@@ -132,11 +133,9 @@ def _centre_view(frames: jax.Array, short_side: Optional[int], crop_size: int) -
 def preprocess_frames(frames: jax.Array, preprocessing: inference.Preprocessing) -> jax.Array:
   """`[n, H, W, 3]` uint8 decoded frames of any size -> `[n, S, S, 3]` uint8 model input
   (S = image_size): the checkpoint's frame geometry, short-side resize and centre crop."""
-  geometry = preprocessing.frame_geometry
-  if geometry.get('resize') == 'squash':
+  if preprocessing.frame_geometry.get('resize') == 'squash':
     # The training frame this frame would have become, at the size its decoder gave.
-    size = stages.jpeg_scaled_size(tuple(int(v) for v in geometry['size']),
-                                   preprocessing.resize_size)
+    size = geometry.squash_size(preprocessing.frame_geometry, preprocessing.resize_size)
     whole = jnp.stack([0.0, 0.0, jnp.asarray(frames.shape[1], jnp.float32),
                        jnp.asarray(frames.shape[2], jnp.float32)])
     frames = _resample(frames, size, whole, antialias=True)

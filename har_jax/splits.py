@@ -50,7 +50,7 @@ SPLITS = (1, 2, 3)
 DATASETS = ('stock', 'frames')
 MODELS = ('lrcn', 'baseline')
 MODEL_NAMES = {'lrcn': 'LRCN (the config)', 'baseline': 'frame-average baseline'}
-DEFAULT_FRAME_STORE = 'ucf101_frames/s128'
+DEFAULT_FRAME_STORE = f'{datasets.UCF101_FRAMES}/s128'
 RESULT_FILE = 'split_result.json'
 # Fields that may differ between a finished run and a rerun without changing its result.
 _IGNORED_FIELDS = ('dataset.data_dir',)
@@ -58,7 +58,7 @@ _IGNORED_FIELDS = ('dataset.data_dir',)
 
 def infer_dataset(config: ml_collections.ConfigDict) -> str:
   """'frames' when config.dataset.name is a frame store ('ucf101_frames/...'), else 'stock'."""
-  return 'frames' if config.dataset.name.startswith('ucf101_frames/') else 'stock'
+  return 'frames' if config.dataset.name.startswith(f'{datasets.UCF101_FRAMES}/') else 'stock'
 
 
 def split_config(config: ml_collections.ConfigDict, split: int, dataset: str,
@@ -93,7 +93,7 @@ def check(config: ml_collections.ConfigDict, splits: Sequence[int], dataset: str
   for split in splits:
     split_cfg = split_config(config, split, dataset)
     try:
-      datasets.get_builder(split_cfg.dataset, prepare=False)
+      datasets.open_source(split_cfg.dataset, prepare=False)
     except errors.UserError:
       missing.append(split_cfg.dataset.name)
     problems += [f'split {split}: {p}' for p in config_validation.find_problems(split_cfg)]

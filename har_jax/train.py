@@ -177,9 +177,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  builder = datasets.get_builder(config.dataset)
-  config_validation.validate_splits(config, builder)  # Also a dataset the run just generated.
-  info = datasets.get_info(builder)
+  source = datasets.open_source(config.dataset)
+  config_validation.validate_splits(config, source)  # Also a dataset the run just generated.
+  info = datasets.get_info(source)
   local_batch = config.batch_size // jax.process_count()
   logging.info('Dataset %s: %d classes, splits %s', info.name, info.num_classes, info.split_sizes)
 
@@ -213,10 +213,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   writer = paths.metric_writer(workdir, just_logging=jax.process_index() > 0)
   if initial_step == 0:
     writer.write_hparams(traverse_util.flatten_dict(config.to_dict(), sep='.'))
-  report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
-                                                    writer=writer)
+  # Progress notes (ETA, time in eval and checkpoints); the steps/s metric is _Throughput's.
+  report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps)
   train_ds = pipeline.create_train_dataset(
-      builder, config, local_batch=local_batch, process_index=jax.process_index(),
+      source, config, local_batch=local_batch, process_index=jax.process_index(),
       process_count=jax.process_count(), start_step=initial_step)
   train_iter = pipeline.device_iterator(train_ds)
   val_split = datasets.resolve_split(config.dataset, 'val')
@@ -250,7 +250,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         guard.flush()
         try:
           with report_progress.timed('eval'):
-            eval_metrics = run_periodic_eval(p_eval_step, state, builder, config, val_split,
+            eval_metrics = run_periodic_eval(p_eval_step, state, source, config, val_split,
                                              info)
         except Exception:
           # A failing evaluation (bad data, a bug) must not cost the steps since the last save.
@@ -284,7 +284,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     final = eval_metrics  # The last periodic eval already covered the whole eval split.
   else:
     with report_progress.timed('final_eval'):
-      final = run_periodic_eval(p_eval_step, state, builder, config, config.dataset.eval_split,
+      final = run_periodic_eval(p_eval_step, state, source, config, config.dataset.eval_split,
                                 info, max_examples=0)
   writer.write_scalars(int(parallel.unreplicate(state.step)),
                        {f'test/{k}': v for k, v in final.items()})
@@ -302,12 +302,12 @@ def _health(guard: NonFiniteGuard, host_batch: dict) -> dict:
   return out
 
 
-def run_periodic_eval(p_eval_step, state, builder, config, split: str, info,
+def run_periodic_eval(p_eval_step, state, source, config, split: str, info,
                       max_examples: int = -1) -> dict:
   """Evaluates `split` (every example once, across processes) and returns scalar metrics."""
   if max_examples < 0:
     max_examples = config.eval.num_periodic_videos
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  outputs = runner.run_eval(p_eval_step, variables, builder, config, split,
+  outputs = runner.run_eval(p_eval_step, variables, source, config, split,
                             max_examples=max_examples)
   return metrics.scalar_metrics(outputs, info.num_classes)

@@ -47,7 +47,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from har_jax import cli
 from har_jax.data import datasets
-from har_jax.data import frame_store
 from har_jax.data import pipeline
 from har_jax.data import stages
 
@@ -97,19 +96,14 @@ def median_ratio(rounds: list[dict], reference: list[dict]) -> tuple[float, floa
   return statistics.median(ratios), min(ratios), max(ratios)
 
 
-def floor_dataset(builder, config, num_clips: int) -> tf.data.Dataset:
+def floor_dataset(source, config, num_clips: int) -> tf.data.Dataset:
   """The pipeline's own decode of `num_clips` of its clips, from memory, one scalar per clip."""
   split = datasets.resolve_split(config.dataset, 'train')
-  if isinstance(builder, frame_store.FrameStore):
-    reader = frame_store.FrameReader(builder)
-    clips = pipeline._frame_store_train_clips(  # pylint: disable=protected-access
-        builder, split, config, local_batch=1, process_index=0, process_count=1, start_step=0)
-    clips = clips.map(lambda clip: {'jpegs': reader.read(clip['row'], clip['frames'])})
-  else:
-    clips = pipeline._tfds_train_clips(  # pylint: disable=protected-access
-        builder, split, config, local_batch=1, process_index=0, process_count=1, start_step=0)
+  clips = source.train_clips(split, config, local_batch=1, process_index=0, process_count=1,
+                             start_step=0)
+  clips = clips.map(lambda clip: {'jpegs': source.read_train_frames(clip)['jpegs']})
   jpegs = np.stack([c['jpegs'] for c in clips.take(num_clips).as_numpy_iterator()])
-  frame_size = datasets.static_frame_size(builder)
+  frame_size = source.static_frame_size()
 
   def decode(clip_jpegs):
     frames = stages.decode_frames(clip_jpegs, config.dataset.resize_size, frame_size)
@@ -158,14 +152,8 @@ def _dataset_config(config, spec: str):
   return config
 
 
-def _layout(builder, config) -> str:
-  if isinstance(builder, frame_store.FrameStore):
-    return f'frame store, frames {builder.frame_size}'
-  split = datasets.resolve_split(config.dataset, 'train')
-  group_split = datasets.parse_group_split(split)
-  files = builder.info.splits[(group_split.base if group_split else split).split('[')[0]].num_shards
-  return (f'TFDS records, frames {datasets.static_frame_size(builder)}, train split in {files} '
-          f'file(s)')
+def _layout(source, config) -> str:
+  return source.describe(datasets.resolve_split(config.dataset, 'train'))
 
 
 def main(argv):
@@ -181,11 +169,11 @@ def main(argv):
   runs = {}  # (dataset, kind) -> tf.data.Dataset
   for spec in specs:
     config = _dataset_config(base, spec)
-    builder = datasets.get_builder(config.dataset)
-    print(f'{spec}: {_layout(builder, config)}', flush=True)
-    runs[spec, 'pipeline'] = pipeline.create_train_dataset(builder, config,
+    source = datasets.open_source(config.dataset)
+    print(f'{spec}: {_layout(source, config)}', flush=True)
+    runs[spec, 'pipeline'] = pipeline.create_train_dataset(source, config,
                                                            local_batch=config.batch_size)
-    runs[spec, 'floor'] = floor_dataset(builder, config, FLAGS.floor_clips)
+    runs[spec, 'floor'] = floor_dataset(source, config, FLAGS.floor_clips)
   results = {key: [] for key in runs}
   for r in range(FLAGS.rounds):
     for key, ds in runs.items():
@@ -200,8 +188,8 @@ def main(argv):
             f'cores busy', flush=True)
   naive = None
   config = _dataset_config(base, specs[0])
-  first = datasets.get_builder(config.dataset)
-  if FLAGS.naive and not isinstance(first, frame_store.FrameStore):
+  first = datasets.open_source(config.dataset).tfds_builder  # None for a frame store.
+  if FLAGS.naive and first is not None:
     naive = measure(naive_dataset(first, config).as_numpy_iterator(), FLAGS.seconds,
                     FLAGS.warmup_seconds)
     print(f'naive_tfds {specs[0]}: {naive["clips_per_s"]:.1f} clips/s, '

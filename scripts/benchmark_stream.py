@@ -47,7 +47,7 @@ from har_jax import cli
 from har_jax import inference
 from har_jax import models
 from har_jax import streaming
-from har_jax.data import synthetic_actions
+from har_jax.data.prepare import synthetic_actions
 from har_jax.models.cpu_kernels import conv as conv_lib
 
 FLAGS = flags.FLAGS

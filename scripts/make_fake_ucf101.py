@@ -112,7 +112,7 @@ def render_reversal_video(position: int, seed: int, num_frames: int, width: int 
     `MIRROR_SYMMETRIC_PAIRS[position // 2]` (reversed for odd `position`), rendered at
     height x height and stretched to the width (nearest neighbour).
   """
-  from har_jax.data import synthetic_actions  # pylint: disable=g-import-not-at-top
+  from har_jax.data.prepare import synthetic_actions  # pylint: disable=g-import-not-at-top
   if not 0 <= position < MAX_REVERSAL_CLASSES:
     raise ValueError(f'A reversal set has at most {MAX_REVERSAL_CLASSES} classes; got class '
                      f'position {position}.')

@@ -39,7 +39,7 @@ from absl import logging
 
 from har_jax import errors
 from har_jax import preemption
-from har_jax.data import ucf101
+from har_jax.data.prepare import ucf101
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('source', None, 'UCF101 folder(s) and/or zip file(s).')

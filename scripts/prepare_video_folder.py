@@ -25,7 +25,7 @@ from absl import logging
 
 from har_jax import errors
 from har_jax import preemption
-from har_jax.data import video_folder
+from har_jax.data.prepare import video_folder
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('source', None, 'Folder of class folders (or of train/ and test/).')

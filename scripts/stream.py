@@ -39,8 +39,8 @@ from har_jax import errors
 from har_jax import paths
 from har_jax import inference
 from har_jax import streaming
-from har_jax.data import video_files
-from har_jax.data import video_sources
+from har_jax.video import video_files
+from har_jax.video import video_sources
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Training workdir (the folder holding checkpoints/).')

@@ -104,7 +104,7 @@ def training_videos(config, count):
 @pytest.fixture(scope='session')
 def synthetic_data_dir(tmp_path_factory):
   """A data_dir holding the prepared tiny synthetic dataset (built once per test session)."""
-  from har_jax.data import synthetic_actions  # pylint: disable=g-import-not-at-top
+  from har_jax.data.prepare import synthetic_actions  # pylint: disable=g-import-not-at-top
   data_dir = tmp_path_factory.mktemp('tfds')
   synthetic_actions.prepare(str(data_dir), 'tiny')
   return data_dir
@@ -119,10 +119,11 @@ def synthetic_frames(synthetic_data_dir):
   data_dir (the JPEG frames byte for byte); returns that dataset name."""
   from har_jax.data import datasets  # pylint: disable=g-import-not-at-top
   from har_jax.data import frame_store  # pylint: disable=g-import-not-at-top
+  from har_jax.data.prepare import frame_store_writer  # pylint: disable=g-import-not-at-top
   path = os.path.join(str(synthetic_data_dir), SYNTHETIC_FRAMES)
   if not frame_store.exists(path):
     builder = datasets.get_builder(make_tiny_config(synthetic_data_dir).dataset)
-    frame_store.convert(builder, path, name=SYNTHETIC_FRAMES)
+    frame_store_writer.convert(builder, path, name=SYNTHETIC_FRAMES)
   return SYNTHETIC_FRAMES
 
 

@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from har_jax import errors
 from har_jax import inference
 from har_jax.data import datasets
-from har_jax.data import synthetic_actions
+from har_jax.data.prepare import synthetic_actions
 from har_jax.evaluation import checkpoint_eval
 from har_jax.evaluation import metrics
 from har_jax.evaluation import reports

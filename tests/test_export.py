@@ -23,6 +23,7 @@ from har_jax import artifacts
 from har_jax import checkpoints
 from har_jax import errors
 from har_jax import export
+from har_jax import geometry
 from har_jax import inference
 from har_jax import onnx_export
 from har_jax import optim
@@ -356,7 +357,7 @@ def _evaluation_views(frames: np.ndarray, p: inference.Preprocessing) -> np.ndar
   """evaluation's views of frames given at their decoded size (predict.eval_views), after a
   squash to the size the training frames were decoded at (TF's antialiased bilinear resize)."""
   if p.frame_geometry['resize'] == 'squash':
-    size = stages.jpeg_scaled_size(tuple(p.frame_geometry['size']), p.resize_size)
+    size = geometry.jpeg_scaled_size(tuple(p.frame_geometry['size']), p.resize_size)
     frames = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(
         frames, size, method='bilinear', antialias=True)), 0, 255), tf.uint8).numpy()
   elif p.frame_geometry['resize'] == 'short_side' and not p.resize_size:

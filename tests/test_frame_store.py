@@ -13,6 +13,8 @@ from har_jax import errors
 from har_jax.data import datasets
 from har_jax.data import frame_store
 from har_jax.data import pipeline
+from har_jax.data import tfds_records
+from har_jax.data.prepare import frame_store_writer
 
 NUM_TRAIN, NUM_TEST, FRAMES = 40, 20, 8  # The tiny synthetic set: 8 frames of 32x32 per video.
 CLIP = 4  # Frames per clip in the tiny config.
@@ -36,8 +38,8 @@ def test_store_holds_the_tfds_frames_byte_for_byte(tiny_config, synthetic_frames
   assert store.split_sizes == {'train': NUM_TRAIN, 'test': NUM_TEST}
   assert store.frame_size == (32, 32) == datasets.static_frame_size(records)
   assert datasets.get_info(store).class_names == datasets.get_info(records).class_names
-  reader = frame_store.FrameReader(store)
-  ds = records.as_dataset(split='test', decoders=datasets.jpeg_decoders(records),
+  reader = frame_store.Reader(store)
+  ds = records.as_dataset(split='test', decoders=tfds_records.jpeg_decoders(),
                           read_config=tfds.ReadConfig(add_tfds_id=True))
   rows = store.split_rows('test')
   for row, example in zip(rows, ds.as_numpy_iterator()):
@@ -136,7 +138,7 @@ def _jpeg(value):
 @pytest.fixture
 def bad_store(tmp_path):
   """Videos of 4 solid-grey frames; 'bad' has a truncated frame 2."""
-  writer = frame_store.Writer(str(tmp_path / 'bad_frames' / 'v1'), name='bad_frames/v1',
+  writer = frame_store_writer.Writer(str(tmp_path / 'bad_frames' / 'v1'), name='bad_frames/v1',
                               class_names=['good', 'bad'], settings={})
   good = [_jpeg(40 * i) for i in range(4)]
   bad = list(good)
@@ -174,12 +176,12 @@ def test_bad_frames_are_skipped_in_training_and_named_in_evaluation(tiny_config,
 
 def test_interrupted_write_leaves_nothing_readable(tmp_path):
   path = str(tmp_path / 'x' / 'y')
-  writer = frame_store.Writer(path, name='x/y', class_names=['a'], settings={})
+  writer = frame_store_writer.Writer(path, name='x/y', class_names=['a'], settings={})
   writer.add_video([_jpeg(0)], label=0, name='v')
   assert not frame_store.exists(path)  # Not finished: nothing at `path`.
-  assert frame_store.remove_incomplete(path) and not os.listdir(tmp_path / 'x')
+  assert frame_store_writer.remove_incomplete(path) and not os.listdir(tmp_path / 'x')
   with pytest.raises(errors.UserError, match='label 3'):
-    frame_store.Writer(path, name='x/y', class_names=['a'], settings={}).add_video(
+    frame_store_writer.Writer(path, name='x/y', class_names=['a'], settings={}).add_video(
         [_jpeg(0)], label=3, name='v')
 
 
@@ -187,24 +189,24 @@ def test_replacing_a_store_keeps_it_until_the_new_one_is_in(tmp_path, monkeypatc
   path = str(tmp_path / 'x' / 'y')
 
   def write(names, replace=False):
-    writer = frame_store.Writer(path, name='x/y', class_names=['a'], settings={})
+    writer = frame_store_writer.Writer(path, name='x/y', class_names=['a'], settings={})
     writer.add_split('train', [writer.add_video([_jpeg(0)], label=0, name=n) for n in names])
     return writer.finish(replace=replace)
 
   write(['old'])
   with pytest.raises(errors.UserError, match='appeared while writing'):
     write(['new'])
-  frame_store.remove_incomplete(path)
+  frame_store_writer.remove_incomplete(path)
   assert list(write(['new'], replace=True).videos['name']) == ['new']
   assert os.listdir(tmp_path / 'x') == ['y']
   # A crash between the two renames: the old store waits in y.replaced-*; the next start puts it
   # back, and deletes it once a store is at `path`.
-  monkeypatch.setattr(frame_store.shutil, 'rmtree', lambda *args, **kwargs: None)
+  monkeypatch.setattr(frame_store_writer.shutil, 'rmtree', lambda *args, **kwargs: None)
   write(['newer'], replace=True)
   monkeypatch.undo()
   [replaced] = [d for d in os.listdir(tmp_path / 'x') if d.startswith('y.replaced-')]
   os.rename(tmp_path / 'x' / 'y', tmp_path / 'x' / 'lost')
-  frame_store.remove_incomplete(path)
+  frame_store_writer.remove_incomplete(path)
   assert list(frame_store.FrameStore(path).videos['name']) == ['new']
   assert sorted(os.listdir(tmp_path / 'x')) == ['lost', 'y']
 

@@ -157,7 +157,7 @@ import sys, time
 sys.path[:0] = [{tests!r}, {repo!r}]
 import conftest
 from absl import app
-from har_jax.data import {module} as target
+from har_jax.data.prepare import {module} as target
 original = target.{function}
 def slow(*args, **kwargs):  # Long enough to press Ctrl-C while the videos are being decoded.
   time.sleep(0.5)
@@ -172,7 +172,7 @@ def test_ctrl_c_in_a_prepare_script_is_one_line_and_exit_130(tmp_path, script):
   """Issue 27.10: rc 130 was right, the KeyboardInterrupt traceback was not."""
   import conftest  # pylint: disable=g-import-not-at-top
   from har_jax.data import frame_store  # pylint: disable=g-import-not-at-top
-  from har_jax.data import video_folder  # pylint: disable=g-import-not-at-top
+  from har_jax.data.prepare import video_folder  # pylint: disable=g-import-not-at-top
   data_dir = tmp_path / 'data'
   if script == 'prepare_video_folder':
     from test_video_folder import make_source  # pylint: disable=g-import-not-at-top

@@ -12,6 +12,7 @@ from har_jax import augment
 from har_jax import errors
 from har_jax.data import datasets
 from har_jax.data import pipeline
+from har_jax.data import tfds_records
 
 _SIZE = 32
 
@@ -188,7 +189,7 @@ def test_two_processes_train_shards_are_disjoint(tiny_config):
   builder = datasets.get_builder(config.dataset)
   shards = []
   for index in range(2):
-    ds = pipeline.read_examples(builder, 'train', config, process_index=index, process_count=2,
+    ds = tfds_records.read_examples(builder, 'train', config, process_index=index, process_count=2,
                                 shuffle=True, deterministic=True)
     shards.append({ex['tfds_id'].decode() for ex in ds.as_numpy_iterator()})
   assert not shards[0] & shards[1]

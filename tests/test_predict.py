@@ -21,9 +21,9 @@ from har_jax import train
 from har_jax.data import datasets
 from har_jax.data import pipeline
 from har_jax.data import stages
-from har_jax.data import synthetic_actions
-from har_jax.data import video_files
+from har_jax.data.prepare import synthetic_actions
 from har_jax.evaluation import checkpoint_eval
+from har_jax.video import video_files
 from conftest import training_videos  # pylint: disable=g-bad-import-order
 from conftest import write_video  # pylint: disable=g-bad-import-order
 
@@ -211,12 +211,13 @@ def _gradient_video(path, num_frames, height, width, lossless=False):
 
 def test_frames_are_downscaled_while_decoding(tiny_config, tmp_path):
   """Issue 16.13: full-resolution frames were kept; now the decoder scales them down by powers
-  of two while the short side stays >= the resize target, as the JPEG decoder does in training."""
+  of two while the short side stays >= the resize target, as the JPEG decoder does in training
+  (by at most 8, libjpeg's largest ratio: issue 28 put both on har_jax.geometry)."""
   config = _views_config(tiny_config, **{'dataset.resize_size': 32})
   path, _ = _gradient_video(tmp_path / 'hd.mp4', 6, 720, 1280)
   clip = predict.read_clip_frames(path, _prep(config))
   assert clip.frame_size == (720, 1280) and clip.num_available == 6
-  assert clip.frames.shape == (6, 45, 80, 3)  # 720 / 16 = 45 >= 32 > 720 / 32.
+  assert clip.frames.shape == (6, 90, 160, 3)  # 720 / 8 = 90 >= 32: the ratio is capped at 8.
   views = predict.eval_views(clip.frames, _prep(config))
   assert views.shape == (6, 3, 16, 16, 3)
 

@@ -8,6 +8,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from har_jax.data import pipeline
+from har_jax.data import tfds_records
 
 NUM_FILES = 4
 NUM_VIDEOS = 80  # 20 records per file: more than a block of RECORDS_PER_FILE_BLOCK.
@@ -62,17 +63,17 @@ def test_several_files_are_read_at_once(sharded, tiny_config, monkeypatch):
     return as_dataset(*args, read_config=read_config, **kwargs)
 
   monkeypatch.setattr(sharded, 'as_dataset', recording)
-  ds = pipeline.read_examples(sharded, 'train', _config(tiny_config), process_index=0,
+  ds = tfds_records.read_examples(sharded, 'train', _config(tiny_config), process_index=0,
                               process_count=1, shuffle=True, deterministic=True)
   ids = [ex['tfds_id'] for ex in ds.as_numpy_iterator()]
   (read_config,) = read_configs
-  assert read_config.interleave_cycle_length == pipeline.FILES_READ_AT_ONCE > 1
+  assert read_config.interleave_cycle_length == tfds_records.FILES_READ_AT_ONCE > 1
   assert read_config.num_parallel_calls_for_interleave_files == tf.data.AUTOTUNE
-  assert read_config.interleave_block_length == pipeline.RECORDS_PER_FILE_BLOCK
+  assert read_config.interleave_block_length == tfds_records.RECORDS_PER_FILE_BLOCK
   # Interleaved: blocks of RECORDS_PER_FILE_BLOCK records from each file in turn, not file after
   # file.
   files = [_file_of(i) for i in ids]
-  block = pipeline.RECORDS_PER_FILE_BLOCK
+  block = tfds_records.RECORDS_PER_FILE_BLOCK
   assert len(set(files[:block * NUM_FILES])) == NUM_FILES
   assert files[block] != files[0]
   assert collections.Counter(files) == {f: NUM_VIDEOS // NUM_FILES for f in set(files)}

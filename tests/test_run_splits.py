@@ -15,7 +15,7 @@ from configs import default
 from configs import ucf101_frames
 from har_jax import errors
 from har_jax import splits
-from har_jax.data import ucf101
+from har_jax.data.prepare import ucf101
 import conftest
 
 REPO = conftest.REPO

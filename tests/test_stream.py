@@ -18,9 +18,9 @@ import pytest
 from har_jax import inference
 from har_jax import predict
 from har_jax import streaming
-from har_jax.data import synthetic_actions
-from har_jax.data import video_files
-from har_jax.data import video_sources
+from har_jax.data.prepare import synthetic_actions
+from har_jax.video import video_files
+from har_jax.video import video_sources
 from conftest import training_videos  # pylint: disable=g-bad-import-order
 from conftest import write_video  # pylint: disable=g-bad-import-order
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from har_jax.data import synthetic_actions
+from har_jax.data.prepare import synthetic_actions
 
 _NUM_FRAMES = 8
 _RESOLUTION = 32

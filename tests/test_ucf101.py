@@ -17,7 +17,8 @@ from har_jax import errors
 from har_jax import train
 from har_jax.data import datasets
 from har_jax.data import pipeline
-from har_jax.data import ucf101
+from har_jax.data import tfds_records
+from har_jax.data.prepare import ucf101
 import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -221,7 +222,7 @@ def test_group_validation_split_holds_out_whole_groups(meta_dir, tiny_config):
 
   train_groups = set()
   for index in range(2):
-    ds = pipeline.read_examples(builder, train_split, config, process_index=index,
+    ds = tfds_records.read_examples(builder, train_split, config, process_index=index,
                                 process_count=2, shuffle=True, deterministic=True)
     train_groups |= {int(ex['group']) for ex in ds.as_numpy_iterator()}
   assert train_groups == {8, 9}

@@ -15,8 +15,8 @@ import pytest
 from har_jax import errors
 from har_jax.data import datasets
 from har_jax.data import pipeline
-from har_jax.data import video_files
-from har_jax.data import video_folder as vf
+from har_jax.data.prepare import video_folder as vf
+from har_jax.video import video_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ('clap', 'jump', 'wave')

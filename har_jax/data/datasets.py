@@ -1,31 +1,37 @@
-"""Dataset resolution: config.dataset -> a prepared TFDS builder, splits and class names."""
+"""Dataset resolution: config.dataset -> a prepared dataset (`open_source`), its splits and classes.
+
+The table from dataset names to where their data lives is `get_builder`; `open_source` gives the
+same dataset as a `sources.DataSource`, which is what the trainer, evaluation and validation use.
+"""
 
 import dataclasses
 import difflib
 import os
 import re
-from typing import Optional
+from typing import Optional, Union
 
 from absl import logging
 
-import numpy as np
 import tensorflow_datasets as tfds
 
 from har_jax import errors
 from har_jax import paths
 from har_jax.data import frame_store
+from har_jax.data import sources
+from har_jax.data import tfds_records
 
-# The dataset-preparation modules (synthetic_actions, video_folder with PyAV, the ucf101
-# builders) are imported where a dataset of theirs is opened, not by the training path.
+# The training path reads prepared datasets and never imports the preparation package
+# (har_jax.data.prepare), except to generate the built-in synthetic set on first use.
 
 SYNTHETIC_NAME = 'synthetic_actions'
-VIDEO_FOLDER_NAME = 'video_folder'  # Datasets of prepare_video_folder.py (video_folder.py).
-# Datasets whose videos carry UCF101 groups (people): 'group' records and metadata.json
-# 'group_counts' (ucf101_meta, see ucf101.py), or a 'group' column (frame stores of UCF101).
-GROUPED_DATASETS = ('ucf101_meta', 'ucf101_frames')
+VIDEO_FOLDER_NAME = tfds_records.VIDEO_FOLDER_NAME
+VIDEO_FOLDER_VERSION = '1.0.0'
+_VIDEO_FOLDER_NAME_RE = re.compile(r'[A-Za-z0-9][A-Za-z0-9_-]*')
 UCF101_FRAMES = 'ucf101_frames'  # Frame stores built by prepare_ucf101.py --short_side.
+# Datasets whose videos carry UCF101 groups (people): 'group' records and metadata.json
+# 'group_counts' (ucf101_meta, see prepare/ucf101.py), or a 'group' column (UCF101 frame stores).
+GROUPED_DATASETS = ('ucf101_meta', UCF101_FRAMES)
 UCF101_CONFIGS = ('ucf101_1_256', 'ucf101_1', 'ucf101_2', 'ucf101_3')
-_GROUP_SPLIT_RE = re.compile(r'(?P<base>[^|]+)\|(?P<part>train|val)_groups=(?P<fraction>[0-9.]+)')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,31 +51,32 @@ class DatasetInfo:
     return len(self.class_names)
 
 
-class JpegFrames(tfds.decode.SkipDecoding):
-  """Keeps a video's JPEG frames encoded, as one `[num_frames] tf.string` tensor.
-
-  tfds.decode.SkipDecoding does the same through a tf.map_fn over the frames of a Sequence
-  feature, which costs ~4 ms per 180-frame video on a host core, most of a clip's decode budget;
-  this returns the parsed tensor as it is.
-  """
-
-  def decode_batch_example(self, serialized_example):
-    return serialized_example
-
-
-def jpeg_decoders(builder) -> dict:
-  """`decoders=` for builder.as_dataset: the video stays JPEG strings, the rest decodes."""
-  del builder  # Every dataset har_jax reads names its frames 'video'.
-  return {'video': JpegFrames()}
-
-
 def _split_name_and_config(name: str) -> tuple[str, Optional[str]]:
   base, _, config_name = name.partition('/')
   return base, (config_name or None)
 
 
-def get_builder(dataset_config, *, prepare: bool = True) -> tfds.core.DatasetBuilder:
-  """Returns the prepared TFDS builder named by `dataset_config.name`.
+Builder = Union[tfds.core.DatasetBuilder, frame_store.FrameStore]
+
+
+def open_source(dataset_config, *, prepare: bool = True) -> sources.DataSource:
+  """The prepared dataset named by `dataset_config.name`, as a DataSource (see `get_builder`)."""
+  return source_of(get_builder(dataset_config, prepare=prepare))
+
+
+def source_of(dataset) -> sources.DataSource:
+  """A DataSource for what `get_builder` returns (a DataSource passes through): the one place
+  that tells the two kinds of dataset apart."""
+  if isinstance(dataset, sources.DataSource):
+    return dataset
+  if isinstance(dataset, frame_store.FrameStore):
+    return frame_store.FrameStoreSource(dataset)
+  return tfds_records.TfdsSource(dataset)
+
+
+def get_builder(dataset_config, *, prepare: bool = True) -> Builder:
+  """Returns the prepared dataset named by `dataset_config.name`: a TFDS builder, or a
+  frame_store.FrameStore for frame stores (`open_source` wraps either in a DataSource).
 
   The built-in synthetic dataset is generated on first use (with prepare=False, its builder is
   returned unprepared: features and class names, no splits); any other dataset must already be
@@ -90,7 +97,7 @@ def get_builder(dataset_config, *, prepare: bool = True) -> tfds.core.DatasetBui
         f'--source <UCF101 folder or zips> --data_dir {data_dir or "<data_dir>"} '
         f'--short_side {config_name.lstrip("s") if config_name else "128"}')
   if base == SYNTHETIC_NAME:
-    from har_jax.data import synthetic_actions  # pylint: disable=g-import-not-at-top
+    from har_jax.data.prepare import synthetic_actions  # pylint: disable=g-import-not-at-top
     _check_synthetic_config(name, config_name or 'default')
     if not prepare:
       return synthetic_actions.SyntheticActions(config=config_name or 'default',
@@ -103,8 +110,7 @@ def get_builder(dataset_config, *, prepare: bool = True) -> tfds.core.DatasetBui
   if base in GROUPED_DATASETS:
     return _prepared_grouped_builder(dataset_config, base, config_name)
   if base == VIDEO_FOLDER_NAME:
-    from har_jax.data import video_folder  # pylint: disable=g-import-not-at-top
-    return video_folder.load(data_dir or _default_data_dir(), config_name)
+    return load_video_folder(data_dir or _default_data_dir(), config_name)
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
@@ -119,8 +125,37 @@ def get_builder(dataset_config, *, prepare: bool = True) -> tfds.core.DatasetBui
   return builder
 
 
+def video_folder_dir(data_dir: str, name: str) -> str:
+  """The folder of a prepared video folder dataset: <data_dir>/video_folder/<name>/<version>."""
+  return os.path.join(os.path.expanduser(data_dir), VIDEO_FOLDER_NAME, name, VIDEO_FOLDER_VERSION)
+
+
+def check_video_folder_name(name: Optional[str]) -> str:
+  if not name or not _VIDEO_FOLDER_NAME_RE.fullmatch(name):
+    raise errors.UserError(
+        f'Dataset name {name!r} is not valid; use letters, digits, _ and -, starting with a '
+        "letter or digit (it becomes config.dataset.name='video_folder/<name>').")
+  return name
+
+
+def load_video_folder(data_dir: str, name: Optional[str]) -> tfds.core.DatasetBuilder:
+  """The prepared dataset `video_folder/<name>` in data_dir (needs no source folder).
+
+  Raises:
+    errors.UserError: the dataset is not prepared there, with the command that prepares it.
+  """
+  check_video_folder_name(name)
+  path = video_folder_dir(data_dir, name)
+  if not os.path.isfile(os.path.join(path, 'dataset_info.json')):
+    raise errors.UserError(
+        f'Dataset video_folder/{name} is not prepared in {data_dir!r} (no {path}). Build it with: '
+        f'python scripts/prepare_video_folder.py --source <folder of class folders> '
+        f'--data_dir {data_dir} --name {name}')
+  return tfds.builder_from_directory(path)
+
+
 def _check_synthetic_config(name: str, config_name: str):
-  from har_jax.data import synthetic_actions  # pylint: disable=g-import-not-at-top
+  from har_jax.data.prepare import synthetic_actions  # pylint: disable=g-import-not-at-top
   configs = sorted(synthetic_actions.SyntheticActions.builder_configs)
   if config_name not in configs:
     raise errors.UserError(f'Unknown synthetic_actions config {config_name!r} in '
@@ -174,44 +209,17 @@ def _default_data_dir() -> str:
   return os.environ.get('TFDS_DATA_DIR', os.path.expanduser('~/tensorflow_datasets'))
 
 
-def get_info(builder: tfds.core.DatasetBuilder) -> DatasetInfo:
-  """Class names and split sizes of a prepared builder (or frame store)."""
-  if isinstance(builder, frame_store.FrameStore):
-    return DatasetInfo(name=builder.name, class_names=builder.class_names,
-                       split_sizes=builder.split_sizes, frame_geometry=frame_geometry(builder))
-  features = builder.info.features
-  if 'label' not in features or 'video' not in features:
-    raise errors.UserError(
-        f'Dataset {builder.info.full_name!r} has features {list(features.keys())}; har_jax needs a '
-        "'video' (tfds.features.Video of JPEG frames) and a 'label' (ClassLabel).")
-  return DatasetInfo(
-      name=builder.info.full_name,
-      class_names=tuple(features['label'].names),
-      split_sizes={k: v.num_examples for k, v in builder.info.splits.items()},
-      frame_geometry=frame_geometry(builder))
+def get_info(dataset) -> DatasetInfo:
+  """Class names, split sizes and frame geometry of a prepared dataset (builder, store or
+  DataSource)."""
+  source = source_of(dataset)
+  return DatasetInfo(name=source.name, class_names=source.class_names,
+                     split_sizes=source.split_sizes, frame_geometry=source.frame_geometry())
 
 
-def frame_geometry(builder) -> dict:
-  """How a dataset's frames were made from the source videos, as a JSON-able dict:
-
-    {'resize': 'squash', 'size': [h, w]}: every frame resized to h x w, its aspect ratio not kept
-        (the stock TFDS ucf101_*_256 records squash UCF101's 320x240 to 256x256; datasets that
-        declare one frame size);
-    {'resize': 'short_side', 'size': s}: short side s pixels, aspect kept (frame stores written
-        by prepare_ucf101.py --short_side, video_folder datasets);
-    {'resize': 'none'}: the frames as decoded.
-  """
-  if isinstance(builder, frame_store.FrameStore):
-    settings = builder.info.get('settings', {})
-    if 'frame_geometry' in settings:
-      return dict(settings['frame_geometry'])
-    short_side = int(settings.get('short_side', 0) or 0)
-    return {'resize': 'short_side', 'size': short_side} if short_side else {'resize': 'none'}
-  if builder.info.name == VIDEO_FOLDER_NAME:
-    short_side = int((builder.info.metadata or {}).get('settings', {}).get('short_side', 0) or 0)
-    return {'resize': 'short_side', 'size': short_side} if short_side else {'resize': 'none'}
-  size = static_frame_size(builder)
-  return {'resize': 'squash', 'size': list(size)} if size else {'resize': 'none'}
+def frame_geometry(dataset) -> dict:
+  """How a dataset's frames were made from the source videos (`DataSource.frame_geometry`)."""
+  return source_of(dataset).frame_geometry()
 
 
 def resolve_split(dataset_config, purpose: str) -> str:
@@ -258,91 +266,11 @@ def percent_split(train: str, fraction: float, purpose: str) -> str:
   return f'{train}[:{cut}%]' if purpose == 'train' else f'{train}[{cut}%:]'
 
 
-@dataclasses.dataclass(frozen=True)
-class GroupSplit:
-  """A split by UCF101 group: the 'train' or 'val' part of `base` for a held-out fraction."""
-  base: str
-  part: str  # 'train' | 'val'
-  fraction: float
-
-
-def parse_group_split(split) -> Optional[GroupSplit]:
-  """The GroupSplit a split string names, or None (also for TFDS split objects)."""
-  match = _GROUP_SPLIT_RE.fullmatch(split) if isinstance(split, str) else None
-  if not match:
-    return None
-  return GroupSplit(match['base'], match['part'], float(match['fraction']))
-
-
-def _group_counts(builder, base: str) -> dict[int, int]:
-  if isinstance(builder, frame_store.FrameStore):
-    groups = builder.videos['group'][builder.split_rows(base)]
-    if np.any(groups < 0):
-      raise errors.UserError(f'Frame store {builder.name!r} has no UCF101 groups in split '
-                             f'{base!r}; validation holds out whole groups only on UCF101 stores.')
-    values, counts = np.unique(groups, return_counts=True)
-    return {int(g): int(n) for g, n in zip(values, counts)}
-  metadata = builder.info.metadata or {}
-  counts = metadata.get('group_counts', {}).get(base)
-  if not counts:
-    raise errors.UserError(
-        f'{builder.info.full_name!r} has no group counts for split {base!r} in its metadata.json; '
-        'rebuild it with scripts/prepare_ucf101.py --variant ucf101_meta.')
-  return {int(g): int(n) for g, n in counts.items()}
-
-
-def split_groups(builder, group_split: GroupSplit) -> list[int]:
-  """The sorted UCF101 group numbers in a GroupSplit (val: the last round(f * G) train groups)."""
-  groups = sorted(_group_counts(builder, group_split.base))
-  num_val = max(1, round(group_split.fraction * len(groups)))
-  if num_val >= len(groups):
-    raise errors.UserError(
-        f'config.dataset.val_split={group_split.fraction:g} holds out {num_val} of the '
-        f'{len(groups)} groups of {group_split.base!r}, leaving none to train on; use a smaller '
-        'fraction.')
-  return groups[-num_val:] if group_split.part == 'val' else groups[:-num_val]
-
-
-def split_rows(store: frame_store.FrameStore, split: str) -> np.ndarray:
-  """Video rows of a frame store split, group splits ('train1|val_groups=0.1') included."""
-  group_split = parse_group_split(split)
-  if not group_split:
-    return store.split_rows(split)
-  rows = store.split_rows(group_split.base)
-  return rows[np.isin(store.videos['group'][rows], split_groups(store, group_split))]
-
-
-def num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
+def num_examples(dataset, split: str) -> int:
   """Number of examples in a split string such as 'train[:90%]' or 'train|val_groups=0.1'."""
-  if isinstance(builder, frame_store.FrameStore):
-    return len(split_rows(builder, split))
-  group_split = parse_group_split(split)
-  if group_split:
-    counts = _group_counts(builder, group_split.base)
-    return sum(counts[g] for g in split_groups(builder, group_split))
-  try:
-    return builder.info.splits[split].num_examples
-  except (KeyError, ValueError):  # TFDS: ValueError('Unknown split ...') or a bad slice.
-    raise errors.UserError(
-        f'Split {split!r} does not exist in {builder.info.full_name!r}; it has '
-        f'{sorted(builder.info.splits.keys())}.') from None
+  return source_of(dataset).num_examples(split)
 
 
-def process_shard_sizes(builder, split: str, process_count: int) -> list[int]:
-  """Examples each process reads of `split` (they are disjoint and cover the split)."""
-  # Frame stores and group splits: process i takes examples i, i + process_count, ...
-  if parse_group_split(split) or isinstance(builder, frame_store.FrameStore):
-    total = num_examples(builder, split)
-    return [len(range(i, total, process_count)) for i in range(process_count)]
-  return [num_examples(builder, tfds.split_for_jax_process(
-      split, process_index=i, process_count=process_count)) for i in range(process_count)]
-
-
-def static_frame_size(builder) -> Optional[tuple[int, int]]:
+def static_frame_size(dataset) -> Optional[tuple[int, int]]:
   """(height, width) of every stored frame when the dataset declares one size, else None."""
-  if isinstance(builder, frame_store.FrameStore):
-    return builder.frame_size
-  shape = tuple(builder.info.features['video'].shape)
-  if len(shape) == 4 and shape[1] and shape[2]:
-    return int(shape[1]), int(shape[2])
-  return None
+  return source_of(dataset).static_frame_size()

@@ -27,40 +27,34 @@ of CPU through ArrayRecordReader.read and ~45 us by offset with the CRC check, o
 machine (benchmarks/RESULTS.md), against ~2 ms to decode the clip.
 
 A store is written into `<folder>.incomplete-<id>` and renamed when complete, so an interrupted
-write leaves nothing readable; a store it replaces stays readable until then (`replace_folder`).
+write leaves nothing readable; a store it replaces stays readable until then. Writing (and
+converting TFDS records) is preparation: `har_jax.data.prepare.frame_store_writer`.
 """
 
-import io
 import json
 import mmap
 import os
-import shutil
 import threading
-import time
-import uuid
 import zlib
-from typing import Optional, Sequence
+from typing import Optional
 
-from absl import logging
 import numpy as np
-from PIL import Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from har_jax import errors
 from har_jax import paths
+from har_jax.data import sources
 
 FORMAT = 'har_jax.frame_store'
 FORMAT_VERSION = 1
 INFO_FILE = 'frame_store.json'
 VIDEOS_FILE = 'videos.npz'
 FRAMES_FILE = 'frames.npz'
-MAX_FILE_BYTES = 1 << 30  # A new frames file starts once a file holds this many bytes.
-_VIDEO_COLUMNS = ('label', 'file_index', 'first', 'num_frames', 'height', 'width', 'group', 'fps',
-                  'name')
-_VIDEO_DTYPES = dict(label=np.int32, file_index=np.int32, first=np.int64, num_frames=np.int32,
-                     height=np.int32, width=np.int32, group=np.int32, fps=np.float32, name=str)
-_FRAME_DTYPES = dict(offset=np.int64, size=np.int32, crc32=np.uint32)
+# The columns of videos.npz and frames.npz, in order, and their types.
+VIDEO_DTYPES = dict(label=np.int32, file_index=np.int32, first=np.int64, num_frames=np.int32,
+                    height=np.int32, width=np.int32, group=np.int32, fps=np.float32, name=str)
+FRAME_DTYPES = dict(offset=np.int64, size=np.int32, crc32=np.uint32)
 
 
 
@@ -73,139 +67,6 @@ def exists(path: str) -> bool:
 URL_REMEDY = ('a frame store is read through mmap, which needs a file system. Mount the bucket with gcsfuse (gcsfuse --implicit-dirs <bucket> /mnt/<bucket>, '
               'then --config.dataset.data_dir=/mnt/<bucket>/<path>) or copy the store to a local '
               'disk (gcloud storage cp -r <url> <local data_dir>), and point data_dir there.')
-
-
-def jpeg_size(jpeg: bytes) -> tuple[int, int]:
-  """(height, width) of a JPEG image, from its header."""
-  width, height = Image.open(io.BytesIO(jpeg)).size
-  return height, width
-
-
-class Writer:
-  """Writes a frame store: add videos, name the splits, then finish (or abort).
-
-    writer = Writer(path, name='ucf101_frames/s128', class_names=names, settings={...})
-    row = writer.add_video(jpegs, label=3, name='v_ApplyEyeMakeup_g08_c01', group=8, fps=25.0)
-    writer.add_split('train1', [row, ...])
-    store = writer.finish()
-  """
-
-  def __init__(self, path: str, *, name: str, class_names: Sequence[str], settings: dict,
-               max_file_bytes: int = MAX_FILE_BYTES):
-    paths.require_local(path, 'The frame store', URL_REMEDY)
-    self.path = os.path.abspath(os.path.expanduser(path))
-    self._tmp = f'{self.path}.incomplete-{uuid.uuid4().hex[:8]}'
-    os.makedirs(self._tmp)
-    self._info = {'format': FORMAT, 'format_version': FORMAT_VERSION, 'name': name,
-                  'class_names': list(class_names), 'settings': settings}
-    self._max_file_bytes = max_file_bytes
-    self._videos = {c: [] for c in _VIDEO_COLUMNS}
-    self._frames = {c: [] for c in _FRAME_DTYPES}
-    self._splits = {}
-    self._files, self._file, self._file_bytes = [], None, 0
-
-  def _file_for(self, num_bytes: int):
-    if self._file is None or (self._file_bytes and
-                              self._file_bytes + num_bytes > self._max_file_bytes):
-      if self._file is not None:
-        self._file.close()
-      self._files.append(f'frames-{len(self._files):05d}.bin')
-      self._file = open(os.path.join(self._tmp, self._files[-1]), 'wb')
-      self._file_bytes = 0
-    return self._file
-
-  def add_video(self, jpegs: Sequence[bytes], *, label: int, name: str, group: int = -1,
-                fps: float = 0.0) -> int:
-    """Appends one video's JPEG frames (in order); returns its row."""
-    if not jpegs:
-      raise errors.UserError(f'Video {name!r} has no frames.')
-    if not 0 <= label < len(self._info['class_names']):
-      raise errors.UserError(f'Video {name!r} has label {label}, outside the '
-                             f'{len(self._info["class_names"])} classes.')
-    file = self._file_for(sum(len(j) for j in jpegs))
-    first = len(self._frames['offset'])
-    for jpeg in jpegs:
-      file.write(jpeg)
-      self._frames['offset'].append(self._file_bytes)
-      self._frames['size'].append(len(jpeg))
-      self._frames['crc32'].append(zlib.crc32(jpeg))
-      self._file_bytes += len(jpeg)
-    height, width = jpeg_size(jpegs[0])
-    row = dict(label=label, file_index=len(self._files) - 1, first=first,
-               num_frames=len(jpegs), height=height, width=width, group=group, fps=fps, name=name)
-    for column, value in row.items():
-      self._videos[column].append(value)
-    return len(self._videos['name']) - 1
-
-  def add_split(self, split: str, rows: Sequence[int]):
-    if not split.isidentifier():
-      raise errors.UserError(f'Split name {split!r} must be letters, digits and _.')
-    self._splits[split] = np.asarray(rows, np.int64)
-
-  def finish(self, replace: bool = False) -> 'FrameStore':
-    """Closes the files and makes the store readable at `path`; a store already there is an
-    error, or with `replace` is swapped out for the new one (deleted once the new one is in)."""
-    if self._file is not None:
-      self._file.close()
-    if not self._splits:
-      raise errors.UserError('A frame store needs at least one split (add_split).')
-    count = len(self._files)
-    files = [f'frames-{i:05d}-of-{count:05d}.bin' for i in range(count)]
-    for old, new in zip(self._files, files):
-      os.rename(os.path.join(self._tmp, old), os.path.join(self._tmp, new))
-    videos = {c: np.asarray(v, _VIDEO_DTYPES[c]) for c, v in self._videos.items()}
-    np.savez(os.path.join(self._tmp, VIDEOS_FILE), **videos)
-    np.savez(os.path.join(self._tmp, FRAMES_FILE),
-             **{c: np.asarray(v, _FRAME_DTYPES[c]) for c, v in self._frames.items()})
-    for split, rows in self._splits.items():
-      np.save(os.path.join(self._tmp, f'split_{split}.npy'), rows)
-    sizes = {(int(h), int(w)) for h, w in zip(videos['height'], videos['width'])}
-    self._info.update(
-        splits={s: len(r) for s, r in self._splits.items()}, num_videos=len(videos['name']),
-        num_frames=len(self._frames['size']), num_bytes=int(np.sum(self._frames['size'])),
-        frame_size=list(sizes.pop()) if len(sizes) == 1 else None, files=files)
-    with open(os.path.join(self._tmp, INFO_FILE), 'w') as f:
-      json.dump(self._info, f, indent=1)
-    if os.path.exists(self.path) and not replace:
-      raise errors.UserError(f'{self.path} appeared while writing; the new store is left in '
-                             f'{self._tmp}.')
-    replace_folder(self._tmp, self.path)
-    return FrameStore(self.path)
-
-  def abort(self):
-    if self._file is not None:
-      self._file.close()
-    shutil.rmtree(self._tmp, ignore_errors=True)
-
-
-def replace_folder(new: str, path: str):
-  """Renames the finished folder `new` to `path`. A folder already at `path` is first renamed to
-  `<path>.replaced-<id>` and deleted only once `new` is in place (put back if that rename fails;
-  `remove_incomplete` puts it back after a crash in between)."""
-  path = os.path.abspath(path)
-  paths.replace_folder(new, path, f'{path}.replaced-{uuid.uuid4().hex[:8]}')
-
-
-def remove_incomplete(path: str) -> list[str]:
-  """Deletes the `<path>.incomplete-*` folders an interrupted write left behind, and the
-  `<path>.replaced-*` folders of an interrupted `replace_folder` (putting one back if `path` is
-  missing)."""
-  path = os.path.abspath(path)
-  parent, base = os.path.split(path)
-  if not os.path.isdir(parent):
-    return []
-  replaced = sorted(os.path.join(parent, d) for d in os.listdir(parent)
-                    if d.startswith(base + '.replaced-'))
-  if replaced and not os.path.lexists(path):
-    logging.warning('Restoring %s from %s, left by an interrupted replacement.', path,
-                    replaced[0])
-    os.rename(replaced.pop(0), path)
-  stale = [os.path.join(parent, d) for d in os.listdir(parent)
-           if d.startswith(base + '.incomplete-')] + replaced
-  for folder in stale:
-    logging.warning('Removing %s, left by an interrupted earlier write.', folder)
-    shutil.rmtree(folder, ignore_errors=True)
-  return stale
 
 
 class FrameStore:
@@ -233,9 +94,9 @@ class FrameStore:
                              'Restore the files or rebuild the store.')
     try:
       with np.load(os.path.join(self.path, VIDEOS_FILE)) as table:
-        self.videos = {c: table[c] for c in _VIDEO_COLUMNS}
+        self.videos = {c: table[c] for c in VIDEO_DTYPES}
       with np.load(os.path.join(self.path, FRAMES_FILE)) as table:
-        self.frames = {c: table[c] for c in _FRAME_DTYPES}
+        self.frames = {c: table[c] for c in FRAME_DTYPES}
     except (OSError, ValueError, KeyError) as e:
       raise errors.UserError(f'The tables of frame store {self.path} cannot be read ({e}); '
                              'rebuild the store.') from None
@@ -284,7 +145,7 @@ class FrameStore:
     return os.path.join(self.path, self.info['files'][index])
 
 
-class FrameReader:
+class Reader:
   """Reads frames of a store by (video row, frame indices), as a tf op; counts what it reads.
 
   Each frames file is memory-mapped on first use and shared by the tf.data threads. A frame whose
@@ -340,34 +201,108 @@ class FrameReader:
       return tf.ensure_shape(tf.identity(jpegs), frame_indices.shape)
 
 
-def convert(builder, path: str, *, name: str, splits: Optional[Sequence[str]] = None,
-            progress_every_s: float = 10.0) -> FrameStore:
-  """Copies a TFDS video dataset's JPEG frames, byte for byte, into a new frame store at `path`.
+class FrameStoreSource(sources.DataSource):
+  """A frame store as a DataSource: a clip reads exactly its frames (see the module doc)."""
 
-  Each TFDS split becomes a split of the same name, in the records' order. Uses the 'group',
-  'name' and 'fps' features where the dataset has them (else group -1, the tfds_id, 0).
-  """
-  from har_jax.data import datasets  # pylint: disable=g-import-not-at-top  (datasets imports us)
-  features = builder.info.features
-  writer = Writer(path, name=name, class_names=features['label'].names,
-                  settings={'converted_from': builder.info.full_name,
-                            'frame_geometry': datasets.frame_geometry(builder)})
-  try:
-    last = time.monotonic()
-    for split in splits or sorted(builder.info.splits.keys()):
-      rows = []
-      ds = builder.as_dataset(split=split, decoders=datasets.jpeg_decoders(builder),
-                              read_config=tfds.ReadConfig(add_tfds_id=True))
-      for example in ds.as_numpy_iterator():
-        rows.append(writer.add_video(
-            list(example['video']), label=int(example['label']),
-            name=(example['name'] if 'name' in features else example['tfds_id']).decode(),
-            group=int(example.get('group', -1)), fps=float(example.get('fps', 0.0))))
-        if time.monotonic() - last > progress_every_s:
-          last = time.monotonic()
-          logging.info('%s: %d videos copied.', split, len(rows))
-      writer.add_split(split, rows)
-    return writer.finish()
-  except BaseException:
-    writer.abort()
-    raise
+  def __init__(self, store: FrameStore):
+    self.store = store
+    self.reader = Reader(store)  # Counts the frames this process reads.
+
+  @property
+  def name(self) -> str:
+    return self.store.name
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    return self.store.class_names
+
+  @property
+  def split_sizes(self) -> dict[str, int]:
+    return self.store.split_sizes
+
+  def frame_geometry(self) -> dict:
+    settings = self.store.info.get('settings', {})
+    if 'frame_geometry' in settings:
+      return dict(settings['frame_geometry'])
+    short_side = int(settings.get('short_side', 0) or 0)
+    return {'resize': 'short_side', 'size': short_side} if short_side else {'resize': 'none'}
+
+  def static_frame_size(self) -> Optional[tuple[int, int]]:
+    return self.store.frame_size
+
+  def first_frame_size(self) -> tuple[int, int]:
+    return int(self.store.videos['height'][0]), int(self.store.videos['width'][0])
+
+  def group_counts(self, split: str) -> dict[int, int]:
+    groups = self.store.videos['group'][self.store.split_rows(split)]
+    if np.any(groups < 0):
+      raise errors.UserError(f'Frame store {self.name!r} has no UCF101 groups in split '
+                             f'{split!r}; validation holds out whole groups only on UCF101 stores.')
+    values, counts = np.unique(groups, return_counts=True)
+    return {int(g): int(n) for g, n in zip(values, counts)}
+
+  def split_rows(self, split: str) -> np.ndarray:
+    """Video rows of a split, group splits ('train1|val_groups=0.1') included."""
+    group_split = sources.parse_group_split(split)
+    if not group_split:
+      return self.store.split_rows(split)
+    rows = self.store.split_rows(group_split.base)
+    return rows[np.isin(self.store.videos['group'][rows], self.split_groups(group_split))]
+
+  def _plain_num_examples(self, split: str) -> int:
+    return len(self.split_rows(split))
+
+  def _plain_shard_sizes(self, split: str, process_count: int) -> list[int]:
+    total = self.num_examples(split)  # Process i takes videos i, i + process_count, ...
+    return [len(range(i, total, process_count)) for i in range(process_count)]
+
+  def describe(self, split: str) -> str:
+    del split
+    return f'frame store, frames {self.store.frame_size}'
+
+  def train_clips(self, split: str, config, *, local_batch: int, process_index: int,
+                  process_count: int, start_step: int) -> tf.data.Dataset:
+    """This process's clips {'row', 'frames': [T] int32, 'label', 'tfds_id', 'seed'}, forever.
+
+    Nothing is read here: `read_train_frames` reads a clip's frames.
+    """
+    rows = self.split_rows(split)
+    num_videos = len(rows)
+    if not num_videos:
+      raise errors.UserError(f'Split {split!r} of {self.name!r} has no videos.')
+    global_batch = local_batch * process_count
+    table = {k: tf.constant(self.store.videos[k][rows]) for k in ('num_frames', 'label', 'name')}
+    rows = tf.constant(rows)
+    seed = tf.constant(config.seed, tf.int64)
+
+    def clip(k):  # k: this process's k-th clip since step 0.
+      g = k // local_batch * global_batch + process_index * local_batch + k % local_batch
+      epoch, position = g // num_videos, g % num_videos
+      video = tf.random.experimental.index_shuffle(position, tf.stack([seed, epoch]),
+                                                   num_videos - 1)
+      clip_seed = tf.random.experimental.stateless_fold_in(tf.stack([seed, 1]), g)
+      return {'row': tf.gather(rows, video),
+              'frames': sources.sample_train_frames(tf.gather(table['num_frames'], video),
+                                                    clip_seed, config),
+              'label': tf.gather(table['label'], video),
+              'tfds_id': tf.gather(table['name'], video), 'seed': clip_seed}
+
+    return tf.data.Dataset.range(start_step * local_batch, sources.FOREVER).map(clip)
+
+  def read_train_frames(self, clips: dict) -> dict:
+    jpegs = self.reader.read(clips['row'], clips['frames'])
+    return {'jpegs': jpegs, 'read_records': tf.fill(tf.shape(clips['label']), tf.shape(jpegs)[-1]),
+            'read_bytes': tf.reduce_sum(tf.cast(tf.strings.length(jpegs), tf.int64), axis=-1)}
+
+  def eval_examples(self, split: str, config, *, process_index: int,
+                    process_count: int) -> tf.data.Dataset:
+    """{'row', 'num_frames', 'label', 'tfds_id'} of this process's videos i, i + P, ..."""
+    del config  # Nothing is read until read_eval_frames.
+    rows = self.split_rows(split)[process_index::process_count]
+    videos = self.store.videos
+    return tf.data.Dataset.from_tensor_slices({
+        'row': rows, 'num_frames': videos['num_frames'][rows], 'label': videos['label'][rows],
+        'tfds_id': videos['name'][rows]})
+
+  def read_eval_frames(self, example: dict, config) -> tf.Tensor:
+    return self.reader.read(example['row'], sources.eval_frames(example['num_frames'], config))

@@ -5,12 +5,15 @@ Two kinds of dataset, one pipeline:
   per video holding all its JPEG frames. A clip reads and parses its video's record, then gathers
   its frames.
 - Frame stores (`har_jax.data.frame_store`): one record per frame. A clip reads only its frames.
+Each is a `sources.DataSource` (`tfds_records.TfdsSource`, `frame_store.FrameStoreSource`), which
+samples the clips and reads their frames; the functions here take either, or what
+`datasets.get_builder` returns.
 
 Stages: read -> sample frame indices -> gather (or read) those JPEGs -> decode them, downscaled
 in the JPEG decoder where dataset.resize_size allows -> crop/flip -> batch. Nothing else of a
 video is decoded. See `har_jax.data.stages` for the stage functions.
 
-Training crops: where the dataset declares one frame size (`datasets.static_frame_size`: the stock
+Training crops: where the dataset declares one frame size (`DataSource.static_frame_size`: the stock
 256x256 records, the synthetic set, frame stores whose frames share a size), the host draws each
 clip's random-resized-crop window and flip and ships the decoded frames with them; the train step
 crops, resizes and flips on the accelerator (`har_jax.augment`), where it costs next to nothing.
@@ -41,8 +44,8 @@ Training order:
   the records it decodes: use a frame store on many hosts).
 - TFDS records, the default: each process reads its own shard, every example once per epoch in
   a fresh order; a resumed run gets a fresh shuffle. The next epoch is opened, read and shuffled
-  while the current one drains (NEXT_EPOCH_READ_AHEAD clips ahead), so a small split does not
-  stall at every epoch boundary.
+  while the current one drains (tfds_records.NEXT_EPOCH_READ_AHEAD clips ahead), so a small split
+  does not stall at every epoch boundary.
 Clips are sampled before the shuffle buffer, so it holds num_frames JPEGs per clip, not videos.
 
 Bad data: an example whose sampled frames fail to read or decode (corrupt or truncated JPEG, a
@@ -57,99 +60,28 @@ import collections
 import dataclasses
 import functools
 import math
-import os
 import sys
 import threading
 from typing import Callable, Iterator, Optional
 
-from absl import logging
 import jax
 import numpy as np
 import tensorflow as tf
-import tensorflow_datasets as tfds
-from tensorflow.python.util import deprecation  # pylint: disable=g-direct-tensorflow-import
 
 from har_jax import errors
+from har_jax import geometry
 from har_jax import parallel
 from har_jax.data import datasets
-from har_jax.data import frame_store
+from har_jax.data import sources
 from har_jax.data import stages
+from har_jax.data import tfds_records
 
 HOST_ONLY_KEYS = ('tfds_id', 'num_skipped', 'read_records', 'read_bytes', 'damaged')
 MAX_SKIP_FRACTION = 0.5
 MIN_EXAMPLES_BEFORE_SKIP_CHECK = 64
-_FOREVER = 2**62
-# TFDS record files open at once, records taken from each in blocks of RECORDS_PER_FILE_BLOCK
-# (TFDS writes UCF101's train split 1 at 256x256 in ~64 files); tf.data tunes how many of them are
-# read in parallel. Fixed numbers, not the host's core count: with deterministic_data the record
-# order depends on them (and not on the parallelism).
-FILES_READ_AT_ONCE = 16
-RECORDS_PER_FILE_BLOCK = 16
-# Clips of the next epoch read ahead while the current epoch drains (besides its shuffle buffer).
-NEXT_EPOCH_READ_AHEAD = 64
 
 
-def _options(dataset_config, deterministic: bool) -> tf.data.Options:
-  options = tf.data.Options()
-  options.deterministic = deterministic
-  options.threading.private_threadpool_size = dataset_config.threadpool_size or os.cpu_count()
-  options.autotune.enabled = True
-  options.experimental_optimization.map_parallelization = True
-  return options
-
-
-def _num_parallel_calls(dataset_config) -> int:
-  n = dataset_config.num_parallel_calls
-  return tf.data.AUTOTUNE if n is None or n < 0 else n
-
-
-def read_examples(builder, split: str, config, *, process_index: int, process_count: int,
-                  shuffle: bool, deterministic: bool) -> tf.data.Dataset:
-  """Reads this process's share of a TFDS split, with the video left as JPEG strings.
-
-  The split's record files are read FILES_READ_AT_ONCE at a time, in parallel (a split in one
-  file is one stream). Plain splits are divided with tfds.split_for_jax_process. Group splits
-  ('train|val_groups=f') are filtered by the 'group' feature: training filters this process's
-  share of the base split; evaluation filters the whole base split in file order and keeps every
-  process_count-th example, so that every process knows its exact count
-  (datasets.process_shard_sizes).
-  """
-  group_split = datasets.parse_group_split(split)
-  read_split = group_split.base if group_split else split
-  if not (group_split and not shuffle):
-    read_split = tfds.split_for_jax_process(
-        read_split, process_index=process_index, process_count=process_count)
-  read_config = tfds.ReadConfig(
-      try_autocache=False,
-      add_tfds_id=True,
-      shuffle_seed=config.seed if shuffle else None,
-      interleave_cycle_length=FILES_READ_AT_ONCE,
-      interleave_block_length=RECORDS_PER_FILE_BLOCK,
-      num_parallel_calls_for_interleave_files=tf.data.AUTOTUNE,
-      options=_options(config.dataset, deterministic))
-  ds = builder.as_dataset(split=read_split, shuffle_files=shuffle, read_config=read_config,
-                          decoders=datasets.jpeg_decoders(builder))
-  if group_split:
-    groups = tf.constant(datasets.split_groups(builder, group_split), tf.int32)
-    ds = ds.filter(lambda ex: tf.reduce_any(tf.equal(tf.cast(ex['group'], tf.int32), groups)))
-    if not shuffle:
-      ds = ds.shard(process_count, process_index)
-  return ds
-
-
-def _clip_seeds(seed: tf.Tensor) -> tf.Tensor:
-  """`[3, 2]` stateless seeds of one training clip: frame indices, crop window, flip."""
-  return tf.random.experimental.stateless_split(seed, 3)
-
-
-def sample_train_frames(num_available: tf.Tensor, seed: tf.Tensor, config) -> tf.Tensor:
-  """`[num_frames] int32` frame indices of the training clip with this `[2]` seed."""
-  return stages.sample_train_indices(num_available, config.num_frames, config.frame_stride,
-                                     config.dataset.short_video, _clip_seeds(seed)[0])
-
-
-def preprocess_train(clips: dict, config, frame_size: Optional[tuple[int, int]] = None,
-                     reader: Optional[frame_store.FrameReader] = None) -> dict:
+def preprocess_train(clips: dict, config, source: sources.DataSource) -> dict:
   """A group of K sampled clips -> their decoded frames (plus the device crops, see the module
   doc) and labels.
 
@@ -157,25 +89,21 @@ def preprocess_train(clips: dict, config, frame_size: Optional[tuple[int, int]] 
   `[K, T, H, W, 3]` tensor (one copy of the pixels, not one per clip and one per group).
 
   Args:
-    clips: batched `[K]`: {'jpegs': [K, T] string, 'read_records', 'read_bytes' (TFDS records),
-      or 'row' [K] and 'frames' [K, T] int32 to read with `reader` (frame stores); 'label';
-      'tfds_id'; 'seed': [K, 2] int64}.
-    frame_size: the stored (height, width) of every frame, or None when it varies.
+    clips: batched `[K]` clips of `source.train_clips`: 'label', 'tfds_id', 'seed' [K, 2] int64
+      and what `source.read_train_frames` reads their frames from.
+    source: the dataset; its static frame size (None when it varies) picks the crop path.
 
   Returns:
     {'video': [K, T, H, W, 3] uint8, 'label', 'crop': [K, 4] float32, 'flip': [K] bool} when
-    frame_size is known (H x W: `stages.decoded_size`); else {'video': [K, T, S, S, 3] uint8,
+    the frame size is known (H x W: `geometry.decoded_size`); else {'video': [K, T, S, S, 3] uint8,
     'label'}; both with the host-only 'tfds_id', 'read_records' and 'read_bytes' `[K]`.
   """
   t, s = config.num_frames, config.image_size
-  if reader is None:
-    jpegs = clips['jpegs']
-    out = {k: clips[k] for k in ('label', 'tfds_id', 'read_records', 'read_bytes')}
-  else:
-    jpegs = reader.read(clips['row'], clips['frames'])
-    out = {'label': clips['label'], 'tfds_id': clips['tfds_id'],
-           'read_records': tf.fill(tf.shape(clips['label']), t),
-           'read_bytes': tf.reduce_sum(tf.cast(tf.strings.length(jpegs), tf.int64), axis=1)}
+  frame_size = source.static_frame_size()
+  read = source.read_train_frames(clips)
+  jpegs = read['jpegs']
+  out = {'label': clips['label'], 'tfds_id': clips['tfds_id'],
+         'read_records': read['read_records'], 'read_bytes': read['read_bytes']}
   seeds = clips['seed']
   if frame_size is None:
 
@@ -188,7 +116,7 @@ def preprocess_train(clips: dict, config, frame_size: Optional[tuple[int, int]] 
     video = tf.map_fn(host_crop, (jpegs, seeds), parallel_iterations=1,
                       fn_output_signature=tf.TensorSpec([t, s, s, 3], tf.uint8))
     return dict(out, video=video)
-  height, width = stages.decoded_size(frame_size, config.dataset.resize_size)
+  height, width = geometry.decoded_size(frame_size, config.dataset.resize_size)
   frames = stages.decode_frames(tf.reshape(jpegs, [-1]), config.dataset.resize_size, frame_size)
   windows, flips = tf.map_fn(
       lambda seed: _crop_and_flip(tf.constant([height, width]), seed, config), seeds,
@@ -199,22 +127,10 @@ def preprocess_train(clips: dict, config, frame_size: Optional[tuple[int, int]] 
 
 def _crop_and_flip(frame_shape: tf.Tensor, seed: tf.Tensor, config) -> tuple[tf.Tensor, tf.Tensor]:
   """One clip's random-resized-crop window `[4] int32` (y, x, h, w) and flip decision."""
-  seeds = _clip_seeds(seed)
+  seeds = sources.clip_seeds(seed)
   window = stages.random_crop_window(frame_shape, config.image_size, config.augment.min_area,
                                      config.augment.max_aspect_ratio, seeds[1])
   return window, tf.logical_and(stages.random_flip(seeds[2]), bool(config.augment.flip))
-
-
-def _eval_frames(num_available: tf.Tensor, config) -> tf.Tensor:
-  """`[num_clips * num_frames] int32` frame indices of a video's evaluation clips, clip-major."""
-  indices = stages.sample_eval_indices(num_available, config.num_frames, config.frame_stride,
-                                       config.eval.num_clips, config.dataset.short_video)
-  return tf.reshape(indices, [-1])
-
-
-def _eval_jpegs(video: tf.Tensor, config) -> tf.Tensor:
-  """The JPEG frames of a video's evaluation clips, `[num_clips * num_frames] tf.string`."""
-  return stages.gather_frames(video, _eval_frames(tf.shape(video)[0], config))
 
 
 def _eval_views(jpegs: tf.Tensor, config, frame_size: Optional[tuple[int, int]]) -> tf.Tensor:
@@ -224,19 +140,18 @@ def _eval_views(jpegs: tf.Tensor, config, frame_size: Optional[tuple[int, int]])
 
 
 def preprocess_eval(example, config, frame_size: Optional[tuple[int, int]] = None,
-                    reader: Optional[frame_store.FrameReader] = None) -> dict:
+                    source: Optional[sources.DataSource] = None) -> dict:
   """One encoded example -> all its views: {'video': [V, T, S, S, 3] uint8, 'label', 'mask'}.
 
   Args:
-    example: {'video': [N] JPEG strings of the whole video, or 'jpegs' those of its evaluation
-      clips only, or 'row' and 'num_frames' to read with `reader`; 'label', 'tfds_id'}.
+    example: an example of `source.eval_examples`, or without a source {'video': [N] JPEG
+      strings of the whole video}; with 'label' and 'tfds_id'.
+    frame_size: the stored (height, width) of every frame, or None when it varies.
   """
-  if reader is not None:
-    jpegs = reader.read(example['row'], _eval_frames(example['num_frames'], config))
-  elif 'jpegs' in example:
-    jpegs = example['jpegs']
+  if source is not None:
+    jpegs = source.read_eval_frames(example, config)
   else:
-    jpegs = _eval_jpegs(example['video'], config)
+    jpegs = tfds_records.eval_jpegs(example['video'], config)
   return {'video': _eval_views(jpegs, config, frame_size),
           'label': tf.cast(example['label'], tf.int32), 'mask': tf.constant(1, tf.int32),
           'tfds_id': example['tfds_id']}
@@ -355,142 +270,24 @@ def _drop_invalid_and_count(groups: tf.data.Dataset, batch_size: int) -> tf.data
   return groups.rebatch(batch_size, drop_remainder=True)
 
 
-def create_train_dataset(builder, config, *, local_batch: int, process_index: int = 0,
-                         process_count: int = 1, start_step: int = 0,
-                         reader: Optional[frame_store.FrameReader] = None) -> tf.data.Dataset:
+def create_train_dataset(dataset, config, *, local_batch: int, process_index: int = 0,
+                         process_count: int = 1, start_step: int = 0) -> tf.data.Dataset:
   """An infinite dataset of training batches for this process (bad examples skipped, counted).
 
-  The order of the clips is described in the module docstring. `start_step` resumes there: a
-  frame store starts at that step's examples; TFDS records with config.deterministic_data skip
-  the clips of earlier steps without decoding them. A frame store's frames are read through
-  `reader` (pass one to count what this process reads; default: a new one).
+  `dataset`: a DataSource, or what `datasets.get_builder` returns. The order of the clips is
+  described in the module docstring. `start_step` resumes there: a frame store starts at that
+  step's examples; TFDS records with config.deterministic_data skip the clips of earlier steps
+  without decoding them.
   """
+  source = datasets.source_of(dataset)
   split = datasets.resolve_split(config.dataset, 'train')
-  if isinstance(builder, frame_store.FrameStore):
-    reader = reader or frame_store.FrameReader(builder)
-    clips = _frame_store_train_clips(builder, split, config, local_batch=local_batch,
-                                     process_index=process_index, process_count=process_count,
-                                     start_step=start_step)
-  else:
-    reader = None
-    clips = _tfds_train_clips(builder, split, config, local_batch=local_batch,
-                              process_index=process_index, process_count=process_count,
-                              start_step=start_step)
-  preprocess = functools.partial(preprocess_train, config=config,
-                                 frame_size=datasets.static_frame_size(builder), reader=reader)
+  clips = source.train_clips(split, config, local_batch=local_batch, process_index=process_index,
+                             process_count=process_count, start_step=start_step)
+  preprocess = functools.partial(preprocess_train, config=config, source=source)
   groups = guarded(clips, preprocess, group_size=local_batch,
-                   num_parallel_calls=_num_parallel_calls(config.dataset),
+                   num_parallel_calls=sources.num_parallel_calls(config.dataset),
                    deterministic=bool(config.deterministic_data))
   return _drop_invalid_and_count(groups, local_batch).prefetch(tf.data.AUTOTUNE)
-
-
-def _tfds_train_clips(builder, split: str, config, *, local_batch: int, process_index: int,
-                      process_count: int, start_step: int) -> tf.data.Dataset:
-  """Sampled clips {'jpegs': [T] string, 'label', 'tfds_id', 'seed'} from TFDS records, forever.
-
-  Epoch e reads the records (whole split, or this process's shard), samples one clip of each
-  with seed (s, e, r) -- r the record's position in the epoch -- and shuffles the clips with a
-  buffer of config.dataset.shuffle_buffer.
-  """
-  deterministic = bool(config.deterministic_data)
-  if deterministic:
-    if process_count > 1:
-      logging.warning(
-          'config.deterministic_data on TFDS records: each of the %d processes reads and parses '
-          'every record of %r and keeps 1/%d. A frame store reads only its share (see '
-          'docs/speed.md, "Input speed").', process_count, split, process_count)
-    examples = read_examples(builder, split, config, process_index=0, process_count=1,
-                             shuffle=True, deterministic=True)
-    base_seed = tf.constant([config.seed, 0], tf.int64)
-  else:
-    examples = read_examples(builder, split, config, process_index=process_index,
-                             process_count=process_count, shuffle=True, deterministic=False)
-    base_seed = tf.constant([hash((config.seed, process_index, start_step)) % (2**31),
-                             process_index], tf.int64)
-  examples = examples.map(lambda ex: {'video': ex['video'],
-                                      'label': tf.cast(ex['label'], tf.int32),
-                                      'tfds_id': ex['tfds_id']})
-  if config.dataset.cache:
-    examples = examples.cache()
-
-  def sample(seed, ex):
-    frames = sample_train_frames(tf.shape(ex['video'])[0], seed, config)
-    return {'jpegs': stages.gather_frames(ex['video'], frames), 'label': ex['label'],
-            'tfds_id': ex['tfds_id'], 'seed': seed, 'read_records': tf.constant(1, tf.int32),
-            'read_bytes': tf.reduce_sum(tf.cast(tf.strings.length(ex['video']), tf.int64))}
-
-  def epoch(e):
-    epoch_seed = tf.random.experimental.stateless_fold_in(base_seed, e)
-    clips = examples.enumerate().map(
-        lambda r, ex: sample(tf.random.experimental.stateless_fold_in(epoch_seed, r), ex),
-        num_parallel_calls=_num_parallel_calls(config.dataset), deterministic=deterministic)
-    return clips.shuffle(config.dataset.shuffle_buffer, seed=epoch_seed[0])
-
-  epochs = tf.data.Dataset.range(_FOREVER)
-  if deterministic:
-    # One epoch after another, each started when the last one ends: TFDS's per-iteration file
-    # shuffle stays a function of the seed (an epoch read ahead would race for its seed).
-    clips = epochs.flat_map(epoch)
-  else:
-    # One epoch after another (block_length: more clips than any epoch has, so each epoch ends
-    # before the next one's first clip), with epoch e + 1 opened, read, sampled and shuffled by
-    # its own thread while e drains, so that a new epoch's shuffle buffer does not stall the
-    # pipeline at every epoch boundary. tf.data.Dataset.interleave would buffer up to
-    # block_length clips of the next epoch; this form bounds it to NEXT_EPOCH_READ_AHEAD.
-    # (Deprecated since TF 2.0 in favour of Dataset.interleave, which cannot bound this; TF is
-    # pinned in pyproject.toml. The warning is silenced: it would print in every run.)
-    with deprecation.silence():
-      clips = epochs.apply(tf.data.experimental.parallel_interleave(
-          epoch, cycle_length=2, block_length=_FOREVER, sloppy=False,
-          buffer_output_elements=NEXT_EPOCH_READ_AHEAD, prefetch_input_elements=1))
-  if deterministic:
-    global_batch = local_batch * process_count
-    clips = clips.skip(start_step * global_batch).enumerate()
-
-    def keep_own(read, indexed):
-      """Charges the records this process read and dropped before its clip to that clip."""
-      i, clip = indexed
-      records = read[0] + clip['read_records']
-      num_bytes = read[1] + clip['read_bytes']
-      mine = tf.equal((i % global_batch) // local_batch, process_index)
-      carried = (tf.where(mine, 0, records), tf.where(mine, tf.constant(0, tf.int64), num_bytes))
-      return carried, dict(clip, read_records=records, read_bytes=num_bytes, mine=mine)
-
-    clips = clips.scan((tf.constant(0, tf.int32), tf.constant(0, tf.int64)), keep_own)
-    clips = clips.filter(lambda clip: clip['mine'])
-    clips = clips.map(lambda clip: {k: v for k, v in clip.items() if k != 'mine'})
-  return clips
-
-
-def _frame_store_train_clips(store: frame_store.FrameStore, split: str, config, *,
-                             local_batch: int, process_index: int, process_count: int,
-                             start_step: int) -> tf.data.Dataset:
-  """This process's clips {'row', 'frames': [T] int32, 'label', 'tfds_id', 'seed'}, forever.
-
-  Nothing is read here: preprocess_train reads the clip's frames.
-  """
-  rows = datasets.split_rows(store, split)
-  num_videos = len(rows)
-  if not num_videos:
-    raise errors.UserError(f'Split {split!r} of {store.name!r} has no videos.')
-  global_batch = local_batch * process_count
-  table = {k: tf.constant(store.videos[k][rows]) for k in ('num_frames', 'label', 'name')}
-  rows = tf.constant(rows)
-  seed = tf.constant(config.seed, tf.int64)
-
-  def clip(k):  # k: this process's k-th clip since step 0.
-    g = k // local_batch * global_batch + process_index * local_batch + k % local_batch
-    epoch, position = g // num_videos, g % num_videos
-    video = tf.random.experimental.index_shuffle(position, tf.stack([seed, epoch]),
-                                                 num_videos - 1)
-    clip_seed = tf.random.experimental.stateless_fold_in(tf.stack([seed, 1]), g)
-    return {'row': tf.gather(rows, video),
-            'frames': sample_train_frames(tf.gather(table['num_frames'], video), clip_seed,
-                                          config),
-            'label': tf.gather(table['label'], video), 'tfds_id': tf.gather(table['name'], video),
-            'seed': clip_seed}
-
-  return tf.data.Dataset.range(start_step * local_batch, _FOREVER).map(clip)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -501,36 +298,28 @@ class EvalData:
   num_examples: int  # Real (unpadded) examples across all processes.
 
 
-def create_eval_dataset(builder, config, split: str, *, local_batch: int, process_index: int = 0,
+def create_eval_dataset(dataset, config, split: str, *, local_batch: int, process_index: int = 0,
                         process_count: int = 1, max_examples: int = 0) -> EvalData:
   """A finite, padded dataset covering every example of `split` exactly once across processes.
 
-  A corrupt example (its frames fail to read or decode) gets mask 0 and 'damaged' 1.
+  `dataset`: a DataSource, or what `datasets.get_builder` returns. A corrupt example (its frames
+  fail to read or decode) gets mask 0 and 'damaged' 1.
   """
-  shard_sizes = datasets.process_shard_sizes(builder, split, process_count)
+  source = datasets.source_of(dataset)
+  shard_sizes = source.process_shard_sizes(split, process_count)
   if max_examples:
     per_process_cap = math.ceil(max_examples / process_count)
     shard_sizes = [min(n, per_process_cap) for n in shard_sizes]
   per_process = max(shard_sizes)
   num_batches = max(1, math.ceil(per_process / local_batch))
-  reader = None
-  if isinstance(builder, frame_store.FrameStore):
-    reader = frame_store.FrameReader(builder)
-    rows = datasets.split_rows(builder, split)[process_index::process_count]
-    ds = tf.data.Dataset.from_tensor_slices({
-        'row': rows, 'num_frames': builder.videos['num_frames'][rows],
-        'label': builder.videos['label'][rows], 'tfds_id': builder.videos['name'][rows]})
-  else:
-    ds = read_examples(builder, split, config, process_index=process_index,
-                       process_count=process_count, shuffle=False, deterministic=True)
-    ds = ds.map(lambda ex: {'jpegs': _eval_jpegs(ex['video'], config), 'label': ex['label'],
-                            'tfds_id': ex['tfds_id']})
+  ds = source.eval_examples(split, config, process_index=process_index,
+                            process_count=process_count)
   ds = ds.take(shard_sizes[process_index])
   preprocess = functools.partial(preprocess_eval, config=config,
-                                 frame_size=datasets.static_frame_size(builder), reader=reader)
+                                 frame_size=source.static_frame_size(), source=source)
   preprocess = per_example(preprocess, ds.map(preprocess).element_spec)
   ds = guarded(ds, preprocess, group_size=local_batch,
-               num_parallel_calls=_num_parallel_calls(config.dataset), deterministic=True,
+               num_parallel_calls=sources.num_parallel_calls(config.dataset), deterministic=True,
                what=f'video of split {split!r}')
   ds = ds.unbatch().map(_mask_damaged)
   ds = ds.concatenate(_padding(ds.element_spec).repeat()).take(num_batches * local_batch)

@@ -6,11 +6,11 @@ JPEG strings `[num_frames] tf.string`; decoded frames are `[time, height, width,
 
 from typing import Optional
 
-import numpy as np
 import tensorflow as tf
 
+from har_jax import geometry
+
 SHORT_VIDEO_MODES = ('loop', 'pad')
-JPEG_RATIOS = (1, 2, 4, 8)
 ANTIALIAS_ABOVE = 2.0  # Downscale factor above which resizes are antialiased.
 
 
@@ -68,46 +68,14 @@ def sample_eval_indices(num_available: tf.Tensor, num_frames: int, stride: int, 
 
 
 def jpeg_ratio_index(stored_short_side: tf.Tensor, target_short_side: int) -> tf.Tensor:
-  """Index into JPEG_RATIOS of the largest DCT downscaling ratio keeping short side >= target."""
+  """Index into geometry.JPEG_RATIOS of the largest DCT downscaling ratio keeping the short side
+  >= target (`geometry.jpeg_ratio` as a tf op)."""
   index = tf.constant(0, tf.int32)
   if target_short_side <= 0:
     return index
-  for i, r in enumerate(JPEG_RATIOS[1:], start=1):
+  for i, r in enumerate(geometry.JPEG_RATIOS[1:], start=1):
     index = tf.where(stored_short_side // r >= target_short_side, i, index)
   return index
-
-
-def jpeg_ratio(stored_short_side: int, resize_size: int) -> int:
-  """The largest of JPEG_RATIOS that keeps the short side >= resize_size (1 for resize_size 0):
-  `jpeg_ratio_index` for sizes known in Python."""
-  return max(r for r in JPEG_RATIOS
-             if r == 1 or (resize_size > 0 and stored_short_side // r >= resize_size))
-
-
-def jpeg_scaled_size(stored_size: tuple[int, int], resize_size: int) -> tuple[int, int]:
-  """(height, width) the JPEG decoder gives for frames stored at `stored_size`, scaled down by
-  `jpeg_ratio` and rounded up as libjpeg does."""
-  height, width = stored_size
-  ratio = jpeg_ratio(min(height, width), resize_size)
-  return -(-height // ratio), -(-width // ratio)
-
-
-def decoded_size(stored_size: tuple[int, int], resize_size: int) -> tuple[int, int]:
-  """(height, width) that decode_frames gives for frames stored at `stored_size` (pixels).
-
-  The JPEG decoder scales by the ratio `jpeg_ratio_index` picks (rounding up, as libjpeg does);
-  the short side is then resized to resize_size, the long side in proportion (float32, rounded
-  half to even, as resize_short_side computes it).
-  """
-  height, width = jpeg_scaled_size(stored_size, resize_size)
-  if resize_size <= 0:
-    return height, width
-  short = min(height, width)
-  if short == resize_size:
-    return height, width
-  scale = np.float32(resize_size) / np.float32(short)
-  return (max(resize_size, int(np.round(np.float32(height) * scale))),
-          max(resize_size, int(np.round(np.float32(width) * scale))))
 
 
 def decode_frames(jpegs: tf.Tensor, resize_size: int,
@@ -119,14 +87,15 @@ def decode_frames(jpegs: tf.Tensor, resize_size: int,
     resize_size: target short side in pixels; 0 keeps the stored size.
     stored_size: (height, width) of every frame, when the dataset says (e.g. 256x256 records):
       the decoder's ratio is then chosen here, once, and the output has the static shape
-      `decoded_size(stored_size, resize_size)`. None: read from the first frame's header.
+      `geometry.decoded_size(stored_size, resize_size)`. None: read from the first frame's
+      header.
 
   Returns:
     `[n, height, width, 3] uint8`, short side == resize_size when resize_size > 0.
   """
   if stored_size is not None:
-    height, width = decoded_size(stored_size, resize_size)
-    ratio = jpeg_ratio(min(stored_size), resize_size)
+    height, width = geometry.decoded_size(stored_size, resize_size)
+    ratio = geometry.jpeg_ratio(min(stored_size), resize_size)
     frames = tf.map_fn(lambda x: tf.io.decode_jpeg(x, channels=3, ratio=ratio), jpegs,
                        fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8),
                        parallel_iterations=1)
@@ -143,7 +112,7 @@ def decode_frames(jpegs: tf.Tensor, resize_size: int,
         lambda x: tf.io.decode_jpeg(x, channels=3, ratio=ratio), jpegs,
         fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8), parallel_iterations=1)
 
-  frames = tf.switch_case(index, [decode_with(r) for r in JPEG_RATIOS])
+  frames = tf.switch_case(index, [decode_with(r) for r in geometry.JPEG_RATIOS])
   if resize_size > 0:
     frames = resize_short_side(frames, resize_size)
   return frames

@@ -41,7 +41,7 @@ def eval_steps(model, devices: Sequence) -> tuple:
                         axis_name='batch', devices=devices) for shuffle in (False, True))
 
 
-def evaluate_variables(variables: dict, eval_fns: tuple, builder, config, split: str, *,
+def evaluate_variables(variables: dict, eval_fns: tuple, source, config, split: str, *,
                        devices: Sequence) -> tuple[metrics.EvalOutputs, metrics.EvalOutputs]:
   """Evaluates model variables on `split`, in order and with frames shuffled in time.
 
@@ -53,7 +53,7 @@ def evaluate_variables(variables: dict, eval_fns: tuple, builder, config, split:
     (outputs, shuffled): per-video EvalOutputs of the two evaluations, same videos, same order.
   """
   replicated = parallel.replicate(variables, list(devices))
-  outputs, shuffled = (runner.run_eval(p_eval, replicated, builder, config, split,
+  outputs, shuffled = (runner.run_eval(p_eval, replicated, source, config, split,
                                        devices=list(devices)) for p_eval in eval_fns)
   return outputs, shuffled
 
@@ -98,14 +98,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str
                              num_devices=len(devices) * jax.process_count())
   config = pretrained.resolve_encoder_init(config)  # As training resolved it.
   split = split or config.dataset.eval_split
-  builder = datasets.get_builder(config.dataset)
-  info = datasets.get_info(builder)
+  source = datasets.open_source(config.dataset)
+  info = datasets.get_info(source)
   manager = inference.open_checkpoints(workdir)
   writer, written = None, []
   try:
     selected = inference.resolve_steps(manager, checkpoint)
     logging.info('Evaluating checkpoint(s) %s of %s on %s (%d videos) with %d device(s).',
-                 selected, manager.directory, split, datasets.num_examples(builder, split),
+                 selected, manager.directory, split, source.num_examples(split),
                  len(devices))
     model = models.create_model(config.model, info.num_classes, dtype=config.dtype,
                                 bn_axis_name='batch')
@@ -123,7 +123,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str
         unreadable.append((step, reason))
         continue
       _check_matches(loaded, config, info)
-      outputs, shuffled = evaluate_variables(loaded.variables, eval_fns, builder, config, split,
+      outputs, shuffled = evaluate_variables(loaded.variables, eval_fns, source, config, split,
                                              devices=devices)
       report = reports.build_report(outputs, shuffled, info.class_names,
                                     reports.protocol(config, split, step, len(outputs.labels),

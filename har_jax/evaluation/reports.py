@@ -20,6 +20,7 @@ from matplotlib import figure as mpl_figure
 import numpy as np
 
 from har_jax import paths
+from har_jax.data import synthetic_classes
 from har_jax.evaluation import metrics
 
 EVAL_DIR = 'eval'
@@ -188,9 +189,8 @@ def protocol(config, split: str, step: int, num_videos: int, *,
 def reversal_pairs(class_names: Sequence[str]) -> Optional[list[tuple[int, int]]]:
   """Pairs of classes that differ only in temporal order, when the class list is known to have them
   (the built-in synthetic set); None otherwise."""
-  from har_jax.data import synthetic_actions  # pylint: disable=g-import-not-at-top
-  if tuple(class_names) == tuple(synthetic_actions.CLASS_NAMES):
-    return list(synthetic_actions.REVERSAL_PAIRS)
+  if tuple(class_names) == synthetic_classes.CLASS_NAMES:
+    return list(synthetic_classes.REVERSAL_PAIRS)
   return None
 
 

@@ -15,18 +15,19 @@ from har_jax.data import pipeline
 from har_jax.evaluation import metrics
 
 
-def run_eval(p_eval_step, variables, builder, config, split: str, *, max_examples: int = 0,
+def run_eval(p_eval_step, variables, source, config, split: str, *, max_examples: int = 0,
              devices: Optional[list] = None, **step_kwargs) -> metrics.EvalOutputs:
   """Runs a pmapped eval step over `split` and gathers the per-video outputs of all processes.
 
   Args:
     p_eval_step: har_jax.steps.eval_step, pmapped over `devices`.
     variables: the model's {'params', 'batch_stats'}, replicated over `devices`.
+    source: the dataset (a DataSource, or what datasets.get_builder returns).
     devices: the local devices `p_eval_step` was pmapped over (default: all local devices).
   """
   local_batch = config.eval.batch_size // jax.process_count()
   data = pipeline.create_eval_dataset(
-      builder, config, split, local_batch=local_batch, process_index=jax.process_index(),
+      source, config, split, local_batch=local_batch, process_index=jax.process_index(),
       process_count=jax.process_count(), max_examples=max_examples)
   logits, labels, masks, view_top1, ids, damaged = [], [], [], [], [], []
   for batch, host in pipeline.device_iterator(data.dataset, devices=devices):

@@ -6,20 +6,18 @@ import jax.numpy as jnp
 import ml_collections
 
 from har_jax import config_fields
+from har_jax.models import encoders
+from har_jax.models import lrcn
 from har_jax.models.cpu_kernels.conv import CONV_IMPLS
 from har_jax.models.cpu_kernels.conv import CpuConv
-from har_jax.models.cpu_kernels.conv import conv_module
 from har_jax.models.cpu_kernels.conv import resolve_conv_impl
 from har_jax.models.encoders import ENCODERS
 from har_jax.models.encoders import encoder_feature_dim
-from har_jax.models.encoders import get_encoder_cls
-from har_jax.models.lrcn import IMAGENET_MEAN
-from har_jax.models.lrcn import IMAGENET_STD
 from har_jax.models.lrcn import LRCN
 
 # Input normalisation presets; see LRCN for the formula and units.
 PREPROCESSING: dict[str, dict[str, Any]] = {
-    'imagenet': dict(input_mean=IMAGENET_MEAN, input_std=IMAGENET_STD,
+    'imagenet': dict(input_mean=lrcn.IMAGENET_MEAN, input_std=lrcn.IMAGENET_STD,
                      channel_order='rgb', input_scale=1 / 255),
     # Keras applications' 'caffe' mode: BGR, mean subtracted in 0..255 units.
     'caffe': dict(input_mean=(103.939, 116.779, 123.68),
@@ -42,7 +40,7 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int,
     dtype: computation dtype of the encoder, e.g. 'float32' or 'bfloat16'.
     bn_axis_name: the pmap axis name for synchronous BatchNorm, or None.
   """
-  get_encoder_cls(model_config.encoder)  # ValueError naming valid encoders.
+  encoders.get_encoder_cls(model_config.encoder)  # ValueError naming valid encoders.
   conv_impl = config_fields.model_field(model_config, 'conv_impl')
   resolve_conv_impl(conv_impl)  # ValueError naming valid implementations.
   preprocessing = config_fields.model_field(model_config, 'preprocessing')
@@ -66,6 +64,5 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int,
 
 __all__ = [
     'CONV_IMPLS', 'CpuConv', 'ENCODERS', 'LRCN', 'PREPROCESSING',
-    'conv_module', 'create_model', 'encoder_feature_dim', 'get_encoder_cls',
-    'resolve_conv_impl',
+    'create_model', 'encoder_feature_dim', 'resolve_conv_impl',
 ]

@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import av
 import numpy as np
 
-from har_jax.data import video_files
+from har_jax.video import video_files
 
 SOURCE_KINDS = ('file', 'camera', 'network', 'pipe')
 NETWORK_TIMEOUT_S = 10.0  # Default seconds a network source may take to connect or send data.

@@ -35,12 +35,9 @@ is prepared and read back from its folder without the source:
 """
 
 import collections
-import concurrent.futures
 import dataclasses
 import hashlib
-import io
 import os
-import re
 import shutil
 import time
 import uuid
@@ -49,21 +46,20 @@ from typing import Iterator, Optional
 from absl import logging
 import av
 import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
 
 from har_jax import errors
+from har_jax import geometry
 from har_jax.data import datasets
-from har_jax.data import frame_store
-from har_jax.data import ucf101
-from har_jax.data import video_files
+from har_jax.data import tfds_records
+from har_jax.data.prepare import common
+from har_jax.data.prepare import frame_store_writer
+from har_jax.video import video_files
 
-NAME = datasets.VIDEO_FOLDER_NAME
-DATASET_VERSION = '1.0.0'
+NAME = tfds_records.VIDEO_FOLDER_NAME
+DATASET_VERSION = datasets.VIDEO_FOLDER_VERSION
 VIDEO_EXTENSIONS = ('.avi', '.mp4', '.mkv', '.webm', '.mov')
 SPLIT_DIRS = ('train', 'test')
-_NAME_RE = re.compile(r'[A-Za-z0-9][A-Za-z0-9_-]*')
-_JPEG_QUALITY = 90
 _PROGRESS_EVERY_S = 10.0
 
 
@@ -390,20 +386,6 @@ def _checked(plan: Plan, root: str) -> Plan:
   return plan
 
 
-def _scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
-  """(width, height) with min(width, height) = short_side and the aspect kept."""
-  if short_side <= 0:
-    return width, height
-  scale = short_side / min(width, height)
-  return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def _encode_jpeg(image: np.ndarray) -> bytes:
-  buffer = io.BytesIO()
-  Image.fromarray(image).save(buffer, format='JPEG', quality=_JPEG_QUALITY)
-  return buffer.getvalue()
-
-
 def decode_video(path: str, short_side: int = 128, fps: float = 0.0,
                  max_frames: Optional[int] = None) -> DecodedVideo:
   """Decodes a video file with PyAV into JPEG frames.
@@ -439,11 +421,11 @@ def decode_video(path: str, short_side: int = 128, fps: float = 0.0,
           continue
         while next_time <= when - first_time + tolerance:
           next_time += period
-      width, height = _scaled_size(frame.width, frame.height, short_side)
+      height, width = geometry.short_side_size(frame.height, frame.width, short_side)
       shrink = width * height < frame.width * frame.height
       image = frame.reformat(width=width, height=height, format='rgb24',
                              interpolation='AREA' if shrink else 'BILINEAR').to_ndarray()
-      jpegs.append(_encode_jpeg(video_files.upright(image, getattr(frame, 'rotation', 0))))
+      jpegs.append(common.encode_jpeg(video_files.upright(image, getattr(frame, 'rotation', 0))))
       if max_frames and len(jpegs) >= max_frames:
         break
   if not jpegs:
@@ -479,7 +461,7 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def __init__(self, *, config: VideoFolderConfig, **kwargs):
     self.skipped: list[tuple[str, str]] = []  # (name, reason) of every unreadable file.
     self._plan: Optional[Plan] = None
-    self._checked, self._last_report = 0, time.monotonic()
+    self._checked = 0
     super().__init__(config=config, **kwargs)
 
   @property
@@ -495,9 +477,8 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       logging.warning('Skipping unreadable video %s: %s', video.path, reason)
       self.skipped.append((video.name, reason))
     self._checked += 1
-    if time.monotonic() - self._last_report > _PROGRESS_EVERY_S:
-      self._last_report = time.monotonic()
-      logging.info('Checked %d video files, %d unreadable.', self._checked, len(self.skipped))
+    logging.log_every_n_seconds(logging.INFO, 'Checked %d video files, %d unreadable.',
+                                _PROGRESS_EVERY_S, self._checked, len(self.skipped))
     return reason is None
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -529,25 +510,17 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _decoded(self, videos: list[VideoFile]) -> Iterator[tuple[VideoFile, object]]:
     """(video, DecodedVideo or the exception) in order, decoding up to num_workers at once."""
     config = self.builder_config
+
     def decode(video):
       try:
         return decode_video(video.path, config.short_side, config.fps)
       except _DECODE_ERRORS as e:
         return e
-    workers = max(1, config.num_workers)
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-      pending = collections.deque()
-      for video in videos:
-        pending.append((video, pool.submit(decode, video)))
-        if len(pending) > 2 * workers:
-          first, future = pending.popleft()
-          yield first, future.result()
-      while pending:
-        first, future = pending.popleft()
-        yield first, future.result()
+
+    return common.ordered_thread_map(decode, videos, config.num_workers)
 
   def _generate_examples(self, split: str, videos: list):  # pytype: disable=signature-mismatch
-    last_report, written = time.monotonic(), 0
+    written = 0
     for index, (video, decoded) in enumerate(self._decoded(videos), start=1):
       if isinstance(decoded, Exception):
         reason = _reason(decoded)
@@ -557,52 +530,19 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       written += 1
       yield video.name, {'video': decoded.jpegs, 'label': video.label, 'name': video.name,
                          'num_frames': len(decoded.jpegs), 'fps': decoded.fps}
-      if time.monotonic() - last_report > _PROGRESS_EVERY_S or index == len(videos):
-        last_report = time.monotonic()
-        logging.info('%s: %d/%d videos decoded, %d written.', split, index, len(videos), written)
+      logging.log_every_n_seconds(logging.INFO, '%s: %d/%d videos decoded, %d written.',
+                                  0 if index == len(videos) else _PROGRESS_EVERY_S, split, index,
+                                  len(videos), written)
 
 
-def dataset_dir(data_dir: str, name: str) -> str:
-  """The folder of a prepared dataset: <data_dir>/video_folder/<name>/<DATASET_VERSION>."""
-  return os.path.join(os.path.expanduser(data_dir), NAME, name, DATASET_VERSION)
+# Reading a prepared dataset is the data layer's (har_jax.data.datasets); the same functions here.
+dataset_dir = datasets.video_folder_dir
+check_name = datasets.check_video_folder_name
+load = datasets.load_video_folder
 
 
-def check_name(name: Optional[str]) -> str:
-  if not name or not _NAME_RE.fullmatch(name):
-    raise errors.UserError(
-        f'Dataset name {name!r} is not valid; use letters, digits, _ and -, starting with a '
-        "letter or digit (it becomes config.dataset.name='video_folder/<name>').")
-  return name
-
-
-def load(data_dir: str, name: Optional[str]) -> tfds.core.DatasetBuilder:
-  """The prepared dataset `video_folder/<name>` in data_dir (needs no source folder).
-
-  Raises:
-    errors.UserError: the dataset is not prepared there, with the command that prepares it.
-  """
-  check_name(name)
-  path = dataset_dir(data_dir, name)
-  if not os.path.isfile(os.path.join(path, 'dataset_info.json')):
-    raise errors.UserError(
-        f'Dataset video_folder/{name} is not prepared in {data_dir!r} (no {path}). Build it with: '
-        f'python scripts/prepare_video_folder.py --source <folder of class folders> '
-        f'--data_dir {data_dir} --name {name}')
-  return tfds.builder_from_directory(path)
-
-
-@dataclasses.dataclass(frozen=True)
-class PrepareResult:
-  name: str  # 'video_folder/<name>'
-  data_dir: str  # The version folder holding the records.
-  class_names: tuple[str, ...]
-  split_sizes: dict
-  skipped: list  # [(relative name, reason)] of the unreadable files.
-  reused: bool  # True when an identical dataset was already prepared.
-  skipped_links: list = dataclasses.field(default_factory=list)  # [(name, reason)] not followed.
-
-
-def prepare(config: VideoFolderConfig, data_dir: str, *, overwrite: bool = False) -> PrepareResult:
+def prepare(config: VideoFolderConfig, data_dir: str, *,
+            overwrite: bool = False) -> common.PrepareResult:
   """Builds `video_folder/<config.name>` into data_dir; reruns reuse or finish it.
 
   TFDS writes into a sibling `incomplete.*` folder and renames it when every split is written, so
@@ -624,11 +564,11 @@ def prepare(config: VideoFolderConfig, data_dir: str, *, overwrite: bool = False
       raise errors.UserError(
           f'video_folder/{config.name} in {path} was prepared with other settings '
           f'{metadata.get("settings")}; pass --overwrite to rebuild it, or choose another --name.')
-  frame_store.remove_incomplete(path)
+  frame_store_writer.remove_incomplete(path)
   staging = f'{path}.incomplete-{uuid.uuid4().hex[:8]}' if replacing else None
   try:
     builder = VideoFolder(config=config, data_dir=staging or os.path.expanduser(data_dir))
-    ucf101.remove_stale_incomplete_dirs(builder)
+    common.remove_stale_incomplete_dirs(builder)
     start = time.perf_counter()
     logging.info('Checking and building video_folder/%s from %s into %s.', config.name,
                  config.source, path)
@@ -637,7 +577,7 @@ def prepare(config: VideoFolderConfig, data_dir: str, *, overwrite: bool = False
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     if staging:
       logging.info('Replacing %s with the rebuilt dataset (overwrite).', path)
-      frame_store.replace_folder(os.fspath(builder.data_path), path)
+      frame_store_writer.replace_folder(os.fspath(builder.data_path), path)
   finally:
     if staging:
       shutil.rmtree(staging, ignore_errors=True)
@@ -648,9 +588,9 @@ def prepare(config: VideoFolderConfig, data_dir: str, *, overwrite: bool = False
   return _result(load(data_dir, config.name), path, list(builder.skipped), False)
 
 
-def _result(builder, path: str, skipped: list, reused: bool) -> PrepareResult:
+def _result(builder, path: str, skipped: list, reused: bool) -> common.PrepareResult:
   links = (builder.info.metadata or {}).get('skipped_links', [])
-  return PrepareResult(
+  return common.PrepareResult(
       name=f'{NAME}/{builder.info.config_name}', data_dir=path,
       class_names=tuple(builder.info.features['label'].names),
       split_sizes={k: v.num_examples for k, v in builder.info.splits.items()},

@@ -31,24 +31,18 @@ Usage:
 """
 
 import dataclasses
-import io
 import time
 
 from absl import logging
 import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
 
-CLASS_NAMES = (
-    'move_left', 'move_right',
-    'move_up', 'move_down',
-    'grow', 'shrink',
-    'orbit_clockwise', 'orbit_counterclockwise',
-    'brighten', 'darken',
-)
-REVERSAL_PAIRS = [(2 * p, 2 * p + 1) for p in range(len(CLASS_NAMES) // 2)]
+from har_jax.data import synthetic_classes
+from har_jax.data.prepare import common
 
-_JPEG_QUALITY = 90
+CLASS_NAMES = synthetic_classes.CLASS_NAMES
+REVERSAL_PAIRS = synthetic_classes.REVERSAL_PAIRS
+
 _SHAPES = ('square', 'disc', 'triangle', 'cross', 'diamond', 'bar')
 
 
@@ -261,13 +255,6 @@ def render_video(rng: np.random.Generator, pair_index: int, reverse: bool,
   return video[::-1].copy() if reverse else video
 
 
-def _encode_jpeg(frame: np.ndarray) -> bytes:
-  buffer = io.BytesIO()
-  Image.fromarray(frame).save(buffer, format='JPEG', quality=_JPEG_QUALITY,
-                             subsampling=0)  # 4:4:4, no chroma subsampling.
-  return buffer.getvalue()
-
-
 class SyntheticActions(tfds.core.GeneratorBasedBuilder):
   """Synthetic videos whose classes differ only in temporal order within pairs."""
 
@@ -315,7 +302,8 @@ class SyntheticActions(tfds.core.GeneratorBasedBuilder):
       rng = np.random.default_rng([config.seed, split_index, index])
       video = render_video(rng, label // 2, bool(label % 2),
                            config.num_frames, config.resolution)
-      yield index, {'video': [_encode_jpeg(f) for f in video], 'label': label}
+      jpegs = [common.encode_jpeg(f, full_chroma=True) for f in video]
+      yield index, {'video': jpegs, 'label': label}
 
 
 def prepare(data_dir: str,

@@ -21,9 +21,6 @@ or the flat `UCF101/*.avi` (from the TFDS zip), plus `ucfTrainTestlist/`; or the
 themselves (`UCF101_videos.zip`, `UCF101TrainTestSplits-RecognitionTask.zip`), read in place.
 """
 
-import collections
-import concurrent.futures
-import dataclasses
 import io
 import os
 import pathlib
@@ -41,13 +38,15 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.video import ucf101 as tfds_ucf101
 
 from har_jax import errors
+from har_jax.data import datasets
 from har_jax.data import frame_store
+from har_jax.data.prepare import common
+from har_jax.data.prepare import frame_store_writer
 
 CONFIG_NAMES = tuple(c.name for c in tfds_ucf101.Ucf101.BUILDER_CONFIGS)
-FRAMES_NAME = 'ucf101_frames'
+FRAMES_NAME = datasets.UCF101_FRAMES
 SPLIT_NUMBERS = (1, 2, 3)
 LIST_DIR = 'ucfTrainTestlist'
-VIDEO_DIRS = ('UCF-101', 'UCF101')
 GROUP_COUNTS_KEY = 'group_counts'
 _NAME_RE = re.compile(r'v_(?P<cls>\w+?)_g(?P<group>\d+)_c(?P<clip>\d+)')
 _QUIRK = ('HandStandPushups', 'HandstandPushups')
@@ -285,30 +284,9 @@ class Ucf101Meta(LocalUcf101, skip_registration=True):
 BUILDERS = {'ucf101': LocalUcf101, 'ucf101_meta': Ucf101Meta}
 
 
-def remove_stale_incomplete_dirs(builder) -> list[str]:
-  """Deletes `incomplete.*` dirs that an interrupted earlier run left next to the version dir."""
-  parent = os.path.dirname(os.fspath(builder.data_path).rstrip('/'))
-  if not os.path.isdir(parent):
-    return []
-  stale = [os.path.join(parent, d) for d in os.listdir(parent)
-           if d.startswith('incomplete.') and d.endswith('_' + str(builder.version))]
-  for d in stale:
-    logging.warning('Removing %s, left by an interrupted earlier run.', d)
-    shutil.rmtree(d, ignore_errors=True)
-  return stale
-
-
-@dataclasses.dataclass(frozen=True)
-class PrepareResult:
-  name: str  # e.g. 'ucf101/ucf101_1_256'
-  data_dir: str  # The version dir holding the records.
-  split_sizes: dict
-  reused: bool  # True when the records were already complete.
-
-
 def prepare(source: Union[str, list[str]], data_dir: str, config: str = 'ucf101_1_256', *,
             variant: str = 'ucf101', allow_missing: bool = False,
-            num_shards: Optional[int] = None) -> PrepareResult:
+            num_shards: Optional[int] = None) -> common.PrepareResult:
   """Builds TFDS UCF101 records from a local copy into `data_dir` (idempotent, interrupt-safe).
 
   `num_shards`: record files per split (default: TFDS's choice by size, 64 MiB to 1 GiB each; one
@@ -326,12 +304,12 @@ def prepare(source: Union[str, list[str]], data_dir: str, config: str = 'ucf101_
   if probe.is_prepared():
     logging.info('%s is already prepared in %s; nothing to do.', probe.info.full_name,
                  probe.data_dir)
-    return PrepareResult(f'{variant}/{config}', probe.data_dir, _sizes(probe), reused=True)
+    return common.PrepareResult(f'{variant}/{config}', probe.data_dir, _sizes(probe), reused=True)
   check_ffmpeg()
   ucf_source = UcfSource(source)
   builder = BUILDERS[variant](config=config, data_dir=data_dir, source=ucf_source,
                               allow_missing=allow_missing)
-  remove_stale_incomplete_dirs(builder)
+  common.remove_stale_incomplete_dirs(builder)
   logging.info('Building %s from %s into %s (ffmpeg extracts every frame; the full UCF101 takes '
                'hours on one machine).', builder.info.full_name, ucf_source.description,
                builder.data_dir)
@@ -344,7 +322,8 @@ def prepare(source: Union[str, list[str]], data_dir: str, config: str = 'ucf101_
       raise
     raise errors.UserError(unreadable_video_message(builder.current_video, ucf_source.description,
                                                     e)) from None
-  return PrepareResult(f'{variant}/{config}', builder.data_dir, _sizes(builder), reused=False)
+  return common.PrepareResult(f'{variant}/{config}', builder.data_dir, _sizes(builder),
+                              reused=False)
 
 
 def _sizes(builder) -> dict:
@@ -435,7 +414,7 @@ def _settings_difference(recorded: dict, wanted: dict) -> str:
 
 def prepare_frames(source: Union[str, list[str]], data_dir: str, short_side: int = 128, *,
                    allow_missing: bool = False, num_workers: int = 4,
-                   progress_every_s: float = 10.0, overwrite: bool = False) -> PrepareResult:
+                   progress_every_s: float = 10.0, overwrite: bool = False) -> common.PrepareResult:
   """Writes the frame store `ucf101_frames/s<short_side>` into data_dir (idempotent).
 
   Every video named by the split lists is extracted once (ffmpeg, num_workers at a time) and
@@ -457,7 +436,7 @@ def prepare_frames(source: Union[str, list[str]], data_dir: str, short_side: int
     difference = _settings_difference(store.info.get('settings'), settings)
     if not difference:
       logging.info('%s is already prepared in %s; nothing to do.', name, path)
-      return PrepareResult(name, path, store.split_sizes, reused=True)
+      return common.PrepareResult(name, path, store.split_sizes, reused=True)
     raise errors.UserError(
         f'{name} in {path} was made with other settings ({difference}); pass --overwrite to '
         'rebuild it from this source, or choose another --data_dir.')
@@ -471,8 +450,8 @@ def prepare_frames(source: Union[str, list[str]], data_dir: str, short_side: int
   if unknown:
     raise errors.UserError(f'The split lists of {ucf_source.description} name classes that UCF101 '
                            f'does not have: {unknown[:5]}.')
-  frame_store.remove_incomplete(path)
-  writer = frame_store.Writer(path, name=name, class_names=class_names, settings=settings)
+  frame_store_writer.remove_incomplete(path)
+  writer = frame_store_writer.Writer(path, name=name, class_names=class_names, settings=settings)
   logging.info('Extracting the frames of %d videos from %s into %s (short side %d px%s).',
                len(videos), ucf_source.description, path, short_side,
                '; the store there is replaced once this one is complete' if exists else '')
@@ -485,10 +464,10 @@ def prepare_frames(source: Union[str, list[str]], data_dir: str, short_side: int
   except BaseException:
     writer.abort()
     raise
-  return PrepareResult(name, path, store.split_sizes, reused=False)
+  return common.PrepareResult(name, path, store.split_sizes, reused=False)
 
 
-def _write_videos(writer: frame_store.Writer, source: UcfSource, videos, class_names,
+def _write_videos(writer: frame_store_writer.Writer, source: UcfSource, videos, class_names,
                   short_side: int, num_workers: int, progress_every_s: float) -> dict[str, int]:
   """Extracts and writes every video in order; returns {video key: row}."""
 
@@ -499,28 +478,21 @@ def _write_videos(writer: frame_store.Writer, source: UcfSource, videos, class_n
     except (ValueError, OSError) as e:
       raise errors.UserError(unreadable_video_message(file_name, source.description, e)) from None
 
-  rows, start, last = {}, time.monotonic(), time.monotonic()
-  remaining, pending = iter(videos), collections.deque()
-  with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
+  rows, start = {}, time.monotonic()
 
-    def submit_next():
-      item = next(remaining, None)
-      if item:
-        pending.append((item, pool.submit(extract, item[1])))
+  def log_progress(every_s: float):
+    done, elapsed = len(rows), time.monotonic() - start
+    logging.log_every_n_seconds(
+        logging.INFO, '%d/%d videos written (%.1f videos/s, %.0f s left).', every_s, done,
+        len(videos), done / elapsed, (len(videos) - done) * elapsed / done)
 
-    for _ in range(2 * max(1, num_workers)):
-      submit_next()
-    while pending:
-      (class_name, file_name), future = pending.popleft()
-      jpegs, fps = future.result()
-      info = parse_video_name(file_name)
-      rows[_video_key(file_name)] = writer.add_video(
-          jpegs, label=class_names.index(class_name), name=info['name'], group=info['group'],
-          fps=fps)
-      submit_next()
-      if time.monotonic() - last > progress_every_s or not pending:
-        last = time.monotonic()
-        done, elapsed = len(rows), time.monotonic() - start
-        logging.info('%d/%d videos written (%.1f videos/s, %.0f s left).', done, len(videos),
-                     done / elapsed, (len(videos) - done) * elapsed / done)
+  for (class_name, file_name), (jpegs, fps) in common.ordered_thread_map(
+      lambda item: extract(item[1]), videos, num_workers):
+    info = parse_video_name(file_name)
+    rows[_video_key(file_name)] = writer.add_video(
+        jpegs, label=class_names.index(class_name), name=info['name'], group=info['group'],
+        fps=fps)
+    log_progress(progress_every_s)
+  if rows:
+    log_progress(0.0)  # The last line, whatever the time since the one before.
   return rows
