@@ -66,7 +66,7 @@ def test_main_prints_one_line_without_a_traceback(tmp_path):
   ):
     run = subprocess.run([sys.executable, 'main.py', f'--workdir={tmp_path}', *args], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert run.returncode == 1, run.stderr[-3000:]
+    assert run.returncode == 2, run.stderr[-3000:]
     assert 'Traceback' not in run.stderr and expected in run.stderr, run.stderr[-3000:]
     assert [l for l in run.stderr.splitlines() if l.startswith('error: ')], run.stderr[-3000:]
 
