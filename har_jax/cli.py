@@ -15,7 +15,9 @@ Exit codes, for every command (main.py, the console commands, scripts/*.py):
        or malformed value, a misspelt config override (with the closest valid name), a config
        file that does not load, flags that do not combine, a wrong number of arguments
        (`app.UsageError`). One line `error: ...`.
-  130  interrupted by Ctrl-C (128 + SIGINT): one line saying so, and what was kept.
+  130  interrupted by Ctrl-C (128 + SIGINT): one line saying so, and what was kept. Training is
+       the exception: Ctrl-C (or a preemption's SIGTERM) saves a checkpoint at the next step and
+       exits 0, to be resumed; only a second Ctrl-C, or one before training starts, exits 130.
 
 ml_collections' config flags raise from inside absl's flag parsing, before main() runs: a
 misspelt override (`--config.batch_sise=16`) is a KeyError/AttributeError traceback, and a missing

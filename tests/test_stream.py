@@ -397,7 +397,7 @@ class _Script:
     return returncode
 
   def summary(self):
-    assert self.stdout and SUMMARY.fullmatch(self.stdout[-1]), self.stdout[-3:]
+    assert self.stdout and SUMMARY.fullmatch(self.stdout[-1]), (self.stdout[-3:], self.stderr[-12:])
     frames, seconds, frames_per_s, dropped = SUMMARY.fullmatch(self.stdout[-1]).groups()
     return int(frames), float(seconds), float(frames_per_s), int(dropped)
 

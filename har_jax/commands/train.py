@@ -4,8 +4,9 @@
   har-train --config=configs/synthetic.py --workdir=workdirs/synthetic --mode=eval
 
 Config fields can be overridden on the command line, e.g. --config.batch_size=16. Exit codes:
-0 done; 1 a bad config, dataset, checkpoint or workdir (one line `error: ...`); 2 a bad flag or
-config override; 130 Ctrl-C (training first saves a checkpoint; rerun the command to resume).
+0 done, or stopped by Ctrl-C or SIGTERM after saving a checkpoint (rerun the command to resume);
+1 a bad config, dataset, checkpoint or workdir (one line `error: ...`); 2 a bad flag or config
+override; 130 a second Ctrl-C, or one before training starts (exits at once).
 """
 
 from absl import app
