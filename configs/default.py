@@ -4,7 +4,7 @@ r"""UCF101 split 1, the LRCN recipe: ResNet-18 frames -> LSTM(512) -> 101-way he
 half scale by the JPEG decoder (128x128) and randomly cropped. Trained from scratch. The resize
 follows the crop (dataset.resize_size = image_size * 8 // 7) unless set.
 
-Command (build the records first, see README "UCF101"):
+Command (build the records first, see docs/ucf101.md):
 
   python main.py --config=configs/default.py --workdir=workdirs/ucf101_r18 \
       --config.dataset.data_dir=$HOME/tensorflow_datasets
@@ -88,7 +88,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.conv_impl = 'auto'
   config.model.preprocessing = 'imagenet'  # 'imagenet' (RGB, mean/std) | 'caffe' (Keras ResNet50).
   config.model.encoder_kwargs = {}  # Extra encoder attributes, e.g. {'stride_on_1x1': True}.
-  config.model.encoder_init = ''  # Encoder checkpoint (scripts/convert_keras_encoder.py) for a fresh run.
+  # Encoder checkpoint (scripts/convert_weights.py or convert_keras_encoder.py) loaded at the start
+  # of a fresh run; with one, encoder_kwargs and preprocessing are the checkpoint's.
+  config.model.encoder_init = ''
   config.model.freeze_encoder_steps = 0  # Train only the LSTM and head for this many steps.
 
   config.dtype = 'float32'

@@ -17,8 +17,8 @@ Splits 2 and 3: --config.dataset.train_split=train2 --config.dataset.eval_split=
 
 Expected result: the model and its accuracy are default.py's (not yet measured on UCF101). What
 changes is the host's cost per training clip: on generated UCF101-format videos, measured by
-scripts/benchmark_input.py in one run against the stock 256x256 records, see README "Input speed"
-and benchmarks/RESULTS.md.
+scripts/benchmark_input.py in one run against the stock 256x256 records, see docs/speed.md
+"Input speed" and benchmarks/RESULTS.md.
 
 Short run on a CPU, measured 2026-11-29 (the 2-core VM, shared, load average 2-3.5): the frame
 store of generated UCF101-format videos whose 6 classes only temporal order separates
@@ -35,8 +35,9 @@ runs"), a small CNN on 8 frames of 64x64, 1,200 steps of 16 clips:
 
 reached 70.7% video top-1 on the 420 test videos in 8 min 46 s: the first run of the three-split
 run that trained exactly this config as its split 1 (scripts/run_splits.py, 41 min 44 s; splits 2
-and 3: 81.4% and 92.9%; the frame-average baseline 26.9%, 26.0%, 26.7%; README "The three-split
-protocol"). It shows the pipeline and the recurrence learning temporal order, not UCF101 accuracy.
+and 3: 81.4% and 92.9%; the frame-average baseline 26.9%, 26.0%, 26.7%; docs/ucf101.md "The
+three-split protocol"). It shows the pipeline and the recurrence learning temporal order, not UCF101
+accuracy.
 """
 
 import ml_collections

@@ -1,8 +1,12 @@
-r"""UCF101 split 1, the recommended recipe: ImageNet ResNet-50 (Keras) frames -> LSTM(512) -> head.
+r"""UCF101 split 1, the recommended recipe: ImageNet ResNet-50 frames -> LSTM(512) -> head.
 
-The frame encoder starts from Keras Applications' ImageNet ResNet-50 (ResNet v1: the stride sits
-on the first 1x1 conv of a block; Keras 'caffe' input: BGR, mean-subtracted 0..255 pixels). For the
-first 1,000 steps only the LSTM and the head train (the encoder's params and BatchNorm statistics
+The frame encoder starts from a converted ResNet-50, from either source:
+  - Keras Applications' ImageNet ResNet-50 (the default encoder_init): ResNet v1, the stride on the
+    first 1x1 conv of a block; Keras 'caffe' input (BGR, mean-subtracted 0..255 pixels);
+  - PyTorch-layout weights (torchvision/timm ImageNet, or mmaction2's TSN trained on Kinetics-400):
+    ResNet v1.5, the stride on the 3x3 conv; 'imagenet' input (RGB, ImageNet mean/std).
+The converted checkpoint records its stride convention and input, and the run takes both from it
+(the encoder_kwargs and preprocessing below are the Keras source's). For the first 1,000 steps only the LSTM and the head train (the encoder's params and BatchNorm statistics
 stay as converted); then everything is fine-tuned, the encoder with its own linear warmup.
 16 frames at stride 2, 224x224 crops from the 256x256 TFDS records (`ucf101/ucf101_1_256`).
 
@@ -11,6 +15,16 @@ Commands (convert the weights once, online or from a downloaded .h5 file, see th
   python scripts/convert_keras_encoder.py --arch=resnet50 --out=pretrained/resnet50_keras_imagenet
   python main.py --config=configs/ucf101_resnet50_imagenet.py --workdir=workdirs/ucf101_r50_in \
       --config.dataset.data_dir=$HOME/tensorflow_datasets
+
+or from PyTorch weights, e.g. torchvision's ImageNet ResNet-50 from the Hugging Face Hub (or the
+.pth of mmaction2's TSN R50 Kinetics-400; the docs on pretrained weights list the sources):
+
+  hf download timm/resnet50.tv_in1k model.safetensors --local-dir pretrained/hub/resnet50.tv_in1k
+  python scripts/convert_weights.py --from=pretrained/hub/resnet50.tv_in1k/model.safetensors \
+      --arch=resnet50 --out=pretrained/resnet50_tv_in1k
+  python main.py --config=configs/ucf101_resnet50_imagenet.py --workdir=workdirs/ucf101_r50_tv \
+      --config.dataset.data_dir=$HOME/tensorflow_datasets \
+      --config.model.encoder_init=pretrained/resnet50_tv_in1k
 
 If the accelerator memory is short, add --config.model.remat=True or --config.dtype=bfloat16, or
 lower --config.batch_size together with --config.learning_rate.
@@ -55,9 +69,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.frame_stride = 2
 
   config.model.encoder = 'resnet50'
+  # The Keras source's; with encoder_init, the checkpoint's replace them (PyTorch weights: v1.5,
+  # 'imagenet').
   config.model.encoder_kwargs = {'stride_on_1x1': True}  # Keras ResNet50 is ResNet v1.
   config.model.preprocessing = 'caffe'  # What the Keras ImageNet weights expect.
-  # Made by scripts/convert_keras_encoder.py; loaded at the start of a fresh run, not on resume.
+  # Made by scripts/convert_keras_encoder.py or scripts/convert_weights.py; loaded at the start of
+  # a fresh run, not on resume.
   config.model.encoder_init = 'pretrained/resnet50_keras_imagenet'
   config.model.freeze_encoder_steps = 1_000
   config.model.lstm_size = 512

@@ -10,7 +10,7 @@ configs/default.py (30,000 x 32 = 960k clips = 3,750 x 256). Eval batches are gl
 Each host reads its own shard of the TFDS records (`tfds.split_for_jax_process`), so put the
 records on storage every host can read (a GCS bucket: --config.dataset.data_dir=gs://...).
 
-Command (TPU VM pod slice; see README "Training on a TPU pod / several GPU nodes"):
+Command (TPU VM pod slice; see docs/pods.md):
 
   gcloud compute tpus tpu-vm ssh $TPU --zone=$ZONE --worker=all --command="cd har_jax && \
       .venv/bin/python main.py --config=configs/ucf101_tpu_pod.py --workdir=gs://$BUCKET/ucf_pod \

@@ -10,7 +10,7 @@ into place with the rest). It holds the provenance that model.json also holds, p
           written (saved_model/..., model.jax, model.json)
   sha256  the SHA-256 of the manifest's own canonical JSON without this key
           (json.dumps(manifest, sort_keys=True) in UTF-8), so the manifest is checked too.
-A verifier needs only hashlib and json: the README's "Exporting a model" shows one.
+A verifier needs only hashlib and json: docs/export.md shows one.
 """
 
 import datetime

@@ -109,7 +109,8 @@ def _choice_problems(config) -> list[str]:
   encoder_init = _get(config, 'model.encoder_init')
   if encoder_init and not paths.path(encoder_init).is_dir():
     problems.append(f'model.encoder_init={encoder_init!r}: no encoder checkpoint there (no such '
-                    'folder). Make one with scripts/convert_keras_encoder.py, or fix the path.')
+                    'folder). Make one with scripts/convert_weights.py (PyTorch weights) or '
+                    'scripts/convert_keras_encoder.py, or fix the path.')
   return problems
 
 

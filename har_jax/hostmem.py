@@ -77,5 +77,5 @@ def status() -> str:
   helps, why = hugepage_decision(os.environ)
   if helps:
     return (f'host malloc: default; CPU training steps run faster started with '
-            f'GLIBC_TUNABLES={TUNABLE} ({why}; README, "Training on a CPU")')
+            f'GLIBC_TUNABLES={TUNABLE} ({why}; docs/speed.md, "Training on a CPU")')
   return f'host malloc: default ({why})'

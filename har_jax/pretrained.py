@@ -1,4 +1,7 @@
-"""ImageNet-pretrained frame encoders: Keras Applications -> har_jax encoder checkpoints.
+"""Pretrained frame encoders: encoder checkpoints, loading them, and the Keras Applications path.
+
+Encoder checkpoints are made by scripts/convert_keras_encoder.py (Keras ResNet50, below) and by
+scripts/convert_weights.py (PyTorch-layout ResNet-18/34/50: har_jax.torch_weights).
 
 An encoder checkpoint is an orbax directory with two items:
   'variables': {'params': ..., 'batch_stats': ...} of one encoder (the subtree that LRCN keeps
@@ -33,6 +36,7 @@ import orbax.checkpoint as ocp
 
 from har_jax import config_fields
 from har_jax import errors
+from har_jax import paths
 from har_jax.models import encoders
 
 FORMAT = 'har_jax_encoder'
@@ -156,8 +160,12 @@ def convert_keras_resnet(keras_model) -> dict:
     batch_stats[f'{path}/var'] = (var + (eps - encoders.BN_EPSILON)).astype(np.float32)
   if conv_bias:
     raise ValueError(f'Convolutions without a BatchNorm to fold the bias into: {sorted(conv_bias)}')
-  unflat = lambda d: traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in d.items()})
-  return {'params': unflat(params), 'batch_stats': unflat(batch_stats)}
+  return {'params': unflatten(params), 'batch_stats': unflatten(batch_stats)}
+
+
+def unflatten(flat: dict) -> dict:
+  """{'a/b/leaf': x} -> {'a': {'b': {'leaf': x}}}."""
+  return traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
 
 
 def convert_keras(arch: str, weights: Optional[str] = 'imagenet') -> tuple[dict, dict, Any]:
@@ -243,7 +251,7 @@ def save_encoder(path: str, variables: dict, meta: dict):
       raise ValueError(f'Encoder checkpoint meta needs {field!r}; got {sorted(meta)}')
   meta = dict(meta, format=FORMAT, version=VERSION)
   variables = jax.tree.map(lambda x: np.asarray(x, np.float32), flax.core.unfreeze(variables))
-  _checkpointer().save(os.path.abspath(path), args=ocp.args.Composite(
+  _checkpointer().save(paths.path(path), args=ocp.args.Composite(
       variables=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta)))
   logging.info('Wrote encoder checkpoint %s (%s, %d parameters).', path, meta['encoder'],
                sum(int(np.size(x)) for x in jax.tree.leaves(variables['params'])))
@@ -251,10 +259,10 @@ def save_encoder(path: str, variables: dict, meta: dict):
 
 def read_encoder_meta(path: str) -> dict:
   """The 'meta' JSON of the encoder checkpoint at `path`."""
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  path = paths.path(path)
+  if not path.is_dir():
     raise FileNotFoundError(f'No encoder checkpoint at {path}. Make one with '
-                            'scripts/convert_keras_encoder.py.')
+                            'scripts/convert_weights.py or scripts/convert_keras_encoder.py.')
   meta = _checkpointer().restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
   meta = meta['meta']
   if meta.get('format') != FORMAT:
@@ -275,7 +283,7 @@ def load_encoder(path: str, target: dict) -> tuple[dict, dict]:
   Raises:
     errors.UserError naming the first parameter that does not fit.
   """
-  path = os.path.abspath(path)
+  path = paths.path(path)
   meta = read_encoder_meta(path)
   tree_meta = _checkpointer().metadata(path).item_metadata['variables']
   saved = jax.tree.map(lambda m: np.empty(m.shape, np.uint8), dict(tree_meta.tree))
@@ -312,7 +320,7 @@ def load_encoder_into_state(state, path: str, *, model_config=None):
 
   Args:
     state: an unreplicated TrainState of an LRCN (params {'encoder', 'lstm_*', 'head'}).
-    path: an encoder checkpoint directory (scripts/convert_keras_encoder.py).
+    path: an encoder checkpoint directory (scripts/convert_weights.py, convert_keras_encoder.py).
     model_config: if given (config.model), its encoder, encoder_kwargs and preprocessing must be
       those the checkpoint was made for; a ValueError lists every disagreement.
 
@@ -340,3 +348,46 @@ def load_encoder_into_state(state, path: str, *, model_config=None):
     batch_stats['encoder'] = variables['batch_stats']
   return state.replace(params=dict(state.params, encoder=variables['params']),
                        batch_stats=batch_stats)
+
+
+# Model config fields that describe how an encoder checkpoint's weights are laid out and fed; a run
+# with model.encoder_init takes them from the checkpoint (resolve_encoder_init).
+CHECKPOINT_FIELDS = ('encoder_kwargs', 'preprocessing')
+
+
+def resolve_encoder_init(config):
+  """`config` with model.encoder_kwargs and model.preprocessing taken from the encoder checkpoint
+  that model.encoder_init names (a copy; `config` itself is unchanged). Without encoder_init,
+  `config` as it is.
+
+  So one config trains from Keras weights (ResNet v1, 'caffe' input) or PyTorch weights (v1.5,
+  'imagenet' input): the weights say which. Each field changed is logged. Training and evaluation
+  both resolve, so a run's checkpoints and its --mode=eval agree.
+
+  Raises:
+    errors.UserError if the checkpoint holds another encoder than model.encoder, or is not one.
+  """
+  path = config_fields.get(config, 'model.encoder_init')
+  if not path:
+    return config
+  try:
+    meta = read_encoder_meta(path)
+  except (FileNotFoundError, ValueError) as e:
+    raise errors.UserError(f'model.encoder_init: {e}') from None
+  if meta['encoder'] != config.model.encoder:
+    raise errors.UserError(
+        f'model.encoder_init={path!r} holds a {meta["encoder"]!r} encoder, model.encoder is '
+        f'{config.model.encoder!r}; pass --config.model.encoder={meta["encoder"]}.')
+  wanted = {'encoder_kwargs': dict(meta.get('encoder_kwargs', {})),
+            'preprocessing': meta['preprocessing']}
+  resolved = config.copy_and_resolve_references()
+  with resolved.unlocked():
+    for field in CHECKPOINT_FIELDS:
+      current = config_fields.model_field(resolved.model, field)
+      if field == 'encoder_kwargs':
+        current = dict(current or {})
+      if current != wanted[field]:
+        logging.info('model.%s: %r, as the encoder checkpoint %s records (the config had %r).',
+                     field, wanted[field], path, current)
+        resolved.model[field] = wanted[field]
+  return resolved

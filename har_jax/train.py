@@ -154,6 +154,9 @@ class NonFiniteGuard:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from `workdir` if it holds checkpoints), evaluating periodically and at the end.
 
+  With config.model.encoder_init, the model's encoder_kwargs and preprocessing are the encoder
+  checkpoint's (pretrained.resolve_encoder_init); the run's checkpoints store the resolved config.
+
   On SIGTERM or Ctrl-C (SIGINT), finishes the current step, saves a checkpoint synchronously and
   returns {}; the same call resumes from it. A second Ctrl-C exits at once without saving. With
   config.deterministic_data, a resumed run reads exactly the batches an uninterrupted run would
@@ -165,6 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     The final evaluation metrics (on config.dataset.eval_split), or {} when preempted.
   """
   config_validation.validate(config)
+  config = pretrained.resolve_encoder_init(config)
   if jax.process_index() == 0:
     checkpoints.make_writable_folder(workdir)  # A file or a read-only folder: before the lock.
   lock = workdir_lock.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext()

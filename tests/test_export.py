@@ -599,8 +599,8 @@ def test_model_jax_of_an_incompatible_jax_names_both_versions_and_the_reexport_c
 
 
 def _readme_verifier() -> str:
-  """The standalone verifier shown in the README's "Exporting a model"."""
-  with open(os.path.join(REPO, 'README.md')) as f:
+  """The standalone verifier shown in docs/export.md's "Exporting a model"."""
+  with open(os.path.join(REPO, 'docs', 'export.md')) as f:
     section = f.read().split('## Exporting a model')[1].split('\n## ')[0]
   blocks = [b for b in re.findall(r'```python\n(.*?)```', section, re.S) if 'def verify(' in b]
   assert len(blocks) == 1, blocks

@@ -142,3 +142,33 @@ def test_frame_store_in_a_bucket_is_refused_before_anything_runs(gcs, cwd, synth
   assert 'The frame store is in object storage (gs://bkt/tfds/ucf101_frames/s128)' in message
   assert 'gcsfuse' in message and 'Traceback' not in done.stderr, message
   assert gcs.names(BUCKET, 'runs/frames') == []
+
+
+def test_an_encoder_checkpoint_in_the_bucket_initialises_a_config(gcs, cwd):
+  """model.encoder_init=gs://...: written, read back (its meta and its arrays) through the bucket."""
+  encoder = f'gs://{BUCKET}/pretrained/r18'
+  code = f"""
+import sys
+sys.path.insert(0, {os.path.join(REPO, 'tests')!r})
+from har_jax import paths
+paths.configure_storage()
+from configs import ucf101_imagenet
+from har_jax import pretrained, torch_weights
+import test_torch_weights
+variables, meta = torch_weights.convert_state_dict(test_torch_weights._numpy_state_dict('resnet18'),
+                                                   'resnet18')
+pretrained.save_encoder({encoder!r}, variables, dict(meta, source='test'))
+config = ucf101_imagenet.get_config()
+config.model.encoder_init = {encoder!r}
+resolved = pretrained.resolve_encoder_init(config)
+template = pretrained.encoder_template('resnet18', resolved.model.encoder_kwargs)
+loaded, _ = pretrained.load_encoder({encoder!r}, template)
+same = all((a == b).all() for a, b in zip(
+    __import__('jax').tree.leaves(loaded), __import__('jax').tree.leaves(variables)))
+print('loaded', resolved.model.preprocessing, same)
+"""
+  result = _python(['-c', code], gcs.env(), cwd=cwd)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().splitlines()[-1] == 'loaded imagenet True', result.stdout
+  assert gcs.names(BUCKET, 'pretrained/r18/'), 'nothing was written to the bucket'
+  assert not (cwd / 'gs:').exists()

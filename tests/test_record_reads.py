@@ -104,10 +104,14 @@ def test_deterministic_data_on_several_files_is_exact_across_epochs_and_resumes(
         np.concatenate([halves[0][s]['tfds_id'], halves[1][s]['tfds_id']]))
 
 
-@pytest.mark.parametrize('deterministic', [True, False])
-def test_each_epoch_reads_every_record_once(sharded, tiny_config, deterministic):
-  config = _config(tiny_config, deterministic_data=deterministic)  # shuffle_buffer 1.
-  ids = np.concatenate([b['tfds_id'] for b in _batches(sharded, config, 2 * NUM_VIDEOS // 8)])
-  for epoch in (ids[:NUM_VIDEOS], ids[NUM_VIDEOS:]):
+@pytest.mark.parametrize('deterministic,cache,shuffle_buffer',
+                         [(True, False, 1), (False, False, 1), (False, True, 1), (False, True, 32)])
+def test_each_epoch_reads_every_record_once(sharded, tiny_config, deterministic, cache,
+                                            shuffle_buffer):
+  """Epochs do not mix, also when the next one is read ahead (non-deterministic) from a cache."""
+  config = _config(tiny_config, deterministic_data=deterministic,
+                   **{'dataset.cache': cache, 'dataset.shuffle_buffer': shuffle_buffer})
+  ids = np.concatenate([b['tfds_id'] for b in _batches(sharded, config, 3 * NUM_VIDEOS // 8)])
+  for epoch in (ids[:NUM_VIDEOS], ids[NUM_VIDEOS:2 * NUM_VIDEOS], ids[2 * NUM_VIDEOS:]):
     assert len(set(epoch.tolist())) == NUM_VIDEOS
   assert len({_file_of(i) for i in ids[:NUM_VIDEOS]}) == NUM_FILES

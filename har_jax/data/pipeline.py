@@ -40,7 +40,9 @@ Training order:
   whole split in one seeded order and keeps its slice of each global batch (it parses P times
   the records it decodes: use a frame store on many hosts).
 - TFDS records, the default: each process reads its own shard, every example once per epoch in
-  a fresh order; a resumed run gets a fresh shuffle.
+  a fresh order; a resumed run gets a fresh shuffle. The next epoch is opened, read and shuffled
+  while the current one drains (NEXT_EPOCH_READ_AHEAD clips ahead), so a small split does not
+  stall at every epoch boundary.
 Clips are sampled before the shuffle buffer, so it holds num_frames JPEGs per clip, not videos.
 
 Bad data: an example whose sampled frames fail to read or decode (corrupt or truncated JPEG, a
@@ -65,6 +67,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from tensorflow.python.util import deprecation  # pylint: disable=g-direct-tensorflow-import
 
 from har_jax import errors
 from har_jax import parallel
@@ -82,6 +85,8 @@ _FOREVER = 2**62
 # order depends on them (and not on the parallelism).
 FILES_READ_AT_ONCE = 16
 RECORDS_PER_FILE_BLOCK = 16
+# Clips of the next epoch read ahead while the current epoch drains (besides its shuffle buffer).
+NEXT_EPOCH_READ_AHEAD = 64
 
 
 def _options(dataset_config, deterministic: bool) -> tf.data.Options:
@@ -392,8 +397,8 @@ def _tfds_train_clips(builder, split: str, config, *, local_batch: int, process_
     if process_count > 1:
       logging.warning(
           'config.deterministic_data on TFDS records: each of the %d processes reads and parses '
-          'every record of %r and keeps 1/%d. A frame store reads only its share (see README, '
-          '"Input speed").', process_count, split, process_count)
+          'every record of %r and keeps 1/%d. A frame store reads only its share (see '
+          'docs/speed.md, "Input speed").', process_count, split, process_count)
     examples = read_examples(builder, split, config, process_index=0, process_count=1,
                              shuffle=True, deterministic=True)
     base_seed = tf.constant([config.seed, 0], tf.int64)
@@ -421,7 +426,23 @@ def _tfds_train_clips(builder, split: str, config, *, local_batch: int, process_
         num_parallel_calls=_num_parallel_calls(config.dataset), deterministic=deterministic)
     return clips.shuffle(config.dataset.shuffle_buffer, seed=epoch_seed[0])
 
-  clips = tf.data.Dataset.range(_FOREVER).flat_map(epoch)
+  epochs = tf.data.Dataset.range(_FOREVER)
+  if deterministic:
+    # One epoch after another, each started when the last one ends: TFDS's per-iteration file
+    # shuffle stays a function of the seed (an epoch read ahead would race for its seed).
+    clips = epochs.flat_map(epoch)
+  else:
+    # One epoch after another (block_length: more clips than any epoch has, so each epoch ends
+    # before the next one's first clip), with epoch e + 1 opened, read, sampled and shuffled by
+    # its own thread while e drains, so that a new epoch's shuffle buffer does not stall the
+    # pipeline at every epoch boundary. tf.data.Dataset.interleave would buffer up to
+    # block_length clips of the next epoch; this form bounds it to NEXT_EPOCH_READ_AHEAD.
+    # (Deprecated since TF 2.0 in favour of Dataset.interleave, which cannot bound this; TF is
+    # pinned in pyproject.toml. The warning is silenced: it would print in every run.)
+    with deprecation.silence():
+      clips = epochs.apply(tf.data.experimental.parallel_interleave(
+          epoch, cycle_length=2, block_length=_FOREVER, sloppy=False,
+          buffer_output_elements=NEXT_EPOCH_READ_AHEAD, prefetch_input_elements=1))
   if deterministic:
     global_batch = local_batch * process_count
     clips = clips.skip(start_step * global_batch).enumerate()

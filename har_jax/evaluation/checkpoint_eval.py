@@ -25,6 +25,7 @@ from har_jax import inference
 from har_jax import models
 from har_jax import parallel
 from har_jax import paths
+from har_jax import pretrained
 from har_jax import steps
 from har_jax.data import datasets
 from har_jax.evaluation import metrics
@@ -94,6 +95,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str
   devices = devices or jax.local_devices()
   config_validation.validate(config, mode='eval', split=split,
                              num_devices=len(devices) * jax.process_count())
+  config = pretrained.resolve_encoder_init(config)  # As training resolved it.
   split = split or config.dataset.eval_split
   builder = datasets.get_builder(config.dataset)
   info = datasets.get_info(builder)
