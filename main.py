@@ -1,67 +1,13 @@
-"""har_jax entry point: train or evaluate an LRCN action recogniser.
+"""har_jax entry point: train or evaluate an LRCN action recogniser (the console command har-train).
 
   python main.py --config=configs/synthetic.py --workdir=workdirs/synthetic
   python main.py --config=configs/synthetic.py --workdir=workdirs/synthetic --mode=eval
 
-Config fields can be overridden on the command line, e.g. --config.batch_size=16.
+Config fields can be overridden on the command line, e.g. --config.batch_size=16. The flags and
+the code are in har_jax/commands/train.py; the exit codes in har_jax/cli.py.
 """
 
-import sys
-
-from absl import app
-from absl import flags
-from absl import logging
-import jax
-from ml_collections import config_flags
-import tensorflow as tf
-
-from har_jax import cli
-from har_jax import distributed
-from har_jax import errors
-from har_jax import hostmem
-from har_jax import preemption
-from har_jax import train
-from har_jax.evaluation import checkpoint_eval
-
-FLAGS = flags.FLAGS
-
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard events and reports.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'Train (and evaluate), or only evaluate.')
-flags.DEFINE_string('checkpoint', 'latest', "--mode=eval: 'latest', 'best', 'all' or a step.")
-flags.DEFINE_string('split', None, '--mode=eval: the split to evaluate (default: eval_split).')
-flags.DEFINE_string('coordinator_address', None,
-                    'Several processes: host:port of process 0 (else auto-detected on TPU pods, '
-                    'SLURM and Open MPI, or read from $HAR_JAX_COORDINATOR).')
-flags.DEFINE_integer('num_processes', None, 'Several processes: how many in total.')
-flags.DEFINE_integer('process_id', None, 'Several processes: this one, 0..num_processes-1.')
-flags.DEFINE_integer('distributed_timeout', 300,
-                     'Seconds to wait for all processes to join before failing.')
-config_flags.DEFINE_config_file('config', None, 'Config file (a get_config() module).',
-                                lock_config=True)
-flags.mark_flags_as_required(['config', 'workdir'])
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  tf.config.set_visible_devices([], 'GPU')  # TF only reads data; keep the accelerators for JAX.
-  with preemption.exit_on_interrupt():  # Ctrl-C exits at once; the train loop saves first.
-    distributed.initialize(distributed.DistributedSpec.from_env(
-        coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
-        process_id=FLAGS.process_id, timeout_s=FLAGS.distributed_timeout))
-    logging.info('JAX devices: %s', jax.devices())
-    logging.info('%s', hostmem.status())
-    try:
-      if FLAGS.mode == 'train':
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-      else:
-        checkpoint_eval.evaluate(FLAGS.config, FLAGS.workdir, checkpoint=FLAGS.checkpoint,
-                          split=FLAGS.split,
-                          config_name=config_flags.get_config_filename(FLAGS['config']))
-    except errors.UserError as e:  # Bad input: a clear message, no traceback, a non-zero exit.
-      print(f'error: {e}', file=sys.stderr)
-      sys.exit(1)
-
+from har_jax.commands import train
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  train.run()

@@ -18,9 +18,6 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import default
 from har_jax.data import datasets
 from har_jax.data import tfds_records

@@ -11,7 +11,6 @@ training frames were made (`Preprocessing`). The variables are restored into the
 
 import dataclasses
 import functools
-import os
 import time
 from typing import Callable, Optional
 

@@ -61,8 +61,8 @@ def check_converter() -> str:
   """The installed jax2onnx's version; a UserError with the install command if it (or onnx)
   cannot be imported."""
   try:
-    import jax2onnx  # pylint: disable=g-import-not-at-top,unused-import
-    import onnx  # pylint: disable=g-import-not-at-top,unused-import
+    import jax2onnx  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    import onnx  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
     raise errors.UserError(f'--formats=onnx needs {CONVERTER} and onnx, which cannot be imported '
                            f'({e}); install them: {INSTALL_COMMAND}.') from None

@@ -30,7 +30,6 @@ Layout of `workdir_root`:
 import datetime
 import json
 import math
-import os
 from typing import Optional, Sequence
 
 from absl import logging

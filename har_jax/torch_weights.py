@@ -284,7 +284,7 @@ def convert_and_save(from_path: str, arch: str, out: str, *, check_parity: bool 
   variables, meta, state_dict = convert_file(from_path, arch)
   if check_parity:
     try:
-      import torchvision  # pylint: disable=g-import-not-at-top,unused-import
+      import torchvision  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
     except ImportError:
       logging.info('torchvision is not installed: no parity check against it.')
     else:

@@ -35,25 +35,20 @@ import dataclasses
 import importlib.metadata
 import json
 import os
-import sys
 import tempfile
 import time
 
 from absl import app
 from absl import flags
+import jax
 from ml_collections import config_flags
 import numpy as np
 import tensorflow as tf
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# pylint: disable=g-import-not-at-top,wrong-import-position
-import jax
 
 from har_jax import artifacts
 from har_jax import checkpoints
 from har_jax import cli
 from har_jax import distributed
-from har_jax import errors
 from har_jax import export
 from har_jax import inference
 from har_jax import onnx_export
@@ -174,27 +169,22 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if (_CONFIG.value is None) == (FLAGS.workdir is None):
-    print('error: give exactly one of --config (fresh weights) or --workdir (a trained run).',
-          file=sys.stderr)
-    return 1
+    raise app.UsageError('give exactly one of --config (fresh weights) or --workdir (a trained '
+                         'run).')
   tf.config.set_visible_devices([], 'GPU')
   distributed.quiet_library_logs()
   load_before = os.getloadavg()
   with tempfile.TemporaryDirectory() as folder:
-    try:
-      if FLAGS.workdir:
-        workdir, checkpoint = FLAGS.workdir, FLAGS.checkpoint
-      else:
-        workdir = fresh_workdir(_CONFIG.value, FLAGS.num_classes, os.path.join(folder, 'run'))
-        checkpoint = 'latest'
-      start = time.perf_counter()
-      export.export(workdir, os.path.join(folder, 'export'), checkpoint=checkpoint,
-                    formats=export.FORMATS)
-      export_s = time.perf_counter() - start
-      loaded = inference.load(workdir, checkpoint)
-    except errors.UserError as e:
-      print(f'error: {e}', file=sys.stderr)
-      return 1
+    if FLAGS.workdir:
+      workdir, checkpoint = FLAGS.workdir, FLAGS.checkpoint
+    else:
+      workdir = fresh_workdir(_CONFIG.value, FLAGS.num_classes, os.path.join(folder, 'run'))
+      checkpoint = 'latest'
+    start = time.perf_counter()
+    export.export(workdir, os.path.join(folder, 'export'), checkpoint=checkpoint,
+                  formats=export.FORMATS)
+    export_s = time.perf_counter() - start
+    loaded = inference.load(workdir, checkpoint)
     p = loaded.preprocessing
     clip = np.random.default_rng(0).integers(
         0, 256, (1, p.num_frames, FLAGS.height, FLAGS.width, 3), np.uint8)
@@ -223,4 +213,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)
+  cli.run(main)

@@ -33,18 +33,14 @@ Prints one line per measurement, then per dataset (first dataset last):
 import os
 import resource
 import statistics
-import sys
 import time
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # For configs/.
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from har_jax import cli
 from har_jax.data import datasets
 from har_jax.data import pipeline
@@ -221,4 +217,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

@@ -15,10 +15,9 @@ import statistics
 import subprocess
 import sys
 
-from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from har_jax import cli
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir holding checkpoints/.')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', 'latest', "'best', 'latest' or a step.")
@@ -56,4 +55,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('workdir')
-  app.run(main)
+  cli.run(main)

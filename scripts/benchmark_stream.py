@@ -27,14 +27,10 @@ import dataclasses
 import functools
 import os
 import statistics
-import sys
 import time
 
 from absl import app
 from absl import flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# pylint: disable=g-import-not-at-top,wrong-import-position
 import av
 import jax
 import jax.numpy as jnp
@@ -158,8 +154,7 @@ def main(argv):
                              ('conv_impls', FLAGS.conv_impls, conv_lib.CONV_IMPLS)):
     unknown = sorted(set(given) - set(known))
     if unknown:
-      print(f'error: --{flag}: unknown {unknown}; choose from {list(known)}.', file=sys.stderr)
-      return 1
+      raise app.UsageError(f'--{flag}: unknown {unknown}; choose from {list(known)}.')
   print(f'device={jax.devices()[0].device_kind} cpus={os.cpu_count()} '
         f'load_average_before={os.getloadavg()[0]:.2f}', flush=True)
   for name in FLAGS.models:
@@ -174,4 +169,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)
+  cli.run(main)

@@ -26,13 +26,8 @@ where gflops_per_s counts all local devices and the peak is per device times the
 import functools
 import os
 import resource
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-# pylint: disable=g-import-not-at-top,wrong-import-position,g-bad-import-order
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -238,4 +233,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

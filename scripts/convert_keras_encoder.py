@@ -22,6 +22,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from har_jax import cli
 from har_jax import pretrained
 
 FLAGS = flags.FLAGS
@@ -87,4 +88,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['out'])
-  app.run(main)
+  cli.run(main)

@@ -11,19 +11,14 @@ and the preprocessing ('imagenet': RGB, ImageNet mean/std); a run whose config.m
 is --out takes both from it. Where to get the weights: see the docs on pretrained weights
 (har_jax/torch_weights.py for the formats). With torchvision installed the script also compares
 torchvision's features with the converted encoder's on random images and writes nothing if they
-differ by more than --max_relative_error. Exit status: 0 on success, 1 with a one-line `error:`.
+differ by more than --max_relative_error. Exit status: 0 on success, 1 with a one-line `error:`,
+2 for bad flags (har_jax/cli.py).
 """
-
-import os
-import sys
 
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from har_jax import cli
-from har_jax import errors
 from har_jax import torch_weights
 
 FLAGS = flags.FLAGS
@@ -41,13 +36,9 @@ flags.mark_flags_as_required(['from', 'arch', 'out'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  try:
-    meta = torch_weights.convert_and_save(
-        FLAGS['from'].value, FLAGS.arch, FLAGS.out, check_parity=FLAGS.check_parity,
-        parity_image_size=FLAGS.parity_image_size, max_relative_error=FLAGS.max_relative_error)
-  except errors.UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+  meta = torch_weights.convert_and_save(
+      FLAGS['from'].value, FLAGS.arch, FLAGS.out, check_parity=FLAGS.check_parity,
+      parity_image_size=FLAGS.parity_image_size, max_relative_error=FLAGS.max_relative_error)
   parity = meta.get('parity_relative_error')
   print(f'Layout: {meta["layout"]}. Wrote {FLAGS.out}: encoder {meta["encoder"]} '
         f'{meta["encoder_kwargs"]}, preprocessing {meta["preprocessing"]!r}'
@@ -56,4 +47,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)
+  cli.run(main)

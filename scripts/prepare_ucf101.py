@@ -1,106 +1,12 @@
-r"""Builds TFDS UCF101 records from a UCF101 copy you already have. Downloads nothing.
+r"""Build TFDS records or the frame store from your UCF101 copy.
 
-  python scripts/prepare_ucf101.py --source ~/data/ucf101 --data_dir ~/tensorflow_datasets \
-      --config ucf101_1_256
+  python scripts/prepare_ucf101.py --source ~/data/ucf101 --data_dir ~/tensorflow_datasets
 
---source: a folder holding the extracted `UCF-101/` (from UCF101.rar; or `UCF101/` from the TFDS
-zip) and `ucfTrainTestlist/` (from UCF101TrainTestSplits-RecognitionTask.zip), or a folder holding
-those zip files, or the zip files themselves (comma separated). Zips are read in place.
-
---config: ucf101_1_256 (frames scaled to 256x256, as har_jax's configs expect), ucf101_1, ucf101_2
-or ucf101_3 (full size), exactly as the stock TFDS configs.
-
---variant ucf101 writes records the stock TFDS reader reads (`ucf101/<config>`); --variant
-ucf101_meta adds per-video 'name', 'group', 'clip', 'num_frames', 'fps' features and group counts,
-which lets config.dataset.val_split hold out whole UCF101 groups (`ucf101_meta/<config>`).
-
---short_side N writes the compact, random-access frame store `ucf101_frames/sN` instead
-(har_jax/data/frame_store.py): every video once, frames with the short side at N pixels and the
-aspect kept (171x128 at 128), one record per frame, so a clip reads only its own frames; the
-splits of all three official splits are 'train1', 'test1', ..., 'test3'. Train on it with
-configs/ucf101_frames.py. --config and --variant do not apply to it. The store records its
-source: a rerun from the same source reuses it; another source is refused (naming both) unless
---overwrite, which checks the new source first and replaces the store only once the new one is
-complete.
-
-  python scripts/prepare_ucf101.py --source ~/data/ucf101 --data_dir ~/tensorflow_datasets \
-      --short_side 128
-
-Needs ffmpeg. TFDS shows progress bars per split. An interrupted run leaves no readable partial
-dataset (TFDS writes into an `incomplete.*` folder and renames it at the end); rerun the same
-command to start that config over. A finished dataset is detected and left alone.
+The same as the console command har-prepare-ucf101 (--help lists the flags); the code is in
+har_jax/commands/prepare_ucf101.py.
 """
 
-import sys
-
-from absl import app
-from absl import flags
-from absl import logging
-
-from har_jax import errors
-from har_jax import preemption
-from har_jax.data.prepare import ucf101
-
-FLAGS = flags.FLAGS
-flags.DEFINE_list('source', None, 'UCF101 folder(s) and/or zip file(s).')
-flags.DEFINE_string('data_dir', None, 'TFDS data_dir to write into.')
-flags.DEFINE_list('config', ['ucf101_1_256'], f'One or more of {ucf101.CONFIG_NAMES}.')
-flags.DEFINE_enum('variant', 'ucf101', sorted(ucf101.BUILDERS), 'Which builder to write.')
-flags.DEFINE_bool('allow_missing', False,
-                  'Build without videos that the split lists name but the copy lacks.')
-flags.DEFINE_integer('short_side', 0,
-                     'N > 0: write the frame store ucf101_frames/sN (short side N pixels, aspect '
-                     'kept) instead of TFDS records.')
-flags.DEFINE_integer('num_shards', 0,
-                     'N > 0: write N record files per split (default: TFDS chooses by size, one '
-                     'file under 128 MiB). Not for --short_side.')
-flags.DEFINE_integer('num_workers', 4, '--short_side: videos extracted in parallel.')
-flags.DEFINE_bool('overwrite', False, '--short_side: rebuild a frame store made from another '
-                  'source (the old one is replaced once the new one is complete).')
-flags.mark_flags_as_required(['source', 'data_dir'])
-
-
-INTERRUPTED = ('interrupted: nothing half-written is readable (the partial folder is removed when '
-               'you rerun the same command); the datasets already prepared are kept.')
-
-
-def main(argv):
-  with preemption.exit_on_interrupt(INTERRUPTED):  # Ctrl-C: one line, exit 130.
-    _main(argv)
-
-
-def _main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.INFO)
-  try:
-    if FLAGS.short_side:
-      if FLAGS['config'].present or FLAGS['variant'].present or FLAGS.num_shards:
-        raise errors.UserError('--short_side writes the frame store of all three splits; do '
-                                 'not combine it with --config, --variant or --num_shards.')
-      result = ucf101.prepare_frames(FLAGS.source, FLAGS.data_dir, FLAGS.short_side,
-                                     allow_missing=FLAGS.allow_missing,
-                                     num_workers=FLAGS.num_workers, overwrite=FLAGS.overwrite)
-      verb = 'Already prepared' if result.reused else 'Prepared'
-      print(f'{verb} {result.name}: {result.split_sizes} in {result.data_dir}\n'
-            f'  train with --config=configs/ucf101_frames.py '
-            f'--config.dataset.name={result.name} --config.dataset.data_dir={FLAGS.data_dir}\n'
-            '  (split N of 3: --config.dataset.train_split=trainN '
-            '--config.dataset.eval_split=testN)', flush=True)
-      return
-    if FLAGS.overwrite:
-      raise errors.UserError('--overwrite applies to the frame store (--short_side) only.')
-    for config in FLAGS.config:
-      result = ucf101.prepare(FLAGS.source, FLAGS.data_dir, config, variant=FLAGS.variant,
-                              allow_missing=FLAGS.allow_missing, num_shards=FLAGS.num_shards)
-      verb = 'Already prepared' if result.reused else 'Prepared'
-      print(f'{verb} {result.name}: {result.split_sizes} in {result.data_dir}\n'
-            f'  train with --config.dataset.name={result.name} '
-            f'--config.dataset.data_dir={FLAGS.data_dir}', flush=True)
-  except errors.UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-
+from har_jax.commands import prepare_ucf101
 
 if __name__ == '__main__':
-  app.run(main)
+  prepare_ucf101.run()

@@ -1,86 +1,13 @@
-r"""Builds TFDS records from your own videos, one folder per class (`video_folder/<name>`).
+r"""Build TFDS records from your own videos, one folder per class.
 
   python scripts/prepare_video_folder.py --source ~/clips --data_dir ~/tensorflow_datasets \
       --name lab
 
---source: `<root>/<class>/<video>.{avi,mp4,mkv,webm,mov}` (split by --test_fraction, stratified
-and deterministic), or `<root>/train/<class>/...` and `<root>/test/<class>/...`; or the first with
-UCF101-format split lists (--train_list and/or --test_list; lines '<class>/<file> [label]').
-Class names are the sorted class folder names. Videos are decoded with PyAV (no ffmpeg binary),
-resized so the short side is --short_side pixels, optionally subsampled to --fps.
-
-Unreadable files are skipped with a warning naming each, and counted at the end. Rerunning the
-command after an interruption starts over cleanly (TFDS writes into an `incomplete.*` folder and
-renames it when done); rerunning after success does nothing. --overwrite (other settings) checks
-the new source first and builds beside the old dataset, which stays readable until the new one
-is complete. Then train with
---config.dataset.name=video_folder/<name> --config.dataset.data_dir=<data_dir>.
+The same as the console command har-prepare-videos (--help lists the flags); the code is in
+har_jax/commands/prepare_videos.py.
 """
 
-import sys
-
-from absl import app
-from absl import flags
-from absl import logging
-
-from har_jax import errors
-from har_jax import preemption
-from har_jax.data.prepare import video_folder
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string('source', None, 'Folder of class folders (or of train/ and test/).')
-flags.DEFINE_string('data_dir', None, 'TFDS data_dir to write into.')
-flags.DEFINE_string('name', None, "Dataset name: config.dataset.name='video_folder/<name>'.")
-flags.DEFINE_integer('short_side', 128, 'Short side of the stored frames, pixels (0: keep).')
-flags.DEFINE_float('fps', 0.0, 'Store at most this many frames per second (0: every frame).')
-flags.DEFINE_float('test_fraction', 0.2, 'Fraction of each class put in test (no train/ test/ '
-                   'folders or lists).')
-flags.DEFINE_string('train_list', '', 'UCF101-format list of training videos (relative paths).')
-flags.DEFINE_string('test_list', '', 'UCF101-format list of test videos (relative paths).')
-flags.DEFINE_integer('split_seed', 0, 'Seed of the --test_fraction split.')
-flags.DEFINE_integer('num_workers', 2, 'Videos decoded in parallel.')
-flags.DEFINE_bool('overwrite', False,
-                  'Rebuild a dataset of this name that was prepared with other settings.')
-flags.mark_flags_as_required(['source', 'data_dir', 'name'])
-
-
-INTERRUPTED = ('interrupted: nothing half-written is readable (the partial folder is removed when '
-               'you rerun the same command); the datasets already prepared are kept.')
-
-
-def main(argv):
-  with preemption.exit_on_interrupt(INTERRUPTED):  # Ctrl-C: one line, exit 130.
-    _main(argv)
-
-
-def _main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.INFO)
-  config = video_folder.VideoFolderConfig(
-      name=FLAGS.name, source=FLAGS.source, short_side=FLAGS.short_side, fps=FLAGS.fps,
-      test_fraction=FLAGS.test_fraction, train_list=FLAGS.train_list,
-      test_list=FLAGS.test_list, split_seed=FLAGS.split_seed, num_workers=FLAGS.num_workers)
-  try:
-    result = video_folder.prepare(config, FLAGS.data_dir, overwrite=FLAGS.overwrite)
-  except errors.UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  verb = 'Already prepared' if result.reused else 'Prepared'
-  print(f'{verb} {result.name}: {result.split_sizes} videos of {len(result.class_names)} '
-        f'classes {list(result.class_names)} in {result.data_dir}', flush=True)
-  if result.skipped_links:
-    print(f'Did not follow {len(result.skipped_links)} directory link(s):', flush=True)
-    for name, reason in result.skipped_links:
-      print(f'  {name}: it {reason}', flush=True)
-  if result.skipped:
-    print(f'Skipped {len(result.skipped)} unreadable file(s):', flush=True)
-    for name, reason in result.skipped:
-      print(f'  {name}: {reason}', flush=True)
-  print(f'Train with: python main.py --config=configs/default.py --workdir=workdirs/{FLAGS.name} '
-        f'--config.dataset.name={result.name} --config.dataset.data_dir={FLAGS.data_dir}',
-        flush=True)
-
+from har_jax.commands import prepare_videos
 
 if __name__ == '__main__':
-  app.run(main)
+  prepare_videos.run()

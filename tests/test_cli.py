@@ -66,7 +66,7 @@ def test_main_prints_one_line_without_a_traceback(tmp_path):
   ):
     run = subprocess.run([sys.executable, 'main.py', f'--workdir={tmp_path}', *args], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert run.returncode == 1, run.stderr[-3000:]
+    assert run.returncode == 2, run.stderr[-3000:]
     assert 'Traceback' not in run.stderr and expected in run.stderr, run.stderr[-3000:]
     assert [l for l in run.stderr.splitlines() if l.startswith('error: ')], run.stderr[-3000:]
 
@@ -90,3 +90,44 @@ def test_resize_follows_image_size_unless_set(monkeypatch, name, overrides, expe
   config = flag_values.config
   assert (config.image_size, config.dataset.resize_size) == expected
   assert config.to_dict()['dataset']['resize_size'] == expected[1]  # What checkpoints store.
+
+
+_COMMAND = '''
+from absl import app
+from absl import flags
+from har_jax import cli
+from har_jax import errors
+flags.DEFINE_integer('count', 0, 'A number.')
+def main(argv):
+  {body}
+cli.run(main)
+'''
+
+
+def test_run_turns_errors_into_one_line_and_the_documented_exit_codes(tmp_path):
+  """cli.run, the edge of every command: 1 user error, 2 usage, 130 Ctrl-C, 0 after --help."""
+  cases = {  # (flags, main's body): (exit code, the one line on stderr or None, stdout part)
+      ((), "raise errors.UserError('no dataset at d; prepare it first.')"):
+          (1, 'error: no dataset at d; prepare it first.', ''),
+      ((), "raise app.UsageError('give one video after the flags.')"):
+          (2, 'error: give one video after the flags.', ''),
+      (('--count=x',), 'return 0'): (2, None, ''),
+      ((), 'raise KeyboardInterrupt'): (130, 'interrupted: stopped by Ctrl-C.', ''),
+      ((), 'return 3'): (3, None, ''),
+      (('--count=4',), 'print(flags.FLAGS.count)'): (0, None, '4'),
+      (('--help',), 'return 1'): (0, None, '--count: A number.'),
+  }
+  procs = {case: subprocess.Popen([sys.executable, '-c', _COMMAND.format(body=case[1]), *case[0]],
+                                  cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+           for case in cases}
+  for case, proc in procs.items():
+    out, err = proc.communicate(timeout=120)
+    code, line, printed = cases[case]
+    assert proc.returncode == code, (case, err[-3000:])
+    assert 'Traceback' not in err and printed in out, (case, out, err)
+    if line is not None:
+      assert err.splitlines() == [line], (case, err)
+    elif code == 2:
+      (only,) = err.splitlines()
+      assert only.startswith('error: ') and 'count' in only, (case, err)

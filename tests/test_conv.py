@@ -162,7 +162,7 @@ def test_cpu_conv_takes_the_winograd_weight_grad_where_it_applies(monkeypatch):
   for strides, padding in [((1, 1), ((1, 1), (1, 1))), ((2, 2), ((1, 1), (1, 1))),
                            ((1, 1), ((0, 0), (0, 0)))]:
     jax.grad(lambda w: jnp.sum(conv.cpu_conv_general_dilated(  # pylint: disable=g-long-lambda
-        x, w, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC')) ** 2))(w)
+        x, w, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC')) ** 2))(w)  # noqa: B023
   assert calls == [(2, 8, 8, 4)]  # Only the 3x3 / stride 1 / padding 1 one.
 
 

@@ -540,7 +540,7 @@ def test_benchmark_script_times_every_path(fresh_workdir):
   both = subprocess.run([sys.executable, script, f'--workdir={fresh_workdir}',
                          '--config=configs/synthetic.py'], env=env, cwd=REPO,
                         capture_output=True, text=True, timeout=600, check=False)
-  assert both.returncode == 1
+  assert both.returncode == 2
   assert both.stderr.strip().splitlines()[-1] == (
       'error: give exactly one of --config (fresh weights) or --workdir (a trained run).')
 

@@ -156,14 +156,14 @@ _SLOW_PREPARE = '''
 import sys, time
 sys.path[:0] = [{tests!r}, {repo!r}]
 import conftest
-from absl import app
+from har_jax.commands import {command} as command
 from har_jax.data.prepare import {module} as target
 original = target.{function}
 def slow(*args, **kwargs):  # Long enough to press Ctrl-C while the videos are being decoded.
   time.sleep(0.5)
   return original(*args, **kwargs)
 target.{function} = slow
-app.run(conftest.load_script({script!r}).main)
+command.run()
 '''
 
 
@@ -187,8 +187,9 @@ def test_ctrl_c_in_a_prepare_script_is_one_line_and_exit_130(tmp_path, script):
     module, function, marker = 'ucf101', 'extract_frames', 'Extracting the frames'
     args = [f'--source={tmp_path / "ucf"}', f'--data_dir={data_dir}', '--short_side=16',
             '--num_workers=1']
+  command = {'prepare_video_folder': 'prepare_videos', 'prepare_ucf101': 'prepare_ucf101'}[script]
   code = _SLOW_PREPARE.format(tests=os.path.join(REPO, 'tests'), repo=REPO, module=module,
-                              function=function, script=script)
+                              function=function, command=command)
   proc = subprocess.Popen([sys.executable, '-c', code, *args], cwd=REPO,
                           env=dict(os.environ, PYTHONUNBUFFERED='1'), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, start_new_session=True)

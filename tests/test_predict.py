@@ -196,9 +196,9 @@ def test_predict_script_json_and_exit_codes(trained, tmp_path):
   all_bad = _run_script([f'--workdir={workdir}', str(bad)])
   assert all_bad.returncode == 1 and 'none of the 1 file(s)' in all_bad.stderr
   no_step = _run_script([f'--workdir={workdir}', '--checkpoint=12345', good])
-  assert no_step.returncode == 2 and 'No checkpoint at step 12345' in no_step.stderr
+  assert no_step.returncode == 1 and 'No checkpoint at step 12345' in no_step.stderr
   no_dir = _run_script([f'--workdir={tmp_path / "nope"}', good])
-  assert no_dir.returncode == 2 and 'is not a directory' in no_dir.stderr
+  assert no_dir.returncode == 1 and 'is not a directory' in no_dir.stderr
 
 
 def _gradient_video(path, num_frames, height, width, lossless=False):

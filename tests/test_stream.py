@@ -397,7 +397,7 @@ class _Script:
     return returncode
 
   def summary(self):
-    assert self.stdout and SUMMARY.fullmatch(self.stdout[-1]), self.stdout[-3:]
+    assert self.stdout and SUMMARY.fullmatch(self.stdout[-1]), (self.stdout[-3:], self.stderr[-12:])
     frames, seconds, frames_per_s, dropped = SUMMARY.fullmatch(self.stdout[-1]).groups()
     return int(frames), float(seconds), float(frames_per_s), int(dropped)
 
@@ -436,8 +436,8 @@ def test_script_refuses_bad_arguments_before_loading(tmp_path):
               [f'error: --timeline={tmp_path}/folder.json: it is a folder; name a file.'],
               [f'error: --timeline={unwritable}/t.json: folder {unwritable} cannot be written',
                f'error: --plot={tmp_path}/t.xyz: matplotlib cannot write .xyz files; use one of ']]
-  for script, lines in zip(scripts, expected):
-    assert script.finish() == 1
+  for script, lines, code in zip(scripts, expected, [2, 1, 1]):  # A usage error, then errors.
+    assert script.finish() == code
     printed = [line for line in script.stderr if line.startswith('error: ')]
     assert len(printed) == len(lines), script.stderr[-10:]
     for line, start in zip(printed, lines):

@@ -341,7 +341,7 @@ def test_prepare_script_reports_progress_skips_and_errors(source, tmp_path):
   empty = subprocess.run(command[:2] + [f'--source={tmp_path / "empty"}', f'--data_dir={data_dir}',
                                         '--name=empty'],
                          capture_output=True, text=True, timeout=600, cwd=REPO)
-  assert empty.returncode == 2 and 'error: No class folders in' in empty.stderr
+  assert empty.returncode == 1 and 'error: No class folders in' in empty.stderr
 
 
 def test_symlink_loop_neither_duplicates_nor_mislabels(tmp_path, caplog):

@@ -11,7 +11,6 @@ accuracy lost measures how much the model relies on frame order. Results go to `
 """
 
 import functools
-import os
 import sys
 from typing import Optional, Sequence
 
