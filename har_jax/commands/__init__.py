@@ -7,6 +7,7 @@
   har-prepare-ucf101    prepare_ucf101.py   = python scripts/prepare_ucf101.py
   har-prepare-videos    prepare_videos.py   = python scripts/prepare_video_folder.py
   har-run-splits        run_splits.py       = python scripts/run_splits.py
+  har-convert-weights   convert_weights.py  = python scripts/convert_weights.py
 
 Each module has `define_flags()`, `main(argv)` and `run()`, the entry point, which defines the
 flags and hands `main` to `cli.run` (the exit codes are in har_jax/cli.py). Flags are defined only
