@@ -21,10 +21,10 @@ Two kinds of motion (--motion):
     costs resemble real footage. For input-pipeline tests and benchmarks.
   reversal: a set that only temporal order separates, for accuracy runs. Classes come in
     time-reversal pairs of the built-in synthetic set's mirror-symmetric motions (move up/down,
-    grow/shrink, brighten/darken; har_jax/data/synthetic_actions.py): the k-th class of --classes
-    is pair k // 2, played backwards when k is odd, so the frames of the two classes of a pair are
-    identically distributed and a model that averages frame features cannot beat chance within a
-    pair: at most 50% top-1 with 6 classes (less, where the pairs' frames look alike too).
+    grow/shrink, brighten/darken; har_jax/data/prepare/synthetic_actions.py): the k-th class of
+    --classes is pair k // 2, played backwards when k is odd, so the frames of the two classes of a
+    pair are identically distributed and a model that averages frame features cannot beat chance
+    within a pair: at most 50% top-1 with 6 classes (less, where the pairs' frames look alike too).
     Mirror-symmetric, so the UCF101 configs' horizontal flips keep the labels true. At most 6
     classes; each video is rendered square (height x height) and stretched to the width.
 
