@@ -34,7 +34,7 @@ def define_flags():
   flags.DEFINE_string('workdir', None, 'Training workdir (the folder holding checkpoints/).')
   flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a checkpoint step.")
   flags.DEFINE_string('out', None, 'Folder to create for the export.')
-  flags.DEFINE_string('formats', ','.join(export_lib.FORMATS),
+  flags.DEFINE_string('formats', ','.join(export_lib.DEFAULT_FORMATS),
                       f'Comma-separated, any of {",".join(export_lib.FORMATS)}.')
   flags.DEFINE_bool('overwrite', False, 'Replace --out if it holds an earlier export.')
   flags.mark_flags_as_required(['workdir', 'out'])

@@ -41,6 +41,7 @@ from absl import logging
 
 from har_jax import cli
 from har_jax import preemption
+from har_jax.data.prepare import common
 from har_jax.data.prepare import ucf101
 
 FLAGS = flags.FLAGS
@@ -65,12 +66,8 @@ def define_flags():
   flags.mark_flags_as_required(['source', 'data_dir'])
 
 
-INTERRUPTED = ('interrupted: nothing half-written is readable (the partial folder is removed when '
-               'you rerun the same command); the datasets already prepared are kept.')
-
-
 def main(argv):
-  with preemption.exit_on_interrupt(INTERRUPTED):  # Ctrl-C: one line, exit 130.
+  with preemption.exit_on_interrupt(common.INTERRUPTED):  # Ctrl-C: one line, exit 130.
     _main(argv)
 
 

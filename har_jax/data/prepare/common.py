@@ -14,6 +14,9 @@ import numpy as np
 from PIL import Image
 
 JPEG_QUALITY = 90  # Of the frames har_jax encodes itself (video folders, the synthetic set).
+# What the prepare commands print when Ctrl-C stops them (har_jax/commands/prepare_*.py).
+INTERRUPTED = ('interrupted: nothing half-written is readable (the partial folder is removed when '
+               'you rerun the same command); the datasets already prepared are kept.')
 
 Item = TypeVar('Item')
 Result = TypeVar('Result')
