@@ -89,6 +89,14 @@ def _show_in_help(module):
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
 
+def silence_closed_pipe(file):
+  """After a BrokenPipeError on `file` (a reader such as `head` has exited): points it at
+  /dev/null, so that Python's flush at exit does not fail again."""
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, file.fileno())
+  os.close(devnull)
+
+
 def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
   """Parses `argv` into `flag_values` (an absl `flags_parser`); exits with one line on an error
   (exit code 2), and with 0 after --help.
@@ -103,8 +111,7 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS
   except SystemExit:  # absl's --help, --helpfull...: the help is printed; absl would exit 1.
     sys.exit(EXIT_OK)
   except BrokenPipeError:  # The help was piped into `head`, which has exited.
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())  # Python's exit flush must not fail again.
+    silence_closed_pipe(sys.stdout)
     sys.exit(EXIT_OK)
   except Exception as e:  # pylint: disable=broad-except
     print(f'error: {describe_error(e, argv, flag_values)}', file=sys.stderr)

@@ -92,11 +92,11 @@ def _choice_problems(config) -> list[str]:
              ('dtype', DTYPES),
              ('dataset.short_video', stages.SHORT_VIDEO_MODES),
              ('model.conv_impl', conv.CONV_IMPLS))
+  old_names = {'model.conv_impl': tuple(conv.CONV_IMPL_ALIASES)}  # Still read, not listed.
   problems = []
   for name, valid in choices:
     value = config_fields.get_or_none(config, name)
-    if value is not None and value not in valid and not (name == 'model.conv_impl' and
-                                                         value == 'patches'):  # Old name of cpu.
+    if value is not None and value not in valid + old_names.get(name, ()):
       problems.append(f'{name}={value!r}: unknown; use one of {list(valid)}.')
   encoder_init = config_fields.get_or_none(config, 'model.encoder_init')
   if encoder_init and not paths.path(encoder_init).is_dir():

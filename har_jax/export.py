@@ -202,13 +202,10 @@ def describe(loaded: inference.LoadedModel, signatures: dict, formats: Sequence[
              platforms: Sequence[str], made: dict) -> dict:
   """model.json: what a client needs to call the artifacts, and `made`, where they came from
   (artifacts.provenance)."""
-  p = loaded.preprocessing
   return {
       **made,
       'signatures': {name: s.to_json() for name, s in signatures.items()},
-      'preprocessing': {'frame_geometry': p.frame_geometry, 'resize_size': p.resize_size,
-                        'image_size': p.image_size, 'num_frames': p.num_frames,
-                        'frame_stride': p.frame_stride},
+      'preprocessing': loaded.preprocessing.serving_json(),
       'files': {f: FORMAT_FILES[f] for f in formats},
       'jax_function': 'serving_default' if 'jax' in formats else None,
       'platforms': list(platforms),

@@ -19,6 +19,13 @@ import numpy as np
 JPEG_RATIOS = (1, 2, 4, 8)  # The downscaling ratios of the JPEG decoder (tf.io.decode_jpeg).
 
 
+def stored_short_side(settings: dict) -> dict:
+  """The frame_geometry of frames stored at settings['short_side'] pixels (0 or absent: as
+  decoded from the source)."""
+  short_side = int(settings.get('short_side', 0) or 0)
+  return {'resize': 'short_side', 'size': short_side} if short_side else {'resize': 'none'}
+
+
 def short_side_size(height: int, width: int, short_side: int) -> tuple[int, int]:
   """(height, width) with the short side at `short_side` pixels and the other in proportion
   (rounded to the nearest pixel); the size itself for short_side <= 0."""

@@ -59,6 +59,12 @@ class Preprocessing:
                num_crops=int(config.eval.num_crops),
                short_video=str(config.dataset.short_video))
 
+  def serving_json(self) -> dict:
+    """What an exported model does to a clip it is given (model.json and the ONNX metadata)."""
+    return {'frame_geometry': self.frame_geometry, 'resize_size': self.resize_size,
+            'image_size': self.image_size, 'num_frames': self.num_frames,
+            'frame_stride': self.frame_stride}
+
   def decode_size(self, height: int, width: int) -> Optional[tuple[int, int]]:
     """(height, width) to scale a source frame of height x width to as it is decoded (None: as
     decoded): `geometry.decode_size` for this checkpoint's frame geometry and resize_size."""

@@ -186,15 +186,11 @@ def window_max(x: jax.Array, window: tuple, strides: tuple, padding: tuple) -> j
 
 def _describe(model, signature: serving.Signature, loaded: inference.LoadedModel):
   """Sets the model's doc_string and metadata_props (see the module docstring)."""
-  p = loaded.preprocessing
   model.doc_string = signature.description
   props = {'class_names': json.dumps(list(loaded.class_names)),
            'signature': signature.name,
            'description': signature.description,
-           'preprocessing': json.dumps({
-               'frame_geometry': p.frame_geometry, 'resize_size': p.resize_size,
-               'image_size': p.image_size, 'num_frames': p.num_frames,
-               'frame_stride': p.frame_stride})}
+           'preprocessing': json.dumps(loaded.preprocessing.serving_json())}
   del model.metadata_props[:]
   for key, value in props.items():
     entry = model.metadata_props.add()

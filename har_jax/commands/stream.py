@@ -83,9 +83,7 @@ def _say(text: str, file=None) -> bool:
     print(text, file=file, flush=True)
     return True
   except BrokenPipeError:
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, file.fileno())  # Python's exit flush must not fail again.
-    os.close(devnull)
+    cli.silence_closed_pipe(file)
     return False
 
 

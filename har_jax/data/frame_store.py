@@ -43,6 +43,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from har_jax import errors
+from har_jax import geometry
 from har_jax import paths
 from har_jax.data import sources
 
@@ -224,8 +225,7 @@ class FrameStoreSource(sources.DataSource):
     settings = self.store.info.get('settings', {})
     if 'frame_geometry' in settings:
       return dict(settings['frame_geometry'])
-    short_side = int(settings.get('short_side', 0) or 0)
-    return {'resize': 'short_side', 'size': short_side} if short_side else {'resize': 'none'}
+    return geometry.stored_short_side(settings)
 
   def static_frame_size(self) -> Optional[tuple[int, int]]:
     return self.store.frame_size
@@ -251,10 +251,6 @@ class FrameStoreSource(sources.DataSource):
 
   def _plain_num_examples(self, split: str) -> int:
     return len(self.split_rows(split))
-
-  def _plain_shard_sizes(self, split: str, process_count: int) -> list[int]:
-    total = self.num_examples(split)  # Process i takes videos i, i + process_count, ...
-    return [len(range(i, total, process_count)) for i in range(process_count)]
 
   def describe(self, split: str) -> str:
     del split

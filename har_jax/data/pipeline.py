@@ -146,9 +146,11 @@ def preprocess_eval(example, config, frame_size: Optional[tuple[int, int]] = Non
   Args:
     example: an example of `source.eval_examples`, or without a source {'video': [N] JPEG
       strings of the whole video}; with 'label' and 'tfds_id'.
-    frame_size: the stored (height, width) of every frame, or None when it varies.
+    frame_size: without a source, the stored (height, width) of every frame, or None when it
+      varies (a source says it itself).
   """
   if source is not None:
+    frame_size = source.static_frame_size()
     jpegs = source.read_eval_frames(example, config)
   else:
     jpegs = tfds_records.eval_jpegs(example['video'], config)
@@ -315,8 +317,7 @@ def create_eval_dataset(dataset, config, split: str, *, local_batch: int, proces
   ds = source.eval_examples(split, config, process_index=process_index,
                             process_count=process_count)
   ds = ds.take(shard_sizes[process_index])
-  preprocess = functools.partial(preprocess_eval, config=config,
-                                 frame_size=source.static_frame_size(), source=source)
+  preprocess = functools.partial(preprocess_eval, config=config, source=source)
   preprocess = per_example(preprocess, ds.map(preprocess).element_spec)
   ds = guarded(ds, preprocess, group_size=local_batch,
                num_parallel_calls=sources.num_parallel_calls(config.dataset), deterministic=True,

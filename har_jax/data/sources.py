@@ -135,9 +135,11 @@ class DataSource(abc.ABC):
   def _plain_num_examples(self, split: str) -> int:
     """Number of videos of a TFDS split string ('train', 'train[:90%]')."""
 
-  @abc.abstractmethod
   def _plain_shard_sizes(self, split: str, process_count: int) -> list[int]:
-    """Videos each process reads of a TFDS split string."""
+    """Videos each process reads of a plain split: process i takes videos i, i + process_count,
+    ... (a source that shards otherwise says so)."""
+    total = self.num_examples(split)
+    return [len(range(i, total, process_count)) for i in range(process_count)]
 
   @abc.abstractmethod
   def train_clips(self, split: str, config, *, local_batch: int, process_index: int,
@@ -185,11 +187,9 @@ class DataSource(abc.ABC):
   def process_shard_sizes(self, split: str, process_count: int) -> list[int]:
     """Videos each process reads of `split` (they are disjoint and cover the split)."""
     if parse_group_split(split):  # Process i takes examples i, i + process_count, ...
-      total = self.num_examples(split)
-      return [len(range(i, total, process_count)) for i in range(process_count)]
+      return DataSource._plain_shard_sizes(self, split, process_count)
     return self._plain_shard_sizes(split, process_count)
 
+  @abc.abstractmethod
   def describe(self, split: str) -> str:
     """One line on how the dataset is stored, for benchmark and log output."""
-    del split
-    return f'{type(self).__name__}, frames {self.static_frame_size()}'

@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds
 from tensorflow.python.util import deprecation  # pylint: disable=g-direct-tensorflow-import
 
 from har_jax import errors
+from har_jax import geometry
 from har_jax.data import sources
 from har_jax.data import stages
 
@@ -112,8 +113,7 @@ class TfdsSource(sources.DataSource):
   def frame_geometry(self) -> dict:
     if self.builder.info.name == VIDEO_FOLDER_NAME:
       settings = (self.builder.info.metadata or {}).get('settings', {})
-      short_side = int(settings.get('short_side', 0) or 0)
-      return {'resize': 'short_side', 'size': short_side} if short_side else {'resize': 'none'}
+      return geometry.stored_short_side(settings)
     size = self.static_frame_size()
     return {'resize': 'squash', 'size': list(size)} if size else {'resize': 'none'}
 
@@ -125,9 +125,9 @@ class TfdsSource(sources.DataSource):
 
   def first_frame_size(self) -> tuple[int, int]:
     split = sorted(self.builder.info.splits.keys())[0]
-    for example in self.builder.as_dataset(split=split).take(1):
-      frames = example['video']
-      return int(frames.shape[1]), int(frames.shape[2])
+    for example in self.builder.as_dataset(split=split, decoders=jpeg_decoders()).take(1):
+      height, width = tf.io.extract_jpeg_shape(example['video'][0])[:2].numpy()  # One header.
+      return int(height), int(width)
     raise errors.UserError(f'Dataset {self.name!r} has no records to read.')
 
   def group_counts(self, split: str) -> dict[int, int]:

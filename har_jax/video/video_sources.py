@@ -71,7 +71,7 @@ class Source:
     path = self.name[len('file://'):] if self.name.startswith('file://') else self.name
     times = []
     try:
-      with av.open(path) as container:
+      with video_files.open_video(path) as container:
         stream = container.streams.video[0]
         for packet in container.demux(stream):
           if packet.pts is not None and packet.time_base:

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 CONV_IMPLS = ('auto', 'xla', 'cpu')
 # 'patches' is the old name of 'cpu', still accepted: checkpoints store conv_impl in their config.
-_CONV_IMPL_ALIASES = {'patches': 'cpu'}
+CONV_IMPL_ALIASES = {'patches': 'cpu'}
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 # Bytes of im2col patches per chunk of images: the patches of one chunk stay in
@@ -57,7 +57,7 @@ def resolve_conv_impl(impl: str, backend: Optional[str] = None) -> str:
     backend: a JAX platform name ('cpu', 'gpu', 'tpu', ...); None -> the
       default backend.
   """
-  impl = _CONV_IMPL_ALIASES.get(impl, impl)
+  impl = CONV_IMPL_ALIASES.get(impl, impl)
   if impl not in CONV_IMPLS:
     raise ValueError(f'Unknown conv_impl {impl!r}; valid: {CONV_IMPLS}')
   if impl != 'auto':
