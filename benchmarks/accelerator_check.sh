@@ -16,8 +16,9 @@
 #                scripts/benchmark_train.py: the pmapped train step alone, bf16, frames shipped at
 #                128x128 and cropped on the device as the pipeline ships the stock records
 #   input        scripts/benchmark_input.py: the training pipeline on all host cores, in one run:
-#                stock records in one file, the same records in RECORD_FILES (8) files (rewritten
-#                here, record for record), and the frame store; per round: clips/s, cores busy
+#                stock records in one file, the same records at UCF101's size (TRAIN_RECORDS,
+#                9,536, in RECORD_FILES, 64, files: benchmarks/reshard_records.py; 8.5 GB in $WORK),
+#                and the frame store; per round: clips/s, cores busy
 #   train_stock, train_frames
 #                main.py for STEPS (250) steps, bf16, batch 32, on each layout: perf/clips_per_sec
 #                and perf/input_wait_fraction every LOG (50) steps (the first window includes
@@ -59,35 +60,10 @@ if [[ $PARTS == *" train_step "* ]]; then
   train_step "${BATCH:-32}"
 fi
 
-reshard() {  # reshard SRC_DATA_DIR DST_DATA_DIR FILES: the stock records, each split in FILES files
-  "$PY" - "$@" <<'RESHARD'
-import json, os, shutil, sys
-import tensorflow as tf
-src, dst, files = sys.argv[1], sys.argv[2], int(sys.argv[3])
-rel = os.path.relpath(os.path.dirname(
-    tf.io.gfile.glob(f'{src}/ucf101/ucf101_1_256/*/dataset_info.json')[0]), src)
-os.makedirs(os.path.join(dst, rel), exist_ok=True)
-info = json.load(open(os.path.join(src, rel, 'dataset_info.json')))
-for name in os.listdir(os.path.join(src, rel)):
-  if '.tfrecord-' not in name:
-    shutil.copy(os.path.join(src, rel, name), os.path.join(dst, rel, name))
-for split in info['splits']:
-  records = [r.numpy() for r in tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(
-      os.path.join(src, rel, f"{info['name']}-{split['name']}.tfrecord-*"))))]
-  bounds = [len(records) * i // files for i in range(files + 1)]
-  for i in range(files):
-    name = f"{info['name']}-{split['name']}.tfrecord-{i:05d}-of-{files:05d}"
-    with tf.io.TFRecordWriter(os.path.join(dst, rel, name)) as writer:
-      for record in records[bounds[i]:bounds[i + 1]]:
-        writer.write(record)
-  split['shardLengths'] = [str(bounds[i + 1] - bounds[i]) for i in range(files)]
-json.dump(info, open(os.path.join(dst, rel, 'dataset_info.json'), 'w'), indent=2)
-print(f'{dst}/{rel}: every split in {files} files')
-RESHARD
-}
-
 if [[ $PARTS == *" input "* ]]; then
-  reshard "$DATA" "$WORK/files" "${RECORD_FILES:-8}"
+  # The same records at UCF101's size: split 1's 9,537 train videos in TFDS's ~64 files.
+  "$PY" benchmarks/reshard_records.py "$DATA" "$WORK/files" --files="${RECORD_FILES:-64}" \
+      --train_records="${TRAIN_RECORDS:-9536}" > "$OUT/reshard.log" 2>&1 || tail -3 "$OUT/reshard.log"
   stock=ucf101/ucf101_1_256:train
   step input "$PY" scripts/benchmark_input.py --config=configs/default.py --data_dir="$DATA" \
       --datasets="$stock,$stock@$WORK/files,ucf101_frames/s128:train1" \

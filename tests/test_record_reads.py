@@ -1,6 +1,9 @@
 """How TFDS records are read: several files at once, every record once per epoch, exact when asked."""
 
 import collections
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -77,6 +80,25 @@ def test_several_files_are_read_at_once(sharded, tiny_config, monkeypatch):
   assert len(set(files[:block * NUM_FILES])) == NUM_FILES
   assert files[block] != files[0]
   assert collections.Counter(files) == {f: NUM_VIDEOS // NUM_FILES for f in set(files)}
+
+
+def test_reshard_records_rewrites_a_split_in_n_files_at_a_chosen_size(sharded, tmp_path):
+  # benchmarks/reshard_records.py makes the UCF101-sized sets of benchmarks/RESULTS.md.
+  root = pathlib.Path(__file__).resolve().parents[1]
+  name = f'{sharded.name}/{sharded.version}'
+  subprocess.run([sys.executable, str(root / 'benchmarks' / 'reshard_records.py'),
+                  sharded.data_dir.rsplit('/' + name, 1)[0], str(tmp_path), '--files=3',
+                  '--train_records=100', f'--dataset={sharded.name}'], check=True,
+                 capture_output=True)
+  out = tfds.builder_from_directory(str(tmp_path / name))
+  assert out.info.splits['train'].num_shards == 3
+  assert out.info.splits['train'].shard_lengths == [33, 33, 34]
+  read = [bytes(r) for r in tf.data.TFRecordDataset(sorted(
+      str(p) for p in (tmp_path / name).glob('*train.tfrecord*'))).as_numpy_iterator()]
+  original = [bytes(r) for r in tf.data.TFRecordDataset(sorted(
+      str(p) for p in pathlib.Path(sharded.data_dir).glob('*train.tfrecord*'))).as_numpy_iterator()]
+  assert read == [original[i % NUM_VIDEOS] for i in range(100)]
+  assert sum(1 for _ in out.as_dataset(split='train')) == 100
 
 
 def _batches(builder, config, n, local_batch=8, **kwargs):

@@ -206,6 +206,12 @@ def test_ucf101_format_split_lists(tmp_path):
                                              train_list=str(train_list)))
   assert [v.name for v in both.splits['train']] == ['Jog/v_Jog_g02_c01.avi',
                                                     'Row/v_Row_g02_c01.avi']
+  # A list saved in Latin-1 (a user's own list, not UCF101's) was a UnicodeDecodeError traceback.
+  test_list.write_bytes('Jog/v_Jog_g01_c01.avi # Jürgen\n'.encode('latin-1'))
+  with pytest.raises(errors.UserError) as e:
+    vf.plan_splits(vf.VideoFolderConfig(name='x', source=root, test_list=str(test_list)))
+  assert str(test_list) in str(e.value) and 'not UTF-8' in str(e.value)
+  assert 'iconv' in str(e.value) and '\n' not in str(e.value)
 
 
 def test_bad_sources_give_clear_errors(tmp_path):

@@ -1,5 +1,5 @@
-"""What the dataset builders share: their result, a bounded ordered thread map, JPEG encoding and
-the cleanup of interrupted TFDS builds."""
+"""What the dataset builders share: their result, reading split lists, a bounded ordered thread map,
+JPEG encoding and the cleanup of interrupted TFDS builds."""
 
 import collections
 import concurrent.futures
@@ -7,11 +7,14 @@ import dataclasses
 import io
 import os
 import shutil
+import zipfile
 from typing import Callable, Iterable, Iterator, TypeVar
 
 from absl import logging
 import numpy as np
 from PIL import Image
+
+from har_jax import errors
 
 JPEG_QUALITY = 90  # Of the frames har_jax encodes itself (video folders, the synthetic set).
 # What the prepare commands print when Ctrl-C stops them (har_jax/commands/prepare_*.py).
@@ -42,6 +45,22 @@ class PrepareResult:
   class_names: tuple[str, ...] = ()
   skipped: list = dataclasses.field(default_factory=list)
   skipped_links: list = dataclasses.field(default_factory=list)
+
+
+def read_split_list(where: str, read: Callable[[], bytes], remedy: str) -> str:
+  """The text of a split list, `read()` giving its bytes.
+
+  Raises:
+    errors.UserError: naming `where`, why (not UTF-8: the byte and its offset; or the read
+      error) and `remedy`, when it cannot be read or is not UTF-8 text.
+  """
+  try:
+    return read().decode('utf-8')
+  except UnicodeDecodeError as e:
+    reason = f'it is not UTF-8 text: byte {e.start} is {e.object[e.start:e.start + 1]!r}'
+  except (OSError, zipfile.BadZipFile) as e:
+    reason = f'{type(e).__name__}: {getattr(e, "strerror", None) or e}'
+  raise errors.UserError(f'Split list {where} cannot be read ({reason}). {remedy}')
 
 
 def ordered_thread_map(fn: Callable[[Item], Result], items: Iterable[Item],

@@ -80,17 +80,7 @@ def _video_key(file_name: str) -> str:
   return os.path.basename(file_name).replace(*_QUIRK)
 
 
-def _read_split_list(where: str, read) -> str:
-  """The text of a split list, `read()` giving its bytes; errors.UserError naming `where` when it
-  cannot be read or is not UTF-8 text."""
-  try:
-    return read().decode('utf-8')
-  except UnicodeDecodeError as e:
-    reason = f'it is not UTF-8 text: byte {e.start} is {e.object[e.start:e.start + 1]!r}'
-  except (OSError, zipfile.BadZipFile) as e:
-    reason = f'{type(e).__name__}: {getattr(e, "strerror", None) or e}'
-  raise errors.UserError(f'Split list {where} cannot be read ({reason}). Replace it with the one '
-                         'from UCF101TrainTestSplits-RecognitionTask.zip.')
+_LIST_REMEDY = 'Replace it with the one from UCF101TrainTestSplits-RecognitionTask.zip.'
 
 
 def unreadable_video_message(file_name: str, source_description: str, error: Exception) -> str:
@@ -143,7 +133,8 @@ class UcfSource:
       for f in files:
         full = os.path.join(root, f)
         if os.path.basename(root) == LIST_DIR and f.endswith('.txt'):
-          self._lists[f] = _read_split_list(full, pathlib.Path(full).read_bytes)
+          self._lists[f] = common.read_split_list(full, pathlib.Path(full).read_bytes,
+                                                   _LIST_REMEDY)
         elif f.lower().endswith('.avi'):
           self._videos[_video_key(f)] = (None, full)
         elif f.lower().endswith('.zip') and zipfile.is_zipfile(full):
@@ -153,8 +144,8 @@ class UcfSource:
     for info in archive.infolist():
       name = info.filename
       if name.endswith('.txt') and os.path.basename(os.path.dirname(name)) == LIST_DIR:
-        self._lists[os.path.basename(name)] = _read_split_list(
-            f'{name} in {archive.filename}', lambda name=name: archive.read(name))
+        self._lists[os.path.basename(name)] = common.read_split_list(
+            f'{name} in {archive.filename}', lambda name=name: archive.read(name), _LIST_REMEDY)
       elif name.lower().endswith('.avi'):
         self._videos[_video_key(name)] = (archive, name)
 

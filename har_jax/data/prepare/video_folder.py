@@ -38,6 +38,7 @@ import collections
 import dataclasses
 import hashlib
 import os
+import pathlib
 import shutil
 import time
 import uuid
@@ -262,8 +263,10 @@ def _read_list(path: str, root: str) -> set[str]:
   """Relative video names of a UCF101-format split list ('<class>/<file> [label]' lines)."""
   if not os.path.isfile(path):
     raise errors.UserError(f'Split list {path!r} does not exist.')
-  with open(path, encoding='utf-8') as f:
-    names = {line.split()[0].replace('\\', '/') for line in f if line.strip()}
+  text = common.read_split_list(
+      repr(path), pathlib.Path(path).read_bytes,
+      'Save it as UTF-8 text (e.g. `iconv -f latin1 -t utf-8 old.txt > new.txt`).')
+  names = {line.split()[0].replace('\\', '/') for line in text.splitlines() if line.strip()}
   bad = sorted(n for n in names if '/' not in n)
   if bad:
     raise errors.UserError(f'Split list {path!r} has lines without a class folder, e.g. '
