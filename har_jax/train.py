@@ -3,7 +3,7 @@
 import contextlib
 import functools
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from absl import logging
 from clu import periodic_actions
@@ -79,6 +79,23 @@ class _Throughput:
            'perf/input_wait_fraction': self.wait / elapsed}
     self.reset()
     return out
+
+
+# A log window in which an accelerator waited for input longer than this fraction of the wall
+# time makes training warn once, with what to change (input_bound_warning).
+INPUT_BOUND_FRACTION = 0.25
+
+
+def input_bound_warning(timing: dict, backend: str, source) -> Optional[str]:
+  """One line when an accelerator waited for input more than INPUT_BOUND_FRACTION of a log window
+  (`timing`: _Throughput.summary()), with the source's advice; None otherwise. On the CPU backend
+  the host runs the step too, so waiting says nothing about the pipeline alone."""
+  fraction = timing['perf/input_wait_fraction']
+  if backend == 'cpu' or fraction <= INPUT_BOUND_FRACTION:
+    return None
+  return (f'Input-bound: the {backend} waited for input {fraction:.0%} of the last log window '
+          f'({timing["perf/clips_per_sec"]:.0f} clips/s). {source.input_bound_advice()} See '
+          'docs/speed.md, "Input speed".')
 
 
 class InputReads:
@@ -222,6 +239,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   val_split = datasets.resolve_split(config.dataset, 'val')
 
   throughput = _Throughput(config.batch_size)
+  windows, input_bound_warned = 0, False
   reads = InputReads()
   guard = NonFiniteGuard(config)
   metric_list, eval_metrics, host_batch = [], None, {}
@@ -241,9 +259,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       preempted = notice.reached(step)
       is_last = step == config.num_train_steps
       if step % config.log_every_steps == 0 or is_last or preempted:
+        timing = throughput.summary()
+        windows += 1
+        # The first window holds the pipeline's start (shuffle buffer, first files): not judged.
+        if windows > 1 and not input_bound_warned:
+          warning = input_bound_warning(timing, jax.default_backend(), source)
+          if warning:
+            logging.warning('%s', warning)
+            input_bound_warned = True
         _write_train_metrics(writer, step, parallel.unreplicate(metric_list),
-                             dict(throughput.summary(), **_health(guard, host_batch),
-                                  **reads.summary()))
+                             dict(timing, **_health(guard, host_batch), **reads.summary()))
         metric_list = []
       eval_metrics = None
       if (step % config.eval_every_steps == 0 or is_last) and not preempted:

@@ -1,6 +1,7 @@
 """Train/eval step semantics: params move, devices agree, eval counts every video exactly once."""
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ from har_jax import parallel
 from har_jax import steps
 from har_jax import train
 from har_jax.data import datasets
+from har_jax.data import tfds_records
 from har_jax.evaluation import metrics
 from har_jax.evaluation import runner
 
@@ -146,3 +148,40 @@ def test_a_failing_evaluation_saves_its_step_first(tiny_config, tmp_path, monkey
   manager = checkpoints.CheckpointManager(str(tmp_path), read_only=True)
   assert manager.all_steps() == [3]
   manager.close()
+
+
+def test_input_bound_warning_names_the_remedy_of_each_source(synthetic_data_dir, synthetic_frames,
+                                                             tiny_config):
+  """The H200 host trained stock records waiting for input ~65% of the time and said nothing."""
+  records = datasets.open_source(tiny_config().dataset)
+  store = datasets.open_source(tiny_config(**{'dataset.name': synthetic_frames}).dataset)
+  waiting = {'perf/input_wait_fraction': 0.65, 'perf/clips_per_sec': 878.0}
+  message = train.input_bound_warning(waiting, 'gpu', records)
+  assert message.startswith('Input-bound: the gpu waited for input 65%') and '878 clips/s' in message
+  assert 'frame store' in message and 'docs/speed.md' in message and '\n' not in message
+  ucf101 = tfds_records.TfdsSource(types.SimpleNamespace(name='ucf101'))
+  assert 'har-prepare-ucf101 --short_side 128' in train.input_bound_warning(waiting, 'tpu', ucf101)
+  assert 'threadpool_size' in train.input_bound_warning(waiting, 'gpu', store)
+  assert train.input_bound_warning(waiting, 'cpu', records) is None  # The host runs the step too.
+  fine = dict(waiting, **{'perf/input_wait_fraction': train.INPUT_BOUND_FRACTION})
+  assert train.input_bound_warning(fine, 'gpu', records) is None
+
+
+def test_training_judges_input_waits_after_the_first_window_and_warns_once(tiny_config, tmp_path,
+                                                                           monkeypatch, caplog):
+  config = tiny_config(num_train_steps=3, log_every_steps=1, eval_every_steps=100,
+                       checkpoint_every_steps=100)
+  for warn, expected_calls in ((False, 2), (True, 1)):
+    calls = []
+
+    def judged(timing, backend, source, warn=warn, calls=calls):
+      calls.append(timing['perf/input_wait_fraction'])
+      return 'Input-bound: test' if warn else None
+
+    monkeypatch.setattr(train, 'input_bound_warning', judged)
+    caplog.clear()
+    with caplog.at_level('WARNING'):
+      train.train_and_evaluate(config, str(tmp_path / str(warn)))
+    # Windows 2 and 3 (the first holds the pipeline's start), until one warns.
+    assert len(calls) == expected_calls
+    assert [r.getMessage() for r in caplog.records].count('Input-bound: test') == int(warn)

@@ -190,6 +190,12 @@ class DataSource(abc.ABC):
       return DataSource._plain_shard_sizes(self, split, process_count)
     return self._plain_shard_sizes(split, process_count)
 
+  def input_bound_advice(self) -> str:
+    """One sentence for the log when training waits for this source's input: what to change."""
+    return ('The host decodes the JPEG frames on config.dataset.threadpool_size threads (default: '
+            'every core); frames stored smaller decode faster, and config.dataset.resize_size '
+            'below the stored size lets the JPEG decoder downscale.')
+
   @abc.abstractmethod
   def describe(self, split: str) -> str:
     """One line on how the dataset is stored, for benchmark and log output."""
