@@ -158,9 +158,12 @@ def test_input_bound_warning_names_the_remedy_of_each_source(synthetic_data_dir,
   waiting = {'perf/input_wait_fraction': 0.65, 'perf/clips_per_sec': 878.0}
   message = train.input_bound_warning(waiting, 'gpu', records)
   assert message.startswith('Input-bound: the gpu waited for input 65%') and '878 clips/s' in message
-  assert 'frame store' in message and 'docs/speed.md' in message and '\n' not in message
+  assert 'threadpool_size' in message and 'docs/speed.md' in message and '\n' not in message
   ucf101 = tfds_records.TfdsSource(types.SimpleNamespace(name='ucf101'))
-  assert 'har-prepare-ucf101 --short_side 128' in train.input_bound_warning(waiting, 'tpu', ucf101)
+  message = train.input_bound_warning(waiting, 'tpu', ucf101)
+  assert 'frame store' in message and 'har-prepare-ucf101 --short_side 128' in message
+  folder = tfds_records.TfdsSource(types.SimpleNamespace(name=tfds_records.VIDEO_FOLDER_NAME))
+  assert 'har-prepare-videos --fps' in train.input_bound_warning(waiting, 'gpu', folder)
   assert 'threadpool_size' in train.input_bound_warning(waiting, 'gpu', store)
   assert train.input_bound_warning(waiting, 'cpu', records) is None  # The host runs the step too.
   fine = dict(waiting, **{'perf/input_wait_fraction': train.INPUT_BOUND_FRACTION})

@@ -159,10 +159,14 @@ class TfdsSource(sources.DataSource):
             f'file(s)')
 
   def input_bound_advice(self) -> str:
-    how = ('`har-prepare-ucf101 --short_side 128` writes one from the UCF101 videos, docs/ucf101.md'
-           if self.builder.name == 'ucf101' else 'see docs/speed.md')
-    return ('These TFDS records make every clip read, checksum and parse its whole video; a frame '
-            f'store reads only the clip\'s frames, at about half the host CPU per clip ({how}).')
+    whole = 'These TFDS records make every clip read, checksum and parse its whole video'
+    if self.builder.name == 'ucf101':
+      return (f'{whole}; a frame store reads only the clip\'s frames, at about half the host CPU '
+              'per clip (`har-prepare-ucf101 --short_side 128` writes one, docs/ucf101.md).')
+    if self.builder.name == VIDEO_FOLDER_NAME:
+      return (f'{whole}; storing fewer frames (har-prepare-videos --fps) or smaller ones '
+              '(--short_side) cuts the host\'s cost per clip.')
+    return super().input_bound_advice()
 
   def train_clips(self, split: str, config, *, local_batch: int, process_index: int,
                   process_count: int, start_step: int) -> tf.data.Dataset:
