@@ -64,6 +64,8 @@ if [[ $PARTS == *" input "* ]]; then
   # The same records at UCF101's size: split 1's 9,537 train videos in TFDS's ~64 files.
   "$PY" benchmarks/reshard_records.py "$DATA" "$WORK/files" --files="${RECORD_FILES:-64}" \
       --train_records="${TRAIN_RECORDS:-9536}" > "$OUT/reshard.log" 2>&1 || tail -3 "$OUT/reshard.log"
+  # Read once: freshly written pages cost up to 2x the CPU on their first reads (RESULTS.md).
+  find "$WORK/files" -name '*train.tfrecord*' -exec cat {} + > /dev/null
   stock=ucf101/ucf101_1_256:train
   step input "$PY" scripts/benchmark_input.py --config=configs/default.py --data_dir="$DATA" \
       --datasets="$stock,$stock@$WORK/files,ucf101_frames/s128:train1" \
