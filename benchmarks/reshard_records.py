@@ -1,5 +1,5 @@
-r"""Rewrites stock UCF101 records (--dataset, default ucf101/ucf101_1_256) in another number of files, optionally at
-UCF101's size, for the input benchmarks.
+r"""Rewrites stock UCF101 records (--dataset, default ucf101/ucf101_1_256) in another number of
+files, optionally at UCF101's size, for the input benchmarks.
 
   python benchmarks/reshard_records.py SRC_DATA_DIR DST_DATA_DIR --files=8
   python benchmarks/reshard_records.py /tmp/rec/one /tmp/rec/ucfsize --files=64 --train_records=9536
@@ -30,7 +30,7 @@ flags.DEFINE_string('dataset', 'ucf101/ucf101_1_256', 'TFDS name/config of the r
 def main(argv):
   if len(argv) != 3:
     raise app.UsageError('usage: reshard_records.py SRC_DATA_DIR DST_DATA_DIR [--files=N] '
-                         '[--train_records=N]')
+                         '[--train_records=N] [--dataset=NAME/CONFIG]')
   infos = sorted(paths.path(argv[1]).glob(f'{FLAGS.dataset}/*/dataset_info.json'))
   if not infos:
     raise SystemExit(f'No {FLAGS.dataset} records under {argv[1]}: prepare them first '
@@ -54,8 +54,9 @@ def main(argv):
     for i in range(files):
       with tf.io.TFRecordWriter(str(dst / f'{prefix}-{i:05d}-of-{files:05d}')) as writer:
         for r in range(bounds[i], bounds[i + 1]):
-          writer.write(records[r % len(records)])
-          num_bytes += len(records[r % len(records)])
+          record = records[r % len(records)]
+          writer.write(record)
+          num_bytes += len(record)
     split['shardLengths'] = [str(bounds[i + 1] - bounds[i]) for i in range(files)]
     split['numBytes'] = str(num_bytes)
     print(f"{split['name']}: {total} records ({len(records)} distinct) in {files} files, "
