@@ -18,9 +18,11 @@
 #   input        scripts/benchmark_input.py: the training pipeline on all host cores, in one run:
 #                stock records in one file, the same records at UCF101's size (TRAIN_RECORDS,
 #                9,536, in RECORD_FILES, 64, files: benchmarks/reshard_records.py; 8.5 GB in $WORK),
-#                and the frame store; per round: clips/s, cores busy
-#   train_stock, train_frames
-#                main.py for STEPS (250) steps, bf16, batch 32, on each layout: perf/clips_per_sec
+#                the frame index of those (prepare_ucf101.py --frame_index), and the frame store;
+#                per round: clips/s, cores busy
+#   train_stock, train_index, train_frames
+#                main.py for STEPS (250) steps, bf16, batch 32, on each layout (the frame index of
+#                DATA's records is written into DATA): perf/clips_per_sec
 #                and perf/input_wait_fraction every LOG (50) steps (the first window includes
 #                compilation), then the final evaluation (one view per video)
 set -uo pipefail
@@ -66,19 +68,22 @@ if [[ $PARTS == *" input "* ]]; then
       --train_records="${TRAIN_RECORDS:-9536}" > "$OUT/reshard.log" 2>&1 || tail -3 "$OUT/reshard.log"
   # Read once: freshly written pages cost up to 2x the CPU on their first reads (RESULTS.md).
   find "$WORK/files" -name '*train.tfrecord*' -exec cat {} + > /dev/null
+  step index_files "$PY" scripts/prepare_ucf101.py --frame_index --data_dir="$WORK/files"
   stock=ucf101/ucf101_1_256:train
   step input "$PY" scripts/benchmark_input.py --config=configs/default.py --data_dir="$DATA" \
-      --datasets="$stock,$stock@$WORK/files,ucf101_frames/s128:train1" \
+      --datasets="$stock,$stock@$WORK/files,frame_index/$stock@$WORK/files,ucf101_frames/s128:train1" \
       --rounds="${ROUNDS:-3}" --seconds=6 --warmup_seconds=3 --naive=false
   grep -E "file\(s\)|cores busy|ms_per_clip_core|ratio_" "$OUT/input.log"
 fi
 
-for layout in stock frames; do
+[[ $PARTS == *" train "* ]] && step index "$PY" scripts/prepare_ucf101.py --frame_index --data_dir="$DATA"
+for layout in stock index frames; do
   [[ $PARTS == *" train "* ]] || break
-  config=configs/default.py
-  [ "$layout" = frames ] && config=configs/ucf101_frames.py
+  config=configs/default.py name=ucf101/ucf101_1_256
+  [ "$layout" = index ] && name=frame_index/ucf101/ucf101_1_256
+  [ "$layout" = frames ] && config=configs/ucf101_frames.py name=ucf101_frames/s128
   step "train_$layout" "$PY" main.py --config=$config --workdir="$WORK/$layout" \
-      --config.dataset.data_dir="$DATA" --config.dtype=bfloat16 \
+      --config.dataset.name=$name --config.dataset.data_dir="$DATA" --config.dtype=bfloat16 \
       --config.num_train_steps="${STEPS:-250}" \
       --config.log_every_steps="${LOG:-50}" --config.eval_every_steps=1000000 \
       --config.checkpoint_every_steps=1000000 --config.eval.num_clips=1 --config.eval.num_crops=1

@@ -75,8 +75,11 @@ def split_config(config: ml_collections.ConfigDict, split: int, dataset: str,
     out.dataset.name = name if infer_dataset(config) == 'frames' else DEFAULT_FRAME_STORE
     out.dataset.train_split, out.dataset.eval_split = f'train{split}', f'test{split}'
   else:
-    variant = 'ucf101_meta' if name.startswith('ucf101_meta/') else 'ucf101'
+    records = datasets.indexed_records_name(name) or name
+    variant = 'ucf101_meta' if records.startswith('ucf101_meta/') else 'ucf101'
     out.dataset.name = f'{variant}/ucf101_{split}'
+    if records != name:  # A frame index of the records: the same of this split's records.
+      out.dataset.name = datasets.frame_index_name(out.dataset.name)
     out.dataset.train_split, out.dataset.eval_split = 'train', 'test'
   if model == 'baseline':
     out.model.num_lstm_layers = 0
@@ -101,10 +104,12 @@ def check(config: ml_collections.ConfigDict, splits: Sequence[int], dataset: str
   message = 'Cannot run the splits:\n  ' + '\n  '.join(problems)
   data_dir = config.dataset.data_dir or '<data_dir>'
   if missing and dataset == 'stock':
-    configs = ','.join(name.split('/')[1] for name in missing)
+    records = [datasets.indexed_records_name(name) or name for name in missing]
+    configs = ','.join(name.split('/')[1] for name in records)
+    index = ' --frame_index' if records[0] != missing[0] else ''
     message += ('\nBuild the missing records with: python scripts/prepare_ucf101.py --source '
                 f'<UCF101 folder or zips> --data_dir {data_dir} --config {configs} --variant '
-                f'{missing[0].split("/")[0]}')
+                f'{records[0].split("/")[0]}{index}')
   elif missing:
     message += ('\nBuild the frame store (all three splits) with: python '
                 'scripts/prepare_ucf101.py --source <UCF101 folder or zips> --data_dir '

@@ -2,6 +2,7 @@
 
 import io
 import os
+import shutil
 
 import numpy as np
 from PIL import Image
@@ -15,6 +16,7 @@ from har_jax.data import frame_store
 from har_jax.data import pipeline
 from har_jax.data import tfds_records
 from har_jax.data.prepare import frame_store_writer
+import conftest
 
 NUM_TRAIN, NUM_TEST, FRAMES = 40, 20, 8  # The tiny synthetic set: 8 frames of 32x32 per video.
 CLIP = 4  # Frames per clip in the tiny config.
@@ -224,4 +226,104 @@ def test_missing_or_damaged_store_files_are_clear_errors(bad_store, tiny_config)
     datasets.get_builder(config.dataset)
   config.dataset.name = 'ucf101_frames/s64'
   with pytest.raises(errors.UserError, match='prepare_ucf101.py.*--short_side 64'):
+    datasets.get_builder(config.dataset)
+
+
+# Frame indexes: frame stores whose frames stay in TFDS record files.
+
+
+def _index(records_dir, name='frame_index/synthetic_actions/tiny'):
+  config = conftest.make_tiny_config(records_dir)
+  builder = datasets.get_builder(config.dataset)
+  path = os.path.join(str(records_dir), name)
+  return frame_store_writer.index_records(builder, path, name=name), config
+
+
+@pytest.fixture
+def copied_records(tmp_path, synthetic_data_dir):
+  """A copy of the tiny synthetic records (tests here change its files)."""
+  shutil.copytree(synthetic_data_dir / 'synthetic_actions', tmp_path / 'synthetic_actions')
+  return tmp_path
+
+
+def test_frame_index_reads_the_records_frames_in_place(copied_records):
+  store, config = _index(copied_records)
+  records = datasets.get_builder(config.dataset)
+  assert store.split_sizes == {'train': NUM_TRAIN, 'test': NUM_TEST}
+  assert store.indexed_records == records.info.full_name
+  assert not [f for f in os.listdir(store.path) if f.endswith('.bin')]  # Nothing copied.
+  assert all(f.startswith('../../../synthetic_actions/') for f in store.info['files'])
+  config.dataset.name = datasets.frame_index_name('synthetic_actions/tiny')
+  assert isinstance(datasets.get_builder(config.dataset), frame_store.FrameStore)
+  reader = frame_store.Reader(store)
+  ds = records.as_dataset(split='test', decoders=tfds_records.jpeg_decoders(),
+                          read_config=tfds.ReadConfig(add_tfds_id=True))
+  for row, example in zip(store.split_rows('test'), ds.as_numpy_iterator(), strict=True):
+    assert store.videos['name'][row] == example['tfds_id'].decode()
+    assert store.videos['label'][row] == example['label']
+    assert list(reader.read(tf.constant(row), tf.range(FRAMES)).numpy()) == list(example['video'])
+
+  # Evaluation through the index is evaluation through the records, view for view.
+  config.eval.num_clips, config.eval.num_crops = 2, 3
+  through = {}
+  for dataset in (records, store):
+    data = pipeline.create_eval_dataset(dataset, config, 'test', local_batch=4)
+    through[type(dataset)] = list(data.dataset.as_numpy_iterator())
+  for a, b in zip(*through.values(), strict=True):
+    for key in ('video', 'label', 'mask', 'tfds_id'):
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_frame_index_refuses_changed_or_damaged_records(copied_records):
+  store, config = _index(copied_records, 'frame_index/copy')
+  record_file = store.file_path(0)
+  size = os.path.getsize(record_file)
+  with open(record_file, 'ab') as f:  # The records were rebuilt, or the file grew.
+    f.write(b'\0' * 16)
+  config.dataset.name = 'frame_index/copy'
+  with pytest.raises(errors.UserError, match=f'{record_file} is {size + 16} bytes, {size} when.*'
+                     'rebuild the index of synthetic_actions/tiny.*--frame_index'):
+    datasets.get_builder(config.dataset)
+  with open(record_file, 'r+b') as f:
+    f.truncate(size)
+  store = datasets.get_builder(config.dataset)
+  # A frame changed in place fails its CRC-32 when read, as in any frame store.
+  offset = int(store.frames['offset'][store.videos['first'][0]])
+  with open(record_file, 'r+b') as f:
+    f.seek(offset + 20)
+    byte = f.read(1)
+    f.seek(offset + 20)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  files, frames = store.videos['file_index'][:1], store.videos['first'][:1, None]
+  assert not frame_store.Reader(store).read_numpy(files, frames)[1]
+  # Indexing checks every record's CRC-32C: a damaged file is named, and nothing is written.
+  with pytest.raises(errors.UserError, match=f'{record_file} is truncated or corrupt'):
+    _index(copied_records, 'frame_index/again')
+  assert not os.path.exists(copied_records / 'frame_index' / 'again')
+
+
+def test_bytes_feature_spans_follow_the_wire_format():
+  video = [b'', b'\xff\xd8 first', b'x' * 300]  # A 300-byte value has a 2-byte length.
+  example = tf.train.Example(features=tf.train.Features(feature={
+      'label': tf.train.Feature(int64_list=tf.train.Int64List(value=[7])),
+      'fps': tf.train.Feature(float_list=tf.train.FloatList(value=[25.0])),
+      'name': tf.train.Feature(bytes_list=tf.train.BytesList(value=[b'video'])),
+      'video': tf.train.Feature(bytes_list=tf.train.BytesList(value=video))})).SerializeToString()
+  spans = frame_store_writer.bytes_feature_spans(example, 'video')
+  assert [example[a:a + n] for a, n in spans] == video
+  assert [example[a:a + n] for a, n in frame_store_writer.bytes_feature_spans(
+      example, 'name')] == [b'video']
+  assert frame_store_writer.bytes_feature_spans(example, 'missing') == []
+  with pytest.raises(ValueError, match='runs past'):
+    frame_store_writer.bytes_feature_spans(example[:-5], 'video')
+
+
+def test_a_missing_frame_index_names_the_command(tmp_path, tiny_config):
+  config = tiny_config(**{'dataset.name': 'frame_index/ucf101_meta/ucf101_2',
+                          'dataset.data_dir': str(tmp_path)})
+  with pytest.raises(errors.UserError, match='prepare_ucf101.py --frame_index --data_dir .* '
+                     '--config ucf101_2 --variant ucf101_meta'):
+    datasets.get_builder(config.dataset)
+  config.dataset.name = 'frame_index/synthetic_actions/tiny'
+  with pytest.raises(errors.UserError, match='written for UCF101 records'):
     datasets.get_builder(config.dataset)

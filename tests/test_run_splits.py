@@ -35,6 +35,10 @@ def test_split_configs_name_the_datasets_and_splits_of_each_protocol():
   config.dataset.name = 'ucf101_meta/ucf101_1_256'
   assert splits.split_config(config, 3, 'stock').dataset.name == 'ucf101_meta/ucf101_3'
 
+  config.dataset.name = 'frame_index/ucf101_meta/ucf101_1_256'  # The index of each split's records.
+  assert splits.split_config(config, 2, 'stock').dataset.name == 'frame_index/ucf101_meta/ucf101_2'
+  config.dataset.name = 'ucf101_meta/ucf101_1_256'
+
   base = splits.split_config(config, 1, 'stock', 'baseline')
   assert (base.model.num_lstm_layers, base.model.temporal_pooling) == (0, 'mean')
   assert config.model.num_lstm_layers == 1 and config.dataset.name == 'ucf101_meta/ucf101_1_256'
@@ -87,6 +91,11 @@ def test_missing_stock_records_name_the_prepare_command(tmp_path):
   assert (f'prepare_ucf101.py --source <UCF101 folder or zips> --data_dir {tmp_path} --config '
           'ucf101_1,ucf101_2,ucf101_3 --variant ucf101') in message
   assert not os.path.exists(tmp_path / 'runs')  # Nothing trained, nothing written.
+  config.dataset.name = 'frame_index/ucf101/ucf101_1_256'
+  with pytest.raises(errors.UserError) as error:
+    splits.run(config, str(tmp_path / 'runs'), splits=[3])
+  assert "split 3: dataset.name='frame_index/ucf101/ucf101_3'" in str(error.value)
+  assert '--config ucf101_3 --variant ucf101 --frame_index' in str(error.value)
 
 
 def test_a_missing_frame_store_names_the_prepare_command(tmp_path):

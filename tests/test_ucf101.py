@@ -122,6 +122,23 @@ def test_prepare_script_then_train_end_to_end(source, tmp_path):
 
   assert ucf101.prepare(source['folder'], data_dir, 'ucf101_1_256').reused
 
+  # The frame index of those records, written without the source; training reads it.
+  index = subprocess.run(command[:2] + [f'--data_dir={data_dir}', '--frame_index'],
+                         capture_output=True, text=True, timeout=600)
+  assert index.returncode == 0, index.stderr[-3000:]
+  assert ("Prepared frame_index/ucf101/ucf101_1_256: {'test': 2, 'train': 6}"
+          in index.stdout), index.stdout
+  config.dataset.name = 'frame_index/ucf101/ucf101_1_256'
+  store = datasets.get_builder(config.dataset)
+  assert store.indexed_records == builder.info.full_name and store.frame_size == (256, 256)
+  assert datasets.frame_geometry(store) == datasets.frame_geometry(builder)
+  final = train.train_and_evaluate(config, str(tmp_path / 'workdir_index'))
+  assert final['num_videos'] == 2 and np.isfinite(final['loss'])
+  assert ucf101.prepare_frame_index(data_dir, 'ucf101_1_256').reused
+  no_source = subprocess.run(command[:2] + [f'--data_dir={data_dir}'], capture_output=True,
+                             text=True, timeout=600)
+  assert no_source.returncode == 2 and '--source is required' in no_source.stderr
+
 
 def _load_default_config(name='default'):
   spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'configs', f'{name}.py'))
@@ -194,6 +211,17 @@ def test_meta_variant_from_zips_has_names_groups_and_counts(meta_dir):
   assert quirk['clip'] == 1 and quirk['num_frames'] == NUM_FRAMES == len(quirk['video'])
   assert quirk['fps'] == pytest.approx(25.0)
   assert sorted(ex['group'] for ex in examples) == [8, 8, 9, 9, 10, 10]
+
+  # Its frame index keeps the names and groups: validation by group works on it too.
+  result = ucf101.prepare_frame_index(meta_dir, 'ucf101_1', variant='ucf101_meta')
+  assert result.name == 'frame_index/ucf101_meta/ucf101_1' and not result.reused
+  config.dataset.name, config.dataset.val_split = result.name, 0.34
+  store = datasets.get_builder(config.dataset)
+  rows = store.split_rows('train')
+  assert sorted(store.videos['name'][rows]) == sorted(by_name)
+  assert sorted(store.videos['group'][rows]) == [8, 8, 9, 9, 10, 10]
+  val_split = datasets.resolve_split(config.dataset, 'val')
+  assert val_split == 'train|val_groups=0.34' and datasets.num_examples(store, val_split) == 2
 
 
 @pytest.mark.slow

@@ -26,7 +26,17 @@ complete.
 
   har-prepare-ucf101 --source ~/data/ucf101 --data_dir ~/tensorflow_datasets --short_side 128
 
-Needs ffmpeg. TFDS shows progress bars per split. An interrupted run leaves no readable partial
+--frame_index also writes the frame index `frame_index/<variant>/<config>` of the records
+(har_jax/data/frame_store.py): the byte offset and CRC-32 of every JPEG frame inside the record
+files, ~16 bytes per frame, nothing copied. Trained with
+--config.dataset.name=frame_index/ucf101/ucf101_1_256, a clip reads only its own frames from the
+stock records, as from a frame store, instead of reading, checksumming and parsing its whole video
+(docs/speed.md). Without --source it indexes records already prepared in --data_dir, including
+ones built by `tfds build ucf101`; a rerun reuses an index that still matches its records.
+
+  har-prepare-ucf101 --frame_index --data_dir ~/tensorflow_datasets --config ucf101_1_256
+
+Needs ffmpeg (not for --frame_index alone). TFDS shows progress bars per split. An interrupted run leaves no readable partial
 dataset (TFDS writes into an `incomplete.*` folder and renames it at the end); rerun the same
 command to start that config over. A finished dataset is detected and left alone.
 
@@ -63,7 +73,11 @@ def define_flags():
   flags.DEFINE_integer('num_workers', 4, '--short_side: videos extracted in parallel.')
   flags.DEFINE_bool('overwrite', False, '--short_side: rebuild a frame store made from another '
                     'source (the old one is replaced once the new one is complete).')
-  flags.mark_flags_as_required(['source', 'data_dir'])
+  flags.DEFINE_bool('frame_index', False,
+                    'Also write the frame index frame_index/<variant>/<config> of the records, '
+                    'which lets a clip read only its own frames from them (nothing is copied). '
+                    'Without --source: index records already prepared in --data_dir.')
+  flags.mark_flags_as_required(['data_dir'])
 
 
 def main(argv):
@@ -80,6 +94,12 @@ def _main(argv):
                          'combine it with --config, --variant or --num_shards.')
   if FLAGS.overwrite and not FLAGS.short_side:
     raise app.UsageError('--overwrite applies to the frame store (--short_side) only.')
+  if FLAGS.short_side and FLAGS.frame_index:
+    raise app.UsageError('--frame_index indexes TFDS records; the frame store of --short_side '
+                         'reads single frames already.')
+  if not FLAGS.source and not FLAGS.frame_index:
+    raise app.UsageError('--source is required (the UCF101 folder or zips), unless '
+                         '--frame_index indexes records already prepared in --data_dir.')
   logging.set_verbosity(logging.INFO)
   if FLAGS.short_side:
     result = ucf101.prepare_frames(FLAGS.source, FLAGS.data_dir, FLAGS.short_side,
@@ -93,12 +113,21 @@ def _main(argv):
           '--config.dataset.eval_split=testN)', flush=True)
     return
   for config in FLAGS.config:
-    result = ucf101.prepare(FLAGS.source, FLAGS.data_dir, config, variant=FLAGS.variant,
-                            allow_missing=FLAGS.allow_missing, num_shards=FLAGS.num_shards)
-    verb = 'Already prepared' if result.reused else 'Prepared'
-    print(f'{verb} {result.name}: {result.split_sizes} in {result.data_dir}\n'
-          f'  train with --config.dataset.name={result.name} '
-          f'--config.dataset.data_dir={FLAGS.data_dir}', flush=True)
+    if FLAGS.source:
+      result = ucf101.prepare(FLAGS.source, FLAGS.data_dir, config, variant=FLAGS.variant,
+                              allow_missing=FLAGS.allow_missing, num_shards=FLAGS.num_shards)
+      if FLAGS.frame_index:
+        _print_result(result)
+    if FLAGS.frame_index:
+      result = ucf101.prepare_frame_index(FLAGS.data_dir, config, variant=FLAGS.variant)
+    _print_result(result)
+
+
+def _print_result(result):
+  verb = 'Already prepared' if result.reused else 'Prepared'
+  print(f'{verb} {result.name}: {result.split_sizes} in {result.data_dir}\n'
+        f'  train with --config.dataset.name={result.name} '
+        f'--config.dataset.data_dir={FLAGS.data_dir}', flush=True)
 
 
 def run():

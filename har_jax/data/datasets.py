@@ -28,6 +28,9 @@ VIDEO_FOLDER_NAME = tfds_records.VIDEO_FOLDER_NAME
 VIDEO_FOLDER_VERSION = '1.0.0'
 _VIDEO_FOLDER_NAME_RE = re.compile(r'[A-Za-z0-9][A-Za-z0-9_-]*')
 UCF101_FRAMES = 'ucf101_frames'  # Frame stores built by prepare_ucf101.py --short_side.
+# Frame indexes of TFDS records: 'frame_index/<records name>', e.g. 'frame_index/ucf101/ucf101_1_256'
+# (prepare_ucf101.py --frame_index), at <data_dir>/<that name>.
+FRAME_INDEX = 'frame_index'
 # Datasets whose videos carry UCF101 groups (people): 'group' records and metadata.json
 # 'group_counts' (ucf101_meta, see prepare/ucf101.py), or a 'group' column (UCF101 frame stores).
 GROUPED_DATASETS = ('ucf101_meta', UCF101_FRAMES)
@@ -54,6 +57,18 @@ class DatasetInfo:
 def _split_name_and_config(name: str) -> tuple[str, Optional[str]]:
   base, _, config_name = name.partition('/')
   return base, (config_name or None)
+
+
+def indexed_records_name(name: str) -> Optional[str]:
+  """The records a frame index name reads ('frame_index/ucf101/ucf101_1_256' ->
+  'ucf101/ucf101_1_256'), or None for any other name."""
+  base, records = _split_name_and_config(name)
+  return records if base == FRAME_INDEX else None
+
+
+def frame_index_name(records_name: str) -> str:
+  """The name of the frame index of a records dataset ('ucf101/ucf101_1_256')."""
+  return f'{FRAME_INDEX}/{records_name}'
 
 
 Builder = Union[tfds.core.DatasetBuilder, frame_store.FrameStore]
@@ -86,10 +101,23 @@ def get_builder(dataset_config, *, prepare: bool = True) -> Builder:
   data_dir = dataset_config.data_dir or None
   base, config_name = _split_name_and_config(name)
   store_path = str(paths.path(data_dir or _default_data_dir()) / name)
-  if paths.is_url(store_path) and (base == UCF101_FRAMES or frame_store.exists(store_path)):
+  if paths.is_url(store_path) and (base in (UCF101_FRAMES, FRAME_INDEX)
+                                    or frame_store.exists(store_path)):
     paths.require_local(store_path, 'The frame store', frame_store.URL_REMEDY)
   if frame_store.exists(store_path):
     return frame_store.FrameStore(store_path)
+  if base == FRAME_INDEX:
+    records = _split_name_and_config(config_name or '')
+    command = (f'python scripts/prepare_ucf101.py --frame_index --data_dir '
+               f'{data_dir or "<data_dir>"} --config {records[1]} --variant {records[0]}'
+               if records[0] in ('ucf101', 'ucf101_meta') and records[1] in UCF101_CONFIGS
+               else None)
+    raise errors.UserError(
+        f'Frame index {name!r} is not prepared in {data_dir or _default_data_dir()!r} (no '
+        f'{store_path}). ' + (f'Write it from the prepared records with: {command}' if command
+                              else "Frame indexes are written for UCF101 records "
+                              "('frame_index/ucf101/<config>' or 'frame_index/ucf101_meta/"
+                              "<config>'); see docs/ucf101.md."))
   if base == UCF101_FRAMES:
     raise errors.UserError(
         f'Frame store {name!r} is not prepared in {data_dir or _default_data_dir()!r} (no '
@@ -240,7 +268,8 @@ def resolve_split(dataset_config, purpose: str) -> str:
     return train if purpose == 'train' else dataset_config.eval_split
   if not 0 < fraction < 1:
     raise errors.UserError(f'config.dataset.val_split={fraction} must be a fraction in (0, 1).')
-  base, _ = _split_name_and_config(dataset_config.name)
+  base, _ = _split_name_and_config(indexed_records_name(dataset_config.name)
+                                   or dataset_config.name)
   if base in GROUPED_DATASETS:
     return f'{train}|{purpose}_groups={fraction:g}'
   if (dataset_config.name, fraction) not in _WARNED_PLAIN_VAL_SPLIT:

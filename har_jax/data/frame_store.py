@@ -10,7 +10,8 @@ On disk, one folder per store (`<data_dir>/<name>`, e.g. `data/ucf101_frames/s12
   frame_store.json    {'format': FORMAT, 'format_version', 'name', 'class_names', 'splits':
                       {split: number of videos}, 'num_videos', 'num_frames', 'num_bytes',
                       'frame_size': [height, width] shared by every frame, or null, 'settings':
-                      how it was made, 'files': [frame file names]}
+                      how it was made, 'files': [frame file names], 'file_sizes': [their
+                      sizes in bytes, checked on open; absent in stores written before]}
   videos.npz          one row per video: label int32, file_index int32 (into 'files'), first
                       int64 (its first frame in frames.npz), num_frames int32, height int32,
                       width int32, group int32 (-1: none), fps float32 (0: unknown), name str
@@ -19,6 +20,12 @@ On disk, one folder per store (`<data_dir>/<name>`, e.g. `data/ucf101_frames/s12
   split_<split>.npy   int64 rows (into videos.npz) of the videos of each split, in a fixed order
   frames-NNNNN-of-MMMMM.bin   the JPEG frames back to back; a video's frames are consecutive,
                       in frame order, in one file
+
+A frame index (`frame_index/<records name>`, e.g. `frame_index/ucf101/ucf101_1_256`) is a frame
+store without frames files: its 'files' are the TFDS record files of that dataset, named relative
+to its folder, and its offsets point at each JPEG frame inside the serialized records
+(`frame_store_writer.index_records`; settings 'indexes_records' names the records). Stock records
+are then read like a frame store, a clip its own frames only, with nothing copied.
 
 Frames are read by offset from memory-mapped files, so the store must be on a path the OS can
 open (a local disk or a network mount; mount a bucket with gcsfuse), and checked against their
@@ -89,10 +96,17 @@ class FrameStore:
       raise errors.UserError(f'{info_path} is not a version-{FORMAT_VERSION} {FORMAT} file.')
     needed = self.info['files'] + [VIDEOS_FILE, FRAMES_FILE]
     needed += [f'split_{s}.npy' for s in self.info['splits']]
-    missing = [f for f in needed if not os.path.isfile(os.path.join(self.path, f))]
+    missing = [f for f in needed
+               if not os.path.isfile(os.path.normpath(os.path.join(self.path, f)))]
     if missing:
       raise errors.UserError(f'Frame store {self.path} is incomplete: {missing[:3]} missing. '
-                             'Restore the files or rebuild the store.')
+                             f'Restore the files or {self.rebuild_hint}.')
+    for i, size in enumerate(self.info.get('file_sizes') or []):
+      found = os.path.getsize(self.file_path(i))
+      if found != size:
+        raise errors.UserError(
+            f'{self.file_path(i)} is {found} bytes, {size} when frame store {self.path} was '
+            f'written: it changed since. Restore it or {self.rebuild_hint}.')
     try:
       with np.load(os.path.join(self.path, VIDEOS_FILE)) as table:
         self.videos = {c: table[c] for c in VIDEO_DTYPES}
@@ -143,7 +157,21 @@ class FrameStore:
     return self._rows[split]
 
   def file_path(self, index: int) -> str:
-    return os.path.join(self.path, self.info['files'][index])
+    """The path of frames file `index` (a frame index names record files outside its folder)."""
+    return os.path.normpath(os.path.join(self.path, self.info['files'][index]))
+
+  @property
+  def indexed_records(self) -> Optional[str]:
+    """The full name of the TFDS records a frame index reads ('ucf101/ucf101_1_256/2.0.0'), or
+    None for a store that holds its frames."""
+    return (self.info.get('settings') or {}).get('indexes_records')
+
+  @property
+  def rebuild_hint(self) -> str:
+    if self.indexed_records:
+      return (f'rebuild the index of {self.indexed_records} (har-prepare-ucf101 --frame_index, '
+              'docs/ucf101.md)')
+    return 'rebuild the store'
 
 
 class Reader:
@@ -254,6 +282,9 @@ class FrameStoreSource(sources.DataSource):
 
   def describe(self, split: str) -> str:
     del split
+    if self.store.indexed_records:
+      return (f'frame index of the TFDS records {self.store.indexed_records}, frames '
+              f'{self.store.frame_size}')
     return f'frame store, frames {self.store.frame_size}'
 
   def train_clips(self, split: str, config, *, local_batch: int, process_index: int,

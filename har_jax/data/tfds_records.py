@@ -160,9 +160,12 @@ class TfdsSource(sources.DataSource):
 
   def input_bound_advice(self) -> str:
     whole = 'These TFDS records make every clip read, checksum and parse its whole video'
-    if self.builder.name == 'ucf101':
-      return (f'{whole}; a frame store reads only the clip\'s frames, at about half the host CPU '
-              'per clip (`har-prepare-ucf101 --short_side 128` writes one, docs/ucf101.md).')
+    if self.builder.name in ('ucf101', 'ucf101_meta'):
+      records = f'{self.builder.name}/{self.builder.info.config_name}'
+      return (f'{whole}; their frame index reads only the clip\'s frames from the same files, '
+              'at about the decode cost (`har-prepare-ucf101 --frame_index --config '
+              f'{self.builder.info.config_name} --variant {self.builder.name}` writes it, '
+              f'then --config.dataset.name=frame_index/{records}; docs/ucf101.md).')
     if self.builder.name == VIDEO_FOLDER_NAME:
       return (f'{whole}; storing fewer frames (har-prepare-videos --fps) or smaller ones '
               '(--short_side) cuts the host\'s cost per clip.')
@@ -182,8 +185,9 @@ class TfdsSource(sources.DataSource):
       if process_count > 1:
         logging.warning(
             'config.deterministic_data on TFDS records: each of the %d processes reads and '
-            'parses every record of %r and keeps 1/%d. A frame store reads only its share (see '
-            'docs/speed.md, "Input speed").', process_count, split, process_count)
+            'parses every record of %r and keeps 1/%d. A frame store or a frame index of the '
+            'records reads only its share (see docs/speed.md, "Input speed").', process_count,
+            split, process_count)
       examples = read_examples(self.builder, split, config, process_index=0, process_count=1,
                                shuffle=True, deterministic=True)
       base_seed = tf.constant([config.seed, 0], tf.int64)

@@ -317,6 +317,37 @@ def prepare(source: Union[str, list[str]], data_dir: str, config: str = 'ucf101_
                               reused=False)
 
 
+def prepare_frame_index(data_dir: str, config: str = 'ucf101_1_256', *, variant: str = 'ucf101',
+                        progress_every_s: float = 10.0) -> common.PrepareResult:
+  """Writes the frame index `frame_index/<variant>/<config>` of prepared UCF101 records
+  (`frame_store_writer.index_records`: no frame is copied), or reuses the one there when it
+  still matches the records; a stale one (records rebuilt since) is replaced."""
+  if config not in CONFIG_NAMES:
+    raise errors.UserError(f'Unknown UCF101 config {config!r}; use one of {CONFIG_NAMES}.')
+  records = f'{variant}/{config}'
+  data_dir = os.path.expanduser(data_dir)
+  builder = BUILDERS[variant](config=config, data_dir=data_dir)
+  if not builder.is_prepared():
+    raise errors.UserError(f'{records} is not prepared in {data_dir}, so there is nothing to '
+                           'index: build the records first (add --source <UCF101 folder or zips>).')
+  name = datasets.frame_index_name(records)
+  path = os.path.join(data_dir, name)
+  if frame_store.exists(path):
+    try:
+      store = frame_store.FrameStore(path)
+      if store.indexed_records == builder.info.full_name:
+        logging.info('%s is already prepared in %s; nothing to do.', name, path)
+        return common.PrepareResult(name, path, store.split_sizes, reused=True)
+    except errors.UserError as e:
+      logging.warning('Rebuilding %s: %s', name, e)
+  frame_store_writer.remove_incomplete(path)
+  logging.info('Indexing the frames of %s (%d videos) into %s; the records stay as they are.',
+               builder.info.full_name, sum(_sizes(builder).values()), path)
+  store = frame_store_writer.index_records(builder, path, name=name,
+                                           progress_every_s=progress_every_s)
+  return common.PrepareResult(name, path, store.split_sizes, reused=False)
+
+
 def _sizes(builder) -> dict:
   return {k: v.num_examples for k, v in builder.info.splits.items()}
 
