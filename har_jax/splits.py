@@ -106,10 +106,15 @@ def check(config: ml_collections.ConfigDict, splits: Sequence[int], dataset: str
   if missing and dataset == 'stock':
     records = [datasets.indexed_records_name(name) or name for name in missing]
     configs = ','.join(name.split('/')[1] for name in records)
-    index = ' --frame_index' if records[0] != missing[0] else ''
-    message += ('\nBuild the missing records with: python scripts/prepare_ucf101.py --source '
-                f'<UCF101 folder or zips> --data_dir {data_dir} --config {configs} --variant '
-                f'{records[0].split("/")[0]}{index}')
+    variant = records[0].split('/')[0]
+    if records[0] != missing[0]:
+      message += ('\nWrite the missing frame indexes with: python scripts/prepare_ucf101.py '
+                  f'--frame_index --data_dir {data_dir} --config {configs} --variant {variant} '
+                  '(add --source <UCF101 folder or zips> where the records are not built either)')
+    else:
+      message += ('\nBuild the missing records with: python scripts/prepare_ucf101.py --source '
+                  f'<UCF101 folder or zips> --data_dir {data_dir} --config {configs} --variant '
+                  f'{variant}')
   elif missing:
     message += ('\nBuild the frame store (all three splits) with: python '
                 'scripts/prepare_ucf101.py --source <UCF101 folder or zips> --data_dir '

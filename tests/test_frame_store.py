@@ -300,6 +300,11 @@ def test_frame_index_refuses_changed_or_damaged_records(copied_records):
   with pytest.raises(errors.UserError, match=f'{record_file} is truncated or corrupt'):
     _index(copied_records, 'frame_index/again')
   assert not os.path.exists(copied_records / 'frame_index' / 'again')
+  # A folder in the index's place that is not an index is left alone, and named.
+  os.makedirs(copied_records / 'frame_index' / 'other' / 'yours')
+  with pytest.raises(errors.UserError, match='holds no frame index.*move it away'):
+    _index(copied_records, 'frame_index/other')
+  assert os.path.isdir(copied_records / 'frame_index' / 'other' / 'yours')
 
 
 def test_bytes_feature_spans_follow_the_wire_format():

@@ -95,7 +95,8 @@ def test_missing_stock_records_name_the_prepare_command(tmp_path):
   with pytest.raises(errors.UserError) as error:
     splits.run(config, str(tmp_path / 'runs'), splits=[3])
   assert "split 3: dataset.name='frame_index/ucf101/ucf101_3'" in str(error.value)
-  assert '--config ucf101_3 --variant ucf101 --frame_index' in str(error.value)
+  assert ('--frame_index --data_dir {} --config ucf101_3 --variant ucf101 (add --source'.format(
+      tmp_path) in str(error.value))
 
 
 def test_a_missing_frame_store_names_the_prepare_command(tmp_path):

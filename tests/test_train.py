@@ -160,9 +160,10 @@ def test_input_bound_warning_names_the_remedy_of_each_source(synthetic_data_dir,
   assert message.startswith('Input-bound: the gpu waited for input 65%') and '878 clips/s' in message
   assert 'threadpool_size' in message and 'docs/speed.md' in message and '\n' not in message
   ucf101 = tfds_records.TfdsSource(types.SimpleNamespace(
-      name='ucf101', info=types.SimpleNamespace(config_name='ucf101_1_256')))
+      name='ucf101', info=types.SimpleNamespace(config_name='ucf101_1_256'), data_dir_root='/d'))
   message = train.input_bound_warning(waiting, 'tpu', ucf101)
-  assert 'har-prepare-ucf101 --frame_index --config ucf101_1_256 --variant ucf101' in message
+  assert ('har-prepare-ucf101 --frame_index --data_dir /d --config ucf101_1_256 --variant ucf101'
+          in message)
   assert '--config.dataset.name=frame_index/ucf101/ucf101_1_256' in message
   folder = tfds_records.TfdsSource(types.SimpleNamespace(name=tfds_records.VIDEO_FOLDER_NAME))
   assert 'har-prepare-videos --fps' in train.input_bound_warning(waiting, 'gpu', folder)

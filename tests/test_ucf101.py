@@ -138,6 +138,10 @@ def test_prepare_script_then_train_end_to_end(source, tmp_path):
   no_source = subprocess.run(command[:2] + [f'--data_dir={data_dir}'], capture_output=True,
                              text=True, timeout=600)
   assert no_source.returncode == 2 and '--source is required' in no_source.stderr
+  shards = subprocess.run(command[:2] + [f'--data_dir={data_dir}', '--frame_index',
+                                         '--num_shards=2'], capture_output=True, text=True,
+                          timeout=600)
+  assert shards.returncode == 2 and 'apply to building records from --source' in shards.stderr
 
 
 def _load_default_config(name='default'):

@@ -30,15 +30,16 @@ complete.
 (har_jax/data/frame_store.py): the byte offset and CRC-32 of every JPEG frame inside the record
 files, ~16 bytes per frame, nothing copied. Trained with
 --config.dataset.name=frame_index/ucf101/ucf101_1_256, a clip reads only its own frames from the
-stock records, as from a frame store, instead of reading, checksumming and parsing its whole video
-(docs/speed.md). Without --source it indexes records already prepared in --data_dir, including
+stock records, as from a frame store, instead of reading, checksumming and parsing its whole
+video (docs/speed.md). Without --source it indexes records already prepared in --data_dir, including
 ones built by `tfds build ucf101`; a rerun reuses an index that still matches its records.
 
   har-prepare-ucf101 --frame_index --data_dir ~/tensorflow_datasets --config ucf101_1_256
 
-Needs ffmpeg (not for --frame_index alone). TFDS shows progress bars per split. An interrupted run leaves no readable partial
-dataset (TFDS writes into an `incomplete.*` folder and renames it at the end); rerun the same
-command to start that config over. A finished dataset is detected and left alone.
+Needs ffmpeg (not for --frame_index alone). TFDS shows progress bars per split. An interrupted
+run leaves no readable partial dataset (TFDS writes into an `incomplete.*` folder and renames it
+at the end); rerun the same command to start that config over. A finished dataset is detected
+and left alone.
 
 Exit codes: 0 prepared (or already there); 1 with a one-line `error:` when the source or data_dir
 cannot be used; 2 for bad flags or flags that do not combine; 130 after Ctrl-C (one line starting
@@ -100,6 +101,9 @@ def _main(argv):
   if not FLAGS.source and not FLAGS.frame_index:
     raise app.UsageError('--source is required (the UCF101 folder or zips), unless '
                          '--frame_index indexes records already prepared in --data_dir.')
+  if not FLAGS.source and (FLAGS.allow_missing or FLAGS.num_shards):
+    raise app.UsageError('--allow_missing and --num_shards apply to building records from '
+                         '--source.')
   logging.set_verbosity(logging.INFO)
   if FLAGS.short_side:
     result = ucf101.prepare_frames(FLAGS.source, FLAGS.data_dir, FLAGS.short_side,

@@ -28,8 +28,8 @@ VIDEO_FOLDER_NAME = tfds_records.VIDEO_FOLDER_NAME
 VIDEO_FOLDER_VERSION = '1.0.0'
 _VIDEO_FOLDER_NAME_RE = re.compile(r'[A-Za-z0-9][A-Za-z0-9_-]*')
 UCF101_FRAMES = 'ucf101_frames'  # Frame stores built by prepare_ucf101.py --short_side.
-# Frame indexes of TFDS records: 'frame_index/<records name>', e.g. 'frame_index/ucf101/ucf101_1_256'
-# (prepare_ucf101.py --frame_index), at <data_dir>/<that name>.
+# Frame indexes of TFDS records: 'frame_index/<records name>', e.g.
+# 'frame_index/ucf101/ucf101_1_256' (prepare_ucf101.py --frame_index), at <data_dir>/<that name>.
 FRAME_INDEX = 'frame_index'
 # Datasets whose videos carry UCF101 groups (people): 'group' records and metadata.json
 # 'group_counts' (ucf101_meta, see prepare/ucf101.py), or a 'group' column (UCF101 frame stores).

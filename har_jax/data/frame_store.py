@@ -72,7 +72,8 @@ def exists(path: str) -> bool:
 
 
 # Frame stores are read through mmap: a bucket must be mounted (or the store copied) first.
-URL_REMEDY = ('a frame store is read through mmap, which needs a file system. Mount the bucket with gcsfuse (gcsfuse --implicit-dirs <bucket> /mnt/<bucket>, '
+URL_REMEDY = ('a frame store is read through mmap, which needs a file system. Mount the bucket '
+              'with gcsfuse (gcsfuse --implicit-dirs <bucket> /mnt/<bucket>, '
               'then --config.dataset.data_dir=/mnt/<bucket>/<path>) or copy the store to a local '
               'disk (gcloud storage cp -r <url> <local data_dir>), and point data_dir there.')
 
@@ -179,7 +180,8 @@ class Reader:
 
   Each frames file is memory-mapped on first use and shared by the tf.data threads. A frame whose
   bytes fail their CRC-32 fails the read with InvalidArgumentError (an assertion, so no Python
-  traceback is logged), which the pipeline treats like a frame that fails to decode. `records_read` and `bytes_read` count the frames this reader read.
+  traceback is logged), which the pipeline treats like a frame that fails to decode.
+  `records_read` and `bytes_read` count the frames this reader read.
   """
 
   def __init__(self, store: FrameStore):
@@ -223,9 +225,10 @@ class Reader:
     frames = firsts[..., None] + tf.cast(frame_indices, tf.int64)
     jpegs, intact = tf.numpy_function(self.read_numpy, [files, frames], [tf.string, tf.bool],
                                       stateful=False)
+    hint = self.store.rebuild_hint
     check = tf.debugging.Assert(intact, [f'Frames of frame store {self.store.path} fail their '
                                          'CRC-32: the file changed after it was written. '
-                                         'Rebuild the store.'])
+                                         f'{hint[0].upper()}{hint[1:]}.'])
     with tf.control_dependencies([check]):
       return tf.ensure_shape(tf.identity(jpegs), frame_indices.shape)
 

@@ -163,9 +163,10 @@ class TfdsSource(sources.DataSource):
     if self.builder.name in ('ucf101', 'ucf101_meta'):
       records = f'{self.builder.name}/{self.builder.info.config_name}'
       return (f'{whole}; their frame index reads only the clip\'s frames from the same files, '
-              'at about the decode cost (`har-prepare-ucf101 --frame_index --config '
-              f'{self.builder.info.config_name} --variant {self.builder.name}` writes it, '
-              f'then --config.dataset.name=frame_index/{records}; docs/ucf101.md).')
+              'at about the decode cost (`har-prepare-ucf101 --frame_index --data_dir '
+              f'{self.builder.data_dir_root} --config {self.builder.info.config_name} --variant '
+              f'{self.builder.name}` writes it, then --config.dataset.name=frame_index/{records}; '
+              'docs/ucf101.md).')
     if self.builder.name == VIDEO_FOLDER_NAME:
       return (f'{whole}; storing fewer frames (har-prepare-videos --fps) or smaller ones '
               '(--short_side) cuts the host\'s cost per clip.')

@@ -334,6 +334,13 @@ def index_records(builder, path: str, *, name: str,
   store names them relative to `path`, with their sizes, and refuses to open when one changed.
   """
   paths.require_local(builder.data_dir, 'The records to index', frame_store.URL_REMEDY)
+  file_format = getattr(builder.info.file_format, 'value', builder.info.file_format)
+  if file_format != 'tfrecord':
+    raise errors.UserError(f'{builder.info.full_name} is stored as {file_format}; a frame index '
+                           'reads TFRecord files (TFDS\'s default file_format).')
+  if os.path.lexists(path) and not frame_store.exists(path):
+    raise errors.UserError(f'{path} exists but holds no frame index (no {frame_store.INFO_FILE}); '
+                           'move it away or delete it, then rerun.')
   features = builder.info.features
   writer = Writer(path, name=name, class_names=features['label'].names,
                   settings={'indexes_records': builder.info.full_name,
@@ -377,11 +384,15 @@ def index_records(builder, path: str, *, name: str,
 
 
 def _checked_records(records, file_path):
-  """The records of one file; a record that fails its CRC is an error naming the file."""
+  """The records of one file; a record that fails its CRC, or a file that cannot be read, is an
+  error naming the file."""
   try:
     yield from records
   except tf.errors.DataLossError as e:
     raise errors.UserError(
         f'{file_path} is truncated or corrupt ({" ".join(e.message.split())[:200]}). Restore '
-        "the file, or rebuild the records: delete the dataset's version folder and prepare it "
-        'again.') from None
+        'the file from a copy, or rebuild the records from your UCF101 copy (docs/ucf101.md); '
+        'nothing was indexed.') from None
+  except tf.errors.OpError as e:
+    raise errors.UserError(f'{file_path} cannot be read ({" ".join(e.message.split())[:200]}); '
+                           'nothing was indexed.') from None
