@@ -329,6 +329,10 @@ def test_a_missing_frame_index_names_the_command(tmp_path, tiny_config):
   with pytest.raises(errors.UserError, match='prepare_ucf101.py --frame_index --data_dir .* '
                      '--config ucf101_2 --variant ucf101_meta'):
     datasets.get_builder(config.dataset)
+  config.dataset.name = 'frame_index/video_folder/lab'
+  with pytest.raises(errors.UserError, match='prepare_video_folder.py --source <your folder> '
+                     '--data_dir .* --name lab <its other flags> --frame_index'):
+    datasets.get_builder(config.dataset)
   config.dataset.name = 'frame_index/synthetic_actions/tiny'
-  with pytest.raises(errors.UserError, match='written for UCF101 records'):
+  with pytest.raises(errors.UserError, match='written for UCF101 records.*and video folders'):
     datasets.get_builder(config.dataset)

@@ -165,8 +165,11 @@ def test_input_bound_warning_names_the_remedy_of_each_source(synthetic_data_dir,
   assert ('har-prepare-ucf101 --frame_index --data_dir /d --config ucf101_1_256 --variant ucf101'
           in message)
   assert '--config.dataset.name=frame_index/ucf101/ucf101_1_256' in message
-  folder = tfds_records.TfdsSource(types.SimpleNamespace(name=tfds_records.VIDEO_FOLDER_NAME))
-  assert 'har-prepare-videos --fps' in train.input_bound_warning(waiting, 'gpu', folder)
+  folder = tfds_records.TfdsSource(types.SimpleNamespace(
+      name=tfds_records.VIDEO_FOLDER_NAME, info=types.SimpleNamespace(config_name='lab')))
+  message = train.input_bound_warning(waiting, 'gpu', folder)
+  assert 'har-prepare-videos with --frame_index' in message and '(--fps)' in message
+  assert '--config.dataset.name=frame_index/video_folder/lab' in message
   assert 'threadpool_size' in train.input_bound_warning(waiting, 'gpu', store)
   assert train.input_bound_warning(waiting, 'cpu', records) is None  # The host runs the step too.
   fine = dict(waiting, **{'perf/input_wait_fraction': train.INPUT_BOUND_FRACTION})

@@ -11,6 +11,7 @@ import av
 import numpy as np
 from PIL import Image
 import pytest
+import tensorflow_datasets as tfds
 
 from har_jax import errors
 from har_jax.data import datasets
@@ -341,8 +342,20 @@ def test_prepare_script_reports_progress_skips_and_errors(source, tmp_path):
   assert 'videos decoded' in run.stderr and CORRUPT in run.stderr
   example = next(vf.load(data_dir, 'lab').as_dataset(split='train').as_numpy_iterator())
   assert example['fps'] == 10 and example['num_frames'] <= 12  # 16..24 frames at 20 fps.
-  again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+  # The rerun reuses the records and writes their frame index.
+  again = subprocess.run(command + ['--frame_index'], capture_output=True, text=True, timeout=600,
+                         cwd=REPO)
   assert again.returncode == 0 and 'Already prepared video_folder/lab' in again.stdout
+  assert 'Prepared frame_index/video_folder/lab in ' in again.stdout
+  assert '--config.dataset.name=frame_index/video_folder/lab ' in again.stdout
+  records = vf.load(data_dir, 'lab')
+  index = datasets.get_builder(_tiny_config(data_dir, **{
+      'dataset.name': 'frame_index/video_folder/lab'}).dataset)
+  assert index.split_sizes == {'train': 24, 'test': 6}
+  assert datasets.frame_geometry(index) == datasets.frame_geometry(records)
+  assert sorted(index.videos['name']) == sorted(
+      ex['name'].decode() for split in ('train', 'test') for ex in records.as_dataset(
+          split=split, decoders={'video': tfds.decode.SkipDecoding()}).as_numpy_iterator())
   (tmp_path / 'empty').mkdir()
   empty = subprocess.run(command[:2] + [f'--source={tmp_path / "empty"}', f'--data_dir={data_dir}',
                                         '--name=empty'],

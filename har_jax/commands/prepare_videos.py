@@ -17,6 +17,12 @@ the new source first and builds beside the old dataset, which stays readable unt
 is complete. Then train with
 --config.dataset.name=video_folder/<name> --config.dataset.data_dir=<data_dir>.
 
+--frame_index also writes the frame index `frame_index/video_folder/<name>` of the records: the
+offset and CRC-32 of every JPEG frame inside the record files, nothing copied. Trained with
+--config.dataset.name=frame_index/video_folder/<name>, a clip reads only its own frames instead
+of its whole video's record (docs/own_videos.md). Rerun the command that prepared the records,
+adding --frame_index: the records are reused, and a current index too.
+
 Exit codes: 0 prepared (or already there); 1 with a one-line `error:` when the source, the split
 lists or data_dir cannot be used; 2 for bad flags; 130 after Ctrl-C (one line starting
 'interrupted:').
@@ -29,6 +35,7 @@ from absl import logging
 from har_jax import cli
 from har_jax import preemption
 from har_jax.data.prepare import common
+from har_jax.data.prepare import frame_store_writer
 from har_jax.data.prepare import video_folder
 
 FLAGS = flags.FLAGS
@@ -48,6 +55,9 @@ def define_flags():
   flags.DEFINE_integer('num_workers', 2, 'Videos decoded in parallel.')
   flags.DEFINE_bool('overwrite', False,
                     'Rebuild a dataset of this name that was prepared with other settings.')
+  flags.DEFINE_bool('frame_index', False,
+                    'Also write the frame index frame_index/video_folder/<name> of the records, '
+                    'which lets a clip read only its own frames from them (nothing is copied).')
   flags.mark_flags_as_required(['source', 'data_dir', 'name'])
 
 
@@ -76,6 +86,12 @@ def _main(argv):
     print(f'Skipped {len(result.skipped)} unreadable file(s):', flush=True)
     for name, reason in result.skipped:
       print(f'  {name}: {reason}', flush=True)
+  if FLAGS.frame_index:
+    index = frame_store_writer.prepare_index(video_folder.load(FLAGS.data_dir, FLAGS.name),
+                                             FLAGS.data_dir, result.name)
+    verb = 'Already prepared' if index.reused else 'Prepared'
+    print(f'{verb} {index.name} in {index.data_dir}', flush=True)
+    result = index
   print(f'Train with: python main.py --config=configs/default.py --workdir=workdirs/{FLAGS.name} '
         f'--config.dataset.name={result.name} --config.dataset.data_dir={FLAGS.data_dir}',
         flush=True)

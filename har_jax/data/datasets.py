@@ -108,16 +108,21 @@ def get_builder(dataset_config, *, prepare: bool = True) -> Builder:
     return frame_store.FrameStore(store_path)
   if base == FRAME_INDEX:
     records = _split_name_and_config(config_name or '')
-    command = (f'python scripts/prepare_ucf101.py --frame_index --data_dir '
-               f'{data_dir or "<data_dir>"} --config {records[1]} --variant {records[0]}'
-               if records[0] in ('ucf101', 'ucf101_meta') and records[1] in UCF101_CONFIGS
-               else None)
-    raise errors.UserError(
-        f'Frame index {name!r} is not prepared in {data_dir or _default_data_dir()!r} (no '
-        f'{store_path}). ' + (f'Write it from the prepared records with: {command}' if command
-                              else "Frame indexes are written for UCF101 records "
-                              "('frame_index/ucf101/<config>' or 'frame_index/ucf101_meta/"
-                              "<config>'); see docs/ucf101.md."))
+    shown_dir = data_dir or '<data_dir>'
+    if records[0] in ('ucf101', 'ucf101_meta') and records[1] in UCF101_CONFIGS:
+      remedy = ('Write it from the prepared records with: python scripts/prepare_ucf101.py '
+                f'--frame_index --data_dir {shown_dir} --config {records[1]} '
+                f'--variant {records[0]}')
+    elif records[0] == VIDEO_FOLDER_NAME and records[1]:
+      remedy = ('Write it by rerunning the command that prepared the records, with '
+                '--frame_index: python scripts/prepare_video_folder.py --source <your folder> '
+                f'--data_dir {shown_dir} --name {records[1]} <its other flags> --frame_index')
+    else:
+      remedy = ("Frame indexes are written for UCF101 records ('frame_index/ucf101/<config>', "
+                "'frame_index/ucf101_meta/<config>') and video folders "
+                "('frame_index/video_folder/<name>'); see docs/ucf101.md.")
+    raise errors.UserError(f'Frame index {name!r} is not prepared in '
+                           f'{data_dir or _default_data_dir()!r} (no {store_path}). {remedy}')
   if base == UCF101_FRAMES:
     raise errors.UserError(
         f'Frame store {name!r} is not prepared in {data_dir or _default_data_dir()!r} (no '

@@ -170,8 +170,8 @@ class FrameStore:
   @property
   def rebuild_hint(self) -> str:
     if self.indexed_records:
-      return (f'rebuild the index of {self.indexed_records} (har-prepare-ucf101 --frame_index, '
-              'docs/ucf101.md)')
+      return (f'rebuild the index of {self.indexed_records}: rerun the command that prepared '
+              'the records with --frame_index (docs/ucf101.md, docs/own_videos.md)')
     return 'rebuild the store'
 
 

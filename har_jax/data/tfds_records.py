@@ -168,8 +168,11 @@ class TfdsSource(sources.DataSource):
               f'{self.builder.name}` writes it, then --config.dataset.name=frame_index/{records}; '
               'docs/ucf101.md).')
     if self.builder.name == VIDEO_FOLDER_NAME:
-      return (f'{whole}; storing fewer frames (har-prepare-videos --fps) or smaller ones '
-              '(--short_side) cuts the host\'s cost per clip.')
+      records = f'{VIDEO_FOLDER_NAME}/{self.builder.info.config_name}'
+      return (f'{whole}; their frame index reads only the clip\'s frames (rerun '
+              'har-prepare-videos with --frame_index, then '
+              f'--config.dataset.name=frame_index/{records}; docs/own_videos.md), and storing '
+              'fewer frames (--fps) or smaller ones (--short_side) cuts the host\'s cost per clip.')
     return super().input_bound_advice()
 
   def train_clips(self, split: str, config, *, local_batch: int, process_index: int,

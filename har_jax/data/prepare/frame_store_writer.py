@@ -30,6 +30,7 @@ from har_jax import paths
 from har_jax.data import datasets
 from har_jax.data import frame_store
 from har_jax.data import tfds_records
+from har_jax.data.prepare import common
 
 MAX_FILE_BYTES = 1 << 30  # A new frames file starts once a file holds this many bytes.
 
@@ -235,6 +236,28 @@ def convert(builder, path: str, *, name: str, splits: Optional[Sequence[str]] = 
   except BaseException:
     writer.abort()
     raise
+
+
+def prepare_index(builder, data_dir: str, records_name: str, *,
+                  progress_every_s: float = 10.0) -> common.PrepareResult:
+  """Writes the frame index `frame_index/<records_name>` of prepared records into data_dir
+  (`index_records`), or reuses the one there when it still matches the records (their full name
+  and file sizes); a stale one is replaced once the new one is complete."""
+  name = datasets.frame_index_name(records_name)
+  path = os.path.join(os.path.expanduser(data_dir), name)
+  if frame_store.exists(path):
+    try:
+      store = frame_store.FrameStore(path)
+      if store.indexed_records == builder.info.full_name:
+        logging.info('%s is already prepared in %s; nothing to do.', name, path)
+        return common.PrepareResult(name, path, store.split_sizes, reused=True)
+    except errors.UserError as e:
+      logging.warning('Rebuilding %s: %s', name, e)
+  remove_incomplete(path)
+  logging.info('Indexing the frames of %s (%d videos) into %s; the records stay as they are.',
+               builder.info.full_name, builder.info.splits.total_num_examples, path)
+  store = index_records(builder, path, name=name, progress_every_s=progress_every_s)
+  return common.PrepareResult(name, path, store.split_sizes, reused=False)
 
 
 # TFRecord framing: each record is [length: 8 bytes][CRC of the length: 4][data][CRC of data: 4].

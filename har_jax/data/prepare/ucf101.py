@@ -330,22 +330,8 @@ def prepare_frame_index(data_dir: str, config: str = 'ucf101_1_256', *, variant:
   if not builder.is_prepared():
     raise errors.UserError(f'{records} is not prepared in {data_dir}, so there is nothing to '
                            'index: build the records first (add --source <UCF101 folder or zips>).')
-  name = datasets.frame_index_name(records)
-  path = os.path.join(data_dir, name)
-  if frame_store.exists(path):
-    try:
-      store = frame_store.FrameStore(path)
-      if store.indexed_records == builder.info.full_name:
-        logging.info('%s is already prepared in %s; nothing to do.', name, path)
-        return common.PrepareResult(name, path, store.split_sizes, reused=True)
-    except errors.UserError as e:
-      logging.warning('Rebuilding %s: %s', name, e)
-  frame_store_writer.remove_incomplete(path)
-  logging.info('Indexing the frames of %s (%d videos) into %s; the records stay as they are.',
-               builder.info.full_name, sum(_sizes(builder).values()), path)
-  store = frame_store_writer.index_records(builder, path, name=name,
-                                           progress_every_s=progress_every_s)
-  return common.PrepareResult(name, path, store.split_sizes, reused=False)
+  return frame_store_writer.prepare_index(builder, data_dir, records,
+                                          progress_every_s=progress_every_s)
 
 
 def _sizes(builder) -> dict:
