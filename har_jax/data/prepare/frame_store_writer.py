@@ -414,7 +414,7 @@ def _checked_records(records, file_path):
   except tf.errors.DataLossError as e:
     raise errors.UserError(
         f'{file_path} is truncated or corrupt ({" ".join(e.message.split())[:200]}). Restore '
-        'the file from a copy, or rebuild the records from your UCF101 copy (docs/ucf101.md); '
+        'the file from a copy, or rebuild the records (the command that prepared them); '
         'nothing was indexed.') from None
   except tf.errors.OpError as e:
     raise errors.UserError(f'{file_path} cannot be read ({" ".join(e.message.split())[:200]}); '
