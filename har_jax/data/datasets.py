@@ -107,7 +107,7 @@ def get_builder(dataset_config, *, prepare: bool = True) -> Builder:
   if frame_store.exists(store_path):
     return frame_store.FrameStore(store_path)
   if base == FRAME_INDEX:
-    records = _split_name_and_config(config_name or '')
+    records = _split_name_and_config(indexed_records_name(name) or '')
     shown_dir = data_dir or '<data_dir>'
     if records[0] in ('ucf101', 'ucf101_meta') and records[1] in UCF101_CONFIGS:
       remedy = ('Write it from the prepared records with: python scripts/prepare_ucf101.py '

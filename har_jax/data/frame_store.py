@@ -97,8 +97,7 @@ class FrameStore:
       raise errors.UserError(f'{info_path} is not a version-{FORMAT_VERSION} {FORMAT} file.')
     needed = self.info['files'] + [VIDEOS_FILE, FRAMES_FILE]
     needed += [f'split_{s}.npy' for s in self.info['splits']]
-    missing = [f for f in needed
-               if not os.path.isfile(os.path.normpath(os.path.join(self.path, f)))]
+    missing = [f for f in needed if not os.path.isfile(self._path(f))]
     if missing:
       raise errors.UserError(f'Frame store {self.path} is incomplete: {missing[:3]} missing. '
                              f'Restore the files or {self.rebuild_hint}.')
@@ -157,9 +156,14 @@ class FrameStore:
       self._rows[split] = np.load(os.path.join(self.path, f'split_{split}.npy'))
     return self._rows[split]
 
+  def _path(self, name: str) -> str:
+    """A file the store names, relative to its folder (a frame index names record files outside
+    it, as '../..')."""
+    return os.path.normpath(os.path.join(self.path, name))
+
   def file_path(self, index: int) -> str:
-    """The path of frames file `index` (a frame index names record files outside its folder)."""
-    return os.path.normpath(os.path.join(self.path, self.info['files'][index]))
+    """The path of frames file `index`."""
+    return self._path(self.info['files'][index])
 
   @property
   def indexed_records(self) -> Optional[str]:

@@ -369,7 +369,7 @@ def index_records(builder, path: str, *, name: str,
                   settings={'indexes_records': builder.info.full_name,
                             'frame_geometry': datasets.frame_geometry(builder)})
   done, start = 0, time.monotonic()
-  total = sum(info.num_examples for info in builder.info.splits.values())
+  total = builder.info.splits.total_num_examples
   try:
     for split in sorted(builder.info.splits.keys()):
       rows = []
